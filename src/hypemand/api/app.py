@@ -1,0 +1,66 @@
+"""The FastAPI application: routing, auth, error shape. Handlers stay thin."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from urllib.parse import unquote
+
+from fastapi import Depends, FastAPI
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from hypemand.api import health
+from hypemand.api.auth import require_token
+from hypemand.api.errors import install_error_handlers
+from hypemand.config import Settings
+from hypemand.runtime import Runtime
+
+
+class EncodedSlashRouting:
+    """Route on the raw path, keeping ``%2F`` inside a segment.
+
+    The SDKs send image names as one percent-encoded segment
+    (``/images/docker.io%2Flibrary%2Fnginx:latest``). Starlette decodes ``scope["path"]``
+    before routing, which would split that segment; here every escape except ``%2F`` is
+    decoded, so the handler receives ``docker.io%2Flibrary%2Fnginx:latest`` and unquotes it.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            raw = scope.get("raw_path")
+            if raw:
+                raw_path = raw.decode("latin-1").split("?", 1)[0]
+                pieces = [unquote(p) for p in raw_path.replace("%2f", "%2F").split("%2F")]
+                scope = dict(scope, path="%2F".join(pieces))
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
+    runtime = runtime or Runtime(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(title="hypemand", version="0.1.0", lifespan=lifespan)
+    app.state.runtime = runtime
+    app.state.jwt_secret = runtime.jwt_secret
+    install_error_handlers(app)
+    app.include_router(health.router)
+    authed = [Depends(require_token)]
+    for router in _domain_routers():
+        app.include_router(router, dependencies=authed)
+    app.add_middleware(EncodedSlashRouting)
+    return app
+
+
+def _domain_routers() -> list:  # type: ignore[type-arg]
+    """Routers that need a valid bearer token. Domains append theirs here."""
+    return []

@@ -1,0 +1,36 @@
+"""Bearer-token authentication for the API and the /v2 registry."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any
+
+from fastapi import Request
+
+from hypemand.api.errors import ApiError
+from hypemand.auth import InvalidToken, verify_token
+
+
+def bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value:
+        return value.strip()
+    if scheme.lower() == "basic" and value:
+        # Docker-style clients send the token as the Basic password.
+        try:
+            _, _, password = base64.b64decode(value).decode().partition(":")
+        except ValueError:
+            return None
+        return password or None
+    return None
+
+
+async def require_token(request: Request) -> dict[str, Any]:
+    token = bearer_token(request)
+    if token is None:
+        raise ApiError(401, "unauthorized", "missing bearer token")
+    try:
+        return verify_token(request.app.state.jwt_secret, token)
+    except InvalidToken as exc:
+        raise ApiError(401, "unauthorized", f"invalid token: {exc}") from exc

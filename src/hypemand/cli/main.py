@@ -1,0 +1,49 @@
+"""The ``hypemand`` command: run the server, mint tokens."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import typer
+
+from hypemand.config import DEFAULT_HOST, DEFAULT_PORT, Settings
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Hypeman VM API server.")
+
+DataDirOption = typer.Option(None, "--data-dir", help="State directory (default /var/lib/hypemand as root).")
+
+
+@app.command()
+def serve(
+    host: str = typer.Option(DEFAULT_HOST, help="Address to listen on."),
+    port: int = typer.Option(DEFAULT_PORT, help="Port to listen on."),
+    data_dir: Path | None = DataDirOption,
+    log_level: str = typer.Option("info", help="Log level."),
+) -> None:
+    """Run the API server."""
+    import uvicorn
+
+    from hypemand.api.app import create_app
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings.load(data_dir, host=host, port=port)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, ws="websockets-sansio")
+
+
+@app.command()
+def token(
+    data_dir: Path | None = DataDirOption,
+    subject: str = typer.Option("admin", "--user-id", help="The token's subject (user id)."),
+    ttl: int | None = typer.Option(None, help="Lifetime in seconds (default: no expiry)."),
+    scope: list[str] | None = typer.Option(None, "--scope", help="Permission scope, e.g. instance:read."),
+) -> None:
+    """Print an API token signed with this server's secret."""
+    from hypemand.auth import load_secret, mint_token
+
+    settings = Settings.load(data_dir)
+    typer.echo(mint_token(load_secret(settings.data_dir), subject, ttl, scope))
+
+
+if __name__ == "__main__":
+    app()

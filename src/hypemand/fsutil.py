@@ -1,0 +1,54 @@
+"""Small filesystem helpers shared by every domain.
+
+All persistent state is written with :func:`write_atomic`: a reader sees either the old
+file or the new one, never a torn write, even across a crash or power loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+
+def fsync_dir(directory: Path) -> None:
+    """Make a rename or create inside ``directory`` durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` via temp file, fsync and rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fchmod(tmp.fileno(), mode)
+            os.fsync(tmp.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json_atomic(path: Path, value: Any, mode: int = 0o644) -> None:
+    data = json.dumps(value, indent=2, sort_keys=True).encode() + b"\n"
+    write_atomic(path, data, mode)
+
+
+def write_model_atomic(path: Path, model: BaseModel, mode: int = 0o644) -> None:
+    write_atomic(path, model.model_dump_json(indent=2).encode() + b"\n", mode)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_bytes())
