@@ -9,7 +9,7 @@ from urllib.parse import unquote
 from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from hypemand.api import health
+from hypemand.api import health, registry
 from hypemand.api.auth import require_token
 from hypemand.api.errors import install_error_handlers
 from hypemand.config import Settings
@@ -54,6 +54,9 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     app.state.jwt_secret = runtime.jwt_secret
     install_error_handlers(app)
     app.include_router(health.router)
+    # /v2 answers in the registry protocol's shape with its own auth (401 needs a challenge).
+    for registry_router in registry.routers:
+        app.include_router(registry_router)
     authed = [Depends(require_token)]
     for router in _domain_routers():
         app.include_router(router, dependencies=authed)
