@@ -45,5 +45,33 @@ def token(
     typer.echo(mint_token(load_secret(settings.data_dir), subject, ttl, scope))
 
 
+@app.command("demo-image")
+def demo_image(
+    url: str = typer.Option(f"http://{DEFAULT_HOST}:{DEFAULT_PORT}", help="The running server."),
+    data_dir: Path | None = DataDirOption,
+    name: str = typer.Option("demo/busybox:latest", help="Name to push the image as."),
+    wait: float = typer.Option(600, help="Seconds to wait for the image to be ready (0: do not wait)."),
+) -> None:
+    """Build a small busybox image (Debian busybox-static, no internet) and push it into the server.
+
+    Needs the server running (the push goes through its /v2 registry). The token is minted with
+    the data dir's secret unless HYPEMAN_API_KEY is set. Safe to run again: same image, same digest.
+    """
+    import os
+
+    from hypemand.auth import load_secret, mint_token
+    from hypemand.images import demo
+
+    api_key = os.environ.get("HYPEMAN_API_KEY") or mint_token(
+        load_secret(Settings.load(data_dir).data_dir), "demo-image", ttl_seconds=3600)
+    try:
+        image = demo.install(url.rstrip("/"), api_key, name, wait)
+    except demo.ServerUnreachable as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from exc
+    status = image.get("status", "pushed")
+    typer.echo(f"{image.get('name', name)}: {status}")
+
+
 if __name__ == "__main__":
     app()

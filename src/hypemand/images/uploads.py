@@ -92,7 +92,7 @@ class BlobStoreLike(Protocol):
 
     def temp_path(self) -> Path: ...
 
-    def commit_file(self, tmp: Path, expected_digest: str) -> Path: ...
+    def commit_file(self, tmp: Path, expected_digest: str, *, computed_digest: str | None = None) -> Path: ...
 
 
 class ManifestImporter(Protocol):
@@ -141,6 +141,21 @@ def range_header(size: int) -> str:
     return f"0-{max(size - 1, 0)}"
 
 
+class _RunningHash:
+    """sha256 of an upload's data so far, kept while the chunks arrive in order in this process,
+    so that completing a large upload does not read it back. Lost on restart: then the blob
+    store hashes the file."""
+
+    def __init__(self) -> None:
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    def write(self, handle: IO[bytes], data: bytearray) -> None:
+        handle.write(data)
+        self.hasher.update(data)
+        self.size += len(data)
+
+
 @dataclass(frozen=True)
 class Chunk:
     """One request body appended to an upload."""
@@ -175,6 +190,7 @@ class RegistryService:
         self.blobs = blobs
         self.importer = importer
         self._locks: dict[str, asyncio.Lock] = {}
+        self._hashes: dict[str, _RunningHash] = {}
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
         self.repositories_dir.mkdir(parents=True, exist_ok=True)
 
@@ -199,6 +215,7 @@ class RegistryService:
         directory.mkdir(parents=True)
         (directory / "data").touch()
         write_model_atomic(directory / "session.json", session)
+        self._hashes[session.id] = _RunningHash()
         return session
 
     def get_upload(self, repository: str, upload_id: str) -> UploadSession:
@@ -240,8 +257,12 @@ class RegistryService:
             if chunk is not None:
                 await self._append(session, chunk)
             data = self._data_path(session)
+            running = self._hashes.pop(session.id, None)
+            computed = None
+            if running is not None and running.size == data.stat().st_size:
+                computed = "sha256:" + running.hasher.hexdigest()
             try:
-                await asyncio.to_thread(self.blobs.commit_file, data, digest)
+                await asyncio.to_thread(self.blobs.commit_file, data, digest, computed_digest=computed)
             except DomainError as exc:
                 self._discard(session)
                 if exc.code.lower() == "digest_invalid":
@@ -281,6 +302,7 @@ class RegistryService:
         return self.uploads_dir / session.id / "data"
 
     def _discard(self, session: UploadSession) -> None:
+        self._hashes.pop(session.id, None)
         shutil.rmtree(self.uploads_dir / session.id, ignore_errors=True)
 
     def _lock(self, session: UploadSession) -> asyncio.Lock:
@@ -300,11 +322,16 @@ class RegistryService:
             if chunk.content_length is not None and chunk.content_length != expected:
                 raise RegistryError(400, "BLOB_UPLOAD_INVALID",
                                     f"Content-Length {chunk.content_length} does not match Content-Range")
-        written = await _stream_to_file(path, chunk.body)
+        running = self._hashes.get(session.id)
+        if running is not None and running.size != offset:
+            del self._hashes[session.id]
+            running = None
+        written = await _stream_to_file(path, chunk.body, running or _RunningHash())
         if expected is not None and written != expected:
             # A complete request whose body disagrees with its range: undo it. (An interrupted
             # request never gets here; what did arrive is kept so that the client can resume.)
             await asyncio.to_thread(_truncate, path, offset)
+            self._hashes.pop(session.id, None)
             raise UploadRangeError(f"chunk has {written} bytes, Content-Range says {expected}", offset)
 
     # -- manifests -----------------------------------------------------------------------
@@ -414,30 +441,28 @@ def _manifest_unknown(repository: str, reference: str) -> RegistryError:
                          {"name": repository, "reference": reference})
 
 
-async def _stream_to_file(path: Path, body: AsyncIterator[bytes]) -> int:
+async def _stream_to_file(path: Path, body: AsyncIterator[bytes], running: _RunningHash) -> int:
     """Append a request body to ``path`` without holding it in memory; returns bytes written.
 
     Whatever arrived is written even if the body ends early (client gone), so an interrupted
     chunk leaves a consistent prefix that the client can resume after.
     """
     handle: IO[bytes] = await asyncio.to_thread(open, path, "ab")
-    written = 0
+    start = running.size
     buffer = bytearray()
     try:
         try:
             async for piece in body:
                 buffer += piece
                 if len(buffer) >= WRITE_BUFFER_BYTES:
-                    await asyncio.to_thread(handle.write, buffer)
-                    written += len(buffer)
+                    await asyncio.to_thread(running.write, handle, buffer)
                     buffer = bytearray()
         finally:
             if buffer:
-                await asyncio.to_thread(handle.write, buffer)
-                written += len(buffer)
+                await asyncio.to_thread(running.write, handle, buffer)
     finally:
         await asyncio.to_thread(handle.close)
-    return written
+    return running.size - start
 
 
 def _truncate(path: Path, size: int) -> None:
