@@ -66,4 +66,6 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 
 def _domain_routers() -> list:  # type: ignore[type-arg]
     """Routers that need a valid bearer token. Domains append theirs here."""
-    return []
+    from hypemand.api import images
+
+    return [images.router]

@@ -1,0 +1,173 @@
+"""Image references and platforms, normalised the way Docker does it.
+
+Pure functions only: no I/O. ``alpine`` becomes ``docker.io/library/alpine:latest``;
+``localhost:5000/app@sha256:...`` keeps its registry host and digest. The grammar follows
+the distribution reference format (domain, lowercase path components, tag, digest).
+"""
+
+from __future__ import annotations
+
+import platform as host
+import re
+from dataclasses import dataclass
+
+from hypemand.images.errors import InvalidName, InvalidPlatform
+
+DEFAULT_DOMAIN = "docker.io"
+LEGACY_DEFAULT_DOMAIN = "index.docker.io"
+OFFICIAL_REPO_PREFIX = "library/"
+DEFAULT_TAG = "latest"
+NAME_TOTAL_LENGTH_MAX = 255
+
+_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?"
+_PATH_RE = re.compile(rf"{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*")
+_DOMAIN_RE = re.compile(_DOMAIN)
+_TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
+_DIGEST_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}")
+_SHA256_RE = re.compile(r"sha256:[0-9a-f]{64}")
+_ANONYMOUS_ID_RE = re.compile(r"[a-f0-9]{64}")
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A normalised reference: ``domain/path`` plus a tag, a digest, or both."""
+
+    domain: str
+    path: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @property
+    def repository(self) -> str:
+        """``docker.io/library/alpine``: the name without tag or digest."""
+        return f"{self.domain}/{self.path}"
+
+    @property
+    def is_digest(self) -> bool:
+        return self.digest is not None
+
+    def __str__(self) -> str:
+        text = self.repository
+        if self.tag is not None:
+            text += f":{self.tag}"
+        if self.digest is not None:
+            text += f"@{self.digest}"
+        return text
+
+    def with_tag(self, tag: str) -> Reference:
+        return Reference(self.domain, self.path, tag=tag)
+
+    def with_digest(self, digest: str) -> Reference:
+        return Reference(self.domain, self.path, digest=digest)
+
+    @property
+    def reference(self) -> str:
+        """What goes after ``/manifests/`` on the wire: the digest if pinned, else the tag."""
+        return self.digest or self.tag or DEFAULT_TAG
+
+
+def validate_digest(digest: str) -> str:
+    """Only sha256 digests are stored; anything else is refused."""
+    if not _SHA256_RE.fullmatch(digest):
+        raise InvalidName(f"invalid digest {digest!r}: expected sha256:<64 lowercase hex>")
+    return digest
+
+
+def _split_domain(name: str) -> tuple[str, str]:
+    first, slash, rest = name.partition("/")
+    is_domain = slash and (any(c in first for c in ".:") or first == "localhost" or first.lower() != first)
+    if not is_domain:
+        domain, remainder = DEFAULT_DOMAIN, name
+    else:
+        domain, remainder = first, rest
+    if domain == LEGACY_DEFAULT_DOMAIN:
+        domain = DEFAULT_DOMAIN
+    if domain == DEFAULT_DOMAIN and "/" not in remainder:
+        remainder = OFFICIAL_REPO_PREFIX + remainder
+    return domain, remainder
+
+
+def parse_reference(text: str) -> Reference:
+    """Parse and normalise ``text``; raise :class:`InvalidName` (400 ``invalid_name``)."""
+    if not isinstance(text, str) or not text or text != text.strip():
+        raise InvalidName(f"invalid reference format: {text!r}")
+    name, at, digest = text.partition("@")
+    if at:
+        if not _DIGEST_RE.fullmatch(digest):
+            raise InvalidName(f"invalid reference format: bad digest in {text!r}")
+        validate_digest(digest)
+    tag: str | None = None
+    last_slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > last_slash:
+        name, tag = name[:colon], name[colon + 1 :]
+        if not _TAG_RE.fullmatch(tag):
+            raise InvalidName(f"invalid reference format: bad tag in {text!r}")
+    if not name:
+        raise InvalidName(f"invalid reference format: empty name in {text!r}")
+    if _ANONYMOUS_ID_RE.fullmatch(name):
+        raise InvalidName(f"invalid repository name {name!r}: cannot be a 64-character hex string")
+    domain, path = _split_domain(name)
+    if not _DOMAIN_RE.fullmatch(domain):
+        raise InvalidName(f"invalid reference format: bad registry host in {text!r}")
+    if path.lower() != path:
+        raise InvalidName(f"invalid reference format: repository name must be lowercase: {text!r}")
+    if not _PATH_RE.fullmatch(path):
+        raise InvalidName(f"invalid reference format: {text!r}")
+    if len(f"{domain}/{path}") > NAME_TOTAL_LENGTH_MAX:
+        raise InvalidName(f"repository name must not be longer than {NAME_TOTAL_LENGTH_MAX} characters")
+    if tag is None and not at:
+        tag = DEFAULT_TAG
+    return Reference(domain=domain, path=path, tag=tag, digest=digest if at else None)
+
+
+# ---- platforms ---------------------------------------------------------------------------
+
+SUPPORTED_PLATFORMS = ("linux/amd64", "linux/arm64")
+
+_ARCH_ALIASES = {"x86_64": "amd64", "x86-64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64"}
+
+
+@dataclass(frozen=True)
+class Platform:
+    os: str
+    architecture: str
+    variant: str | None = None
+
+    def __str__(self) -> str:
+        text = f"{self.os}/{self.architecture}"
+        return f"{text}/{self.variant}" if self.variant else text
+
+    def matches(self, os: str | None, architecture: str | None, variant: str | None) -> bool:
+        """Does an index entry's platform satisfy this one? A missing wanted variant matches any."""
+        arch = _ARCH_ALIASES.get(architecture or "", architecture)
+        if (os or "").lower() != self.os or arch != self.architecture:
+            return False
+        if self.variant is None:
+            return True
+        entry_variant = variant or ("v8" if self.architecture == "arm64" else None)
+        return entry_variant == self.variant
+
+
+def parse_platform(text: str) -> Platform:
+    """Parse ``os/arch[/variant]``; only linux on amd64 or arm64 is accepted (400 ``invalid_platform``)."""
+    parts = text.strip().split("/") if isinstance(text, str) else []
+    if len(parts) not in (2, 3) or not all(parts):
+        raise InvalidPlatform(f"invalid platform {text!r}: expected os/arch[/variant]")
+    os_name = parts[0].lower()
+    arch = _ARCH_ALIASES.get(parts[1].lower())
+    variant = parts[2].lower() if len(parts) == 3 else None
+    if arch == "arm64" and variant == "v8":
+        variant = None
+    if os_name != "linux" or arch is None or (variant is not None):
+        raise InvalidPlatform(
+            f"unsupported platform {text!r}: supported platforms are {', '.join(SUPPORTED_PLATFORMS)}"
+        )
+    return Platform(os=os_name, architecture=arch)
+
+
+def host_platform() -> Platform:
+    arch = _ARCH_ALIASES.get(host.machine().lower(), "amd64")
+    return Platform(os="linux", architecture=arch)
