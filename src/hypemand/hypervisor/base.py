@@ -1,0 +1,334 @@
+"""The hypervisor interface: what every backend (QEMU now, others later) offers the instance layer.
+
+Two roles, as in Hypeman:
+- a :class:`Hypervisor` (the "starter") launches a VM from a :class:`VMConfig`, re-attaches to one
+  that survived a server restart (:meth:`Hypervisor.adopt`), and later restores and forks;
+- a :class:`VMHandle` (the "client") controls one running VMM process.
+
+Every VM lives in its own directory with a fixed layout (see :class:`VMPaths`). Backends keep all of
+their runtime files there, so a directory copy is a complete description of a stopped VM.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from enum import StrEnum
+from pathlib import Path
+from typing import ClassVar, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from hypemand.errors import DomainError, NotImplementedByBackend
+
+# File names inside a VM directory. Socket names stay short: a Unix socket path is limited to
+# 108 bytes, so VMMs are started with the VM directory as their working directory and given
+# relative socket paths (see ``hypemand.hypervisor.sockets`` for the host side).
+CONSOLE_LOG = "logs/app.log"  # guest serial console
+VMM_LOG = "logs/vmm.log"  # the VMM process' own stdout/stderr
+PROCESS_RECORD = "vmm.json"  # identity of the running VMM process
+DEFAULT_AGENT_SOCKET = "agent.sock"
+
+_VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# virtio-blk serials are at most 20 bytes; keep them to characters that survive every layer.
+_DISK_SERIAL = re.compile(r"^[A-Za-z0-9_.-]{1,20}$")
+_SOCKET_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
+
+
+class VMMError(DomainError):
+    """The VMM failed to start, died unexpectedly, or its control channel failed."""
+
+    status = 500
+    code = "vmm_error"
+
+
+class Board(StrEnum):
+    """The virtual machine model. Both are QEMU boards for now."""
+
+    QEMU_MICROVM = "qemu-microvm"  # QEMU microvm: virtio-mmio, no PCI, fastest to boot
+    QEMU = "qemu"  # QEMU q35: PCI, needed later for passthrough and balloon
+
+
+class Accel(StrEnum):
+    KVM = "kvm"
+    TCG = "tcg"  # software emulation; the only working choice on PVM hosts
+
+
+class DiskFormat(StrEnum):
+    RAW = "raw"
+    QCOW2 = "qcow2"
+
+
+class ForwardProtocol(StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+class VMStatus(StrEnum):
+    """Run state of a VM: QEMU's ``query-status`` values plus two of our own."""
+
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTDOWN = "shutdown"  # guest powered off but the VMM is still there (-no-shutdown)
+    PRELAUNCH = "prelaunch"
+    INMIGRATE = "inmigrate"  # waiting for or receiving an incoming migration (restore)
+    POSTMIGRATE = "postmigrate"  # an outgoing migration (standby/snapshot) finished
+    FINISH_MIGRATE = "finish-migrate"
+    SAVE_VM = "save-vm"
+    RESTORE_VM = "restore-vm"
+    SUSPENDED = "suspended"
+    WATCHDOG = "watchdog"
+    GUEST_PANICKED = "guest-panicked"
+    INTERNAL_ERROR = "internal-error"
+    IO_ERROR = "io-error"
+    DEBUG = "debug"
+    COLO = "colo"
+    EXITED = "exited"  # the VMM process is gone
+    UNKNOWN = "unknown"  # the process lives but its control socket did not answer in time
+
+
+class ShutdownOutcome(StrEnum):
+    """How :meth:`VMHandle.shutdown` ended the VM."""
+
+    ALREADY_EXITED = "already-exited"
+    GUEST_POWEROFF = "guest-poweroff"  # the guest reacted to the ACPI power button
+    VMM_QUIT = "vmm-quit"  # the VMM was asked to quit (guest did not power off in time)
+    KILLED = "killed"  # SIGKILL
+
+
+class Capabilities(BaseModel):
+    """What a backend can do *as implemented here*; the API's /capabilities derives from it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    pause: bool = False
+    graceful_shutdown: bool = False
+    snapshot: bool = False  # stop + save device state / RAM to files
+    standby: bool = False  # snapshot, then end the VMM; restore later
+    live_snapshot: bool = False  # snapshot while the guest keeps running
+    fork: bool = False
+    hotplug_memory: bool = False
+    balloon: bool = False
+    vsock: bool = False
+    gpu_passthrough: bool = False
+    disk_io_limit: bool = False
+    user_networking: bool = False
+    tap_networking: bool = False
+
+
+class DiskConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: Path
+    readonly: bool = False
+    format: DiskFormat = DiskFormat.RAW
+    # The guest finds its disks by serial (hm-root, hm-overlay, hm-config, hm-vol-<id>), never
+    # by device order.
+    serial: str
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        if not value.is_absolute():
+            raise ValueError("disk path must be absolute")
+        return value
+
+    @field_validator("serial")
+    @classmethod
+    def _serial_ok(cls, value: str) -> str:
+        if not _DISK_SERIAL.match(value):
+            raise ValueError("disk serial must be 1-20 characters of [A-Za-z0-9_.-]")
+        return value
+
+
+class PortForward(BaseModel):
+    """A host port on 127.0.0.1 forwarded to a guest port (user-mode networking)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host_port: int = Field(ge=1, le=65535)
+    guest_port: int = Field(ge=1, le=65535)
+    protocol: ForwardProtocol = ForwardProtocol.TCP
+
+
+class VMConfig(BaseModel):
+    """Everything needed to launch a VM, and to relaunch it identically when it is restored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vm_id: str
+    directory: Path
+    board: Board = Board.QEMU_MICROVM
+    vcpus: int = Field(default=1, ge=1, le=64)
+    memory_mib: int = Field(default=256, ge=32, le=1 << 20)
+    # None: the backend resolves it (probe, cached) at start and records the resolved value.
+    accel: Accel | None = None
+    kernel: Path
+    initrd: Path | None = None
+    # Appended after the backend's own arguments (console, panic, clock fixes).
+    kernel_args: list[str] = Field(default_factory=list)
+    disks: list[DiskConfig] = Field(default_factory=list)
+    # File name in ``directory``; the guest agent's virtio-serial port is bridged to it.
+    agent_socket: str = DEFAULT_AGENT_SOCKET
+    user_network: bool = False
+    port_forwards: list[PortForward] = Field(default_factory=list)
+    # Extension point: TAP networking (bridge, vhost=off) will add an optional field here.
+
+    @field_validator("vm_id")
+    @classmethod
+    def _vm_id_ok(cls, value: str) -> str:
+        if not _VM_ID.match(value):
+            raise ValueError("vm_id must be 1-64 characters of [A-Za-z0-9_.-], starting alphanumeric")
+        return value
+
+    @field_validator("directory", "kernel", "initrd")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_absolute():
+            raise ValueError("path must be absolute")
+        return value
+
+    @field_validator("agent_socket")
+    @classmethod
+    def _socket_name_ok(cls, value: str) -> str:
+        if not _SOCKET_NAME.match(value):
+            raise ValueError("agent_socket must be a plain file name of at most 40 characters")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        serials = [disk.serial for disk in self.disks]
+        if len(serials) != len(set(serials)):
+            raise ValueError("disk serials must be unique")
+        if self.port_forwards and not self.user_network:
+            raise ValueError("port forwards need user_network")
+        ports = [(fwd.protocol, fwd.host_port) for fwd in self.port_forwards]
+        if len(ports) != len(set(ports)):
+            raise ValueError("host ports must be unique per protocol")
+        return self
+
+    @property
+    def paths(self) -> VMPaths:
+        return VMPaths(self.directory, agent_socket=self.agent_socket)
+
+
+class VMPaths:
+    """Where a VM's files live inside its directory."""
+
+    def __init__(self, directory: Path, agent_socket: str = DEFAULT_AGENT_SOCKET) -> None:
+        self.directory = directory
+        self.agent_socket_name = agent_socket
+
+    @property
+    def console_log(self) -> Path:
+        return self.directory / CONSOLE_LOG
+
+    @property
+    def vmm_log(self) -> Path:
+        return self.directory / VMM_LOG
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.directory / self.agent_socket_name
+
+    @property
+    def process_record(self) -> Path:
+        return self.directory / PROCESS_RECORD
+
+
+class VMHandle(ABC):
+    """Control of one running VMM process.
+
+    A handle owns at most one control connection. Dropping or closing a handle never stops the VM;
+    only :meth:`shutdown` and :meth:`kill` do.
+    """
+
+    config: VMConfig
+
+    @property
+    @abstractmethod
+    def pid(self) -> int: ...
+
+    @property
+    def vm_id(self) -> str:
+        return self.config.vm_id
+
+    @property
+    def directory(self) -> Path:
+        return self.config.directory
+
+    @property
+    def console_log_path(self) -> Path:
+        return self.config.paths.console_log
+
+    @property
+    def vmm_log_path(self) -> Path:
+        return self.config.paths.vmm_log
+
+    @property
+    def agent_socket_path(self) -> Path:
+        """May exceed the Unix socket path limit: connect with ``sockets.connect_unix``."""
+        return self.config.paths.agent_socket
+
+    @abstractmethod
+    def is_alive(self) -> bool:
+        """True while the VMM process exists (a zombie counts as exited)."""
+
+    @abstractmethod
+    async def status(self, timeout: float = 2.0) -> VMStatus: ...  # noqa: ASYNC109
+
+    @abstractmethod
+    async def pause(self) -> None: ...
+
+    @abstractmethod
+    async def resume(self) -> None: ...
+
+    @abstractmethod
+    async def shutdown(self, timeout: float = 10.0) -> ShutdownOutcome:  # noqa: ASYNC109
+        """Ask the guest to power off; after ``timeout`` tell the VMM to quit; then SIGKILL."""
+
+    @abstractmethod
+    async def kill(self) -> None:
+        """SIGKILL the VMM process and wait until it is gone."""
+
+    @abstractmethod
+    async def wait_exit(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait for the VMM process to end. Returns False if ``timeout`` passed first."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release the control connection and OS resources. The VM keeps running."""
+
+
+class Hypervisor(ABC):
+    """A VMM backend: launches VMs and re-attaches to running ones."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def capabilities(self) -> Capabilities: ...
+
+    @abstractmethod
+    def version(self) -> str:
+        """The VMM's version, e.g. ``7.2.22``. Recorded so restores can refuse a mismatch."""
+
+    @abstractmethod
+    async def start(self, config: VMConfig) -> VMHandle:
+        """Boot a VM. Raises ``Conflict`` if a VMM for ``config.directory`` is already running."""
+
+    @abstractmethod
+    async def adopt(self, directory: Path) -> VMHandle | None:
+        """Re-attach to the VMM recorded in ``directory``; None if it is not running any more."""
+
+    # Extension points for the standby/snapshot/fork issue. The VM directory already holds what
+    # they need: the recorded launch (``qemu-config.json`` for QEMU) and the RAM file.
+
+    async def snapshot(self, handle: VMHandle, destination: Path) -> None:
+        raise NotImplementedByBackend(f"{self.name} does not support snapshots yet")
+
+    async def restore(self, directory: Path, snapshot: Path) -> VMHandle:
+        """Relaunch the recorded command line from a snapshot; returns a *paused* VM."""
+        raise NotImplementedByBackend(f"{self.name} does not support restore yet")
+
+    async def prepare_fork(self, snapshot: Path, new_config: VMConfig) -> None:
+        raise NotImplementedByBackend(f"{self.name} does not support fork yet")

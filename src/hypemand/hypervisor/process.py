@@ -1,0 +1,204 @@
+"""Identity and liveness of VMM processes that may outlive the server that started them.
+
+A PID alone is not an identity: after a VMM exits its PID can be reused. A VMM is therefore
+recorded (``vmm.json``) as PID + start time (``/proc/<pid>/stat`` field 22, clock ticks since host
+boot) + host boot id, and a re-attaching server also checks that the process' working directory
+is the VM directory (VMMs run with cwd = VM directory). Once verified, the process is held by a
+pidfd, which refers to that exact process for good: no reuse race for signals or exit waits, and
+it works for processes that are not our children (adopted after a restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import select
+import signal
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from hypemand.fsutil import write_model_atomic
+
+BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+
+
+def host_boot_id() -> str:
+    return BOOT_ID_PATH.read_text().strip()
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the command name (which may contain spaces and parens)."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def process_start_time(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    # Field 3 (state) is index 0 here, so field 22 (starttime) is index 19.
+    return int(fields[19]) if fields else None
+
+
+def process_state(pid: int) -> str | None:
+    """One-letter state (R, S, D, Z, X, ...) or None if there is no such process."""
+    fields = _stat_fields(pid)
+    return fields[0] if fields else None
+
+
+def process_cwd(pid: int) -> Path | None:
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd"))
+    except OSError:
+        return None
+
+
+def process_cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
+
+
+class ProcessRecord(BaseModel):
+    """``vmm.json``: which process is this VM's VMM."""
+
+    pid: int
+    start_time: int = Field(description="/proc/<pid>/stat field 22: clock ticks after host boot")
+    boot_id: str
+    directory: Path  # the VMM's working directory, resolved
+    vm_id: str
+    binary: str
+    started_at: datetime
+
+    @classmethod
+    def for_child(cls, pid: int, directory: Path, vm_id: str, binary: str) -> ProcessRecord:
+        start_time = process_start_time(pid)
+        if start_time is None:
+            raise ProcessLookupError(pid)
+        return cls(
+            pid=pid,
+            start_time=start_time,
+            boot_id=host_boot_id(),
+            directory=directory.resolve(),
+            vm_id=vm_id,
+            binary=binary,
+            started_at=datetime.now(UTC),
+        )
+
+    def save(self, path: Path) -> None:
+        write_model_atomic(path, self)
+
+    @classmethod
+    def load(cls, path: Path) -> ProcessRecord | None:
+        try:
+            return cls.model_validate_json(path.read_bytes())
+        except (FileNotFoundError, ValueError):
+            return None
+
+    def mismatch(self) -> str | None:
+        """Why the live process with this PID is not the recorded VMM, or None if it is."""
+        if self.boot_id != host_boot_id():
+            return "recorded on an earlier host boot"
+        start_time = process_start_time(self.pid)
+        if start_time is None:
+            return "no such process"
+        if start_time != self.start_time:
+            return f"PID reused (start time {start_time}, recorded {self.start_time})"
+        if process_state(self.pid) in ("Z", "X"):
+            return "process has exited"
+        if process_cwd(self.pid) != self.directory:
+            return "process runs in another directory"
+        return None
+
+
+class ProcessWatch:
+    """Holds a pidfd on a verified process; optionally also its ``Popen`` (to reap our children)."""
+
+    def __init__(self, pid: int, pidfd: int, child: subprocess.Popen[bytes] | None = None) -> None:
+        self.pid = pid
+        self._pidfd: int | None = pidfd
+        self._child = child
+        self._exited = False
+
+    @classmethod
+    def open(cls, record: ProcessRecord, child: subprocess.Popen[bytes] | None = None) -> ProcessWatch | None:
+        """Open a pidfd for ``record`` if it still names the live VMM, else None."""
+        if record.mismatch() is not None:
+            return None
+        try:
+            pidfd = os.pidfd_open(record.pid)
+        except ProcessLookupError:
+            return None
+        # The PID could have been reused between the check and pidfd_open: check once more, now
+        # that the pidfd pins whichever process it names.
+        if record.mismatch() is not None:
+            os.close(pidfd)
+            return None
+        return cls(record.pid, pidfd, child)
+
+    def is_alive(self) -> bool:
+        """True until the process has exited. A closed watch reports False."""
+        if self._exited or self._pidfd is None:
+            return False
+        if self._child is not None and self._child.poll() is not None:
+            self._exited = True
+            return False
+        # A pidfd polls readable once the process has exited (also while it is an unreaped
+        # zombie of some other parent, e.g. after the server that started it died).
+        readable, _, _ = select.select([self._pidfd], [], [], 0)
+        if readable:
+            self._exited = True
+            self._reap()
+        return not self._exited
+
+    def _reap(self) -> None:
+        if self._child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._child.wait(timeout=1)
+
+    async def wait(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        """Wait for the process to exit; False on timeout."""
+        if not self.is_alive():
+            return True
+        assert self._pidfd is not None
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        pidfd = self._pidfd
+
+        def on_readable() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, on_readable)
+        try:
+            await asyncio.wait_for(asyncio.shield(exited), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            loop.remove_reader(pidfd)
+        self._exited = True
+        self._reap()
+        return True
+
+    def send_signal(self, signum: int) -> None:
+        if self._pidfd is None or self._exited:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self._pidfd, signum)
+
+    def close(self) -> None:
+        if self._pidfd is not None:
+            loop = None
+            with contextlib.suppress(RuntimeError):
+                loop = asyncio.get_running_loop()
+            if loop is not None:
+                loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None

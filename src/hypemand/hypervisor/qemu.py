@@ -1,0 +1,415 @@
+"""The QEMU backend: boards ``qemu-microvm`` (microvm) and ``qemu`` (q35).
+
+Lifecycle of a VMM process:
+- ``start`` writes ``qemu-config.json`` (the launch contract: config, argv, QEMU version), starts
+  QEMU in its own session with cwd = VM directory, records its identity in ``vmm.json`` at once,
+  and waits until QMP answers. QEMU is never only our child: it survives the server, and exit is
+  observed through a pidfd, which works for adopted processes too.
+- ``adopt`` re-attaches after a server restart: ``vmm.json`` must name a live process with the
+  recorded start time, boot id and working directory, and its command line must be exactly the
+  recorded argv. Anything else is refused (a reused PID is never signalled).
+- Starting a VM whose directory already has a live VMM raises ``Conflict``: the caller decides
+  (``adopt`` it, or shut it down first). A start silently returning the old VM could hand back a
+  VM with a different configuration than the one asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel
+from qemu.qmp import ExecuteError, QMPClient, QMPError
+
+from hypemand.errors import Conflict, InvalidState
+from hypemand.fsutil import write_model_atomic
+from hypemand.hypervisor.base import (
+    PROCESS_RECORD,
+    Accel,
+    Capabilities,
+    Hypervisor,
+    ShutdownOutcome,
+    VMConfig,
+    VMHandle,
+    VMMError,
+    VMStatus,
+)
+from hypemand.hypervisor.process import ProcessRecord, ProcessWatch, process_cmdline
+from hypemand.hypervisor.qemu_cmdline import MEMORY_FILE, QMP_SOCKET, build_qemu_argv, machine_type
+from hypemand.hypervisor.qemu_host import (
+    AccelDecision,
+    find_qemu_binary,
+    host_tsc_khz,
+    probe_acceleration,
+    qemu_version,
+)
+from hypemand.hypervisor.sockets import connect_unix
+
+log = logging.getLogger(__name__)
+
+LAUNCH_RECORD = "qemu-config.json"
+START_LOCK = ".vmm.lock"
+QMP_READY_TIMEOUT = 15.0  # process start -> QMP answering; ~40 ms when idle, more under load
+QMP_POLL_INTERVAL = 0.05
+QUIT_TIMEOUT = 5.0
+KILL_TIMEOUT = 10.0
+
+_KNOWN_STATUSES = {status.value for status in VMStatus}
+
+
+class QemuLaunchRecord(BaseModel):
+    """``qemu-config.json``: how this VM was launched, so it can be relaunched identically.
+
+    A migration stream (standby/snapshot) holds RAM and device state but not the command line;
+    restore must run the recorded ``argv`` (plus ``-incoming defer``) with the same QEMU version.
+    """
+
+    format_version: Literal[1] = 1
+    hypervisor: Literal["qemu"] = "qemu"
+    qemu_version: str
+    qemu_binary: str
+    machine: str
+    accel: Accel
+    tsc_khz: int | None
+    config: VMConfig  # with ``accel`` resolved
+    argv: list[str]
+    launched_at: datetime
+
+    @classmethod
+    def load(cls, directory: Path) -> QemuLaunchRecord | None:
+        try:
+            return cls.model_validate_json((directory / LAUNCH_RECORD).read_bytes())
+        except (FileNotFoundError, ValueError):
+            return None
+
+
+class _QmpChannel:
+    """One lazily (re)connected QMP session. QEMU's QMP socket serves one client at a time."""
+
+    def __init__(self, socket_path: Path, name: str) -> None:
+        self._socket_path = socket_path
+        self._name = name
+        self._client: QMPClient | None = None
+        self._lock = asyncio.Lock()
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None) -> Any:
+        client = await self._connected()
+        try:
+            return await client.execute(command, arguments)
+        except ExecuteError:
+            raise
+        except (QMPError, OSError, EOFError):
+            await self.close()
+            raise
+
+    async def _connected(self) -> QMPClient:
+        async with self._lock:
+            if self._client is not None:
+                if self._client.runstate.name == "RUNNING":
+                    return self._client
+                await self._close_locked()
+            client = QMPClient(self._name)
+            try:
+                await client.connect(connect_unix(self._socket_path))
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await client.disconnect()
+                raise
+            self._client = client
+            return client
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._close_locked()
+
+    async def _close_locked(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            # The server hanging up (quit, exit) surfaces here as EOFError: expected.
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+
+
+class QemuVMHandle(VMHandle):
+    def __init__(self, launch: QemuLaunchRecord, record: ProcessRecord, watch: ProcessWatch) -> None:
+        self.config = launch.config
+        self.launch = launch
+        self.record = record
+        self._watch = watch
+        self._qmp = _QmpChannel(self.directory / QMP_SOCKET, name=f"hypemand-{self.vm_id}")
+
+    @property
+    def pid(self) -> int:
+        return self.record.pid
+
+    @property
+    def memory_file(self) -> Path:
+        return self.directory / MEMORY_FILE
+
+    def is_alive(self) -> bool:
+        return self._watch.is_alive()
+
+    async def qmp(
+        self,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        timeout: float = 5.0,  # noqa: ASYNC109 - a per-command bound, callers rarely change it
+    ) -> Any:
+        """Run one QMP command. Public for QEMU-specific features (standby, snapshot, migration)."""
+        if not self.is_alive():
+            raise InvalidState(f"VM {self.vm_id}: the QEMU process has exited")
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._qmp.execute(command, arguments)
+        except ExecuteError as exc:
+            raise InvalidState(f"VM {self.vm_id}: QMP {command}: {exc}") from exc
+        except (TimeoutError, QMPError, OSError, EOFError) as exc:
+            if not self.is_alive():
+                raise InvalidState(f"VM {self.vm_id}: the QEMU process has exited") from exc
+            raise VMMError(f"VM {self.vm_id}: QMP {command} failed: {exc!r}") from exc
+
+    async def status(self, timeout: float = 2.0) -> VMStatus:  # noqa: ASYNC109
+        if not self.is_alive():
+            return VMStatus.EXITED
+        try:
+            reply = await self.qmp("query-status", timeout=timeout)
+        except (VMMError, InvalidState):
+            return VMStatus.UNKNOWN if self.is_alive() else VMStatus.EXITED
+        value = reply.get("status") if isinstance(reply, dict) else None
+        return VMStatus(value) if value in _KNOWN_STATUSES else VMStatus.UNKNOWN
+
+    async def pause(self) -> None:
+        await self.qmp("stop")
+
+    async def resume(self) -> None:
+        await self.qmp("cont")
+
+    async def shutdown(self, timeout: float = 10.0) -> ShutdownOutcome:  # noqa: ASYNC109
+        if not self.is_alive():
+            return ShutdownOutcome.ALREADY_EXITED
+        try:
+            # A paused guest cannot react to the power button; go straight to quit.
+            if await self.status() is VMStatus.RUNNING:
+                with contextlib.suppress(VMMError, InvalidState):
+                    await self.qmp("system_powerdown")
+                    if await self.wait_exit(timeout):
+                        return ShutdownOutcome.GUEST_POWEROFF
+            if self.is_alive():
+                with contextlib.suppress(VMMError, InvalidState):
+                    # QEMU may hang up before the reply arrives; the exit wait below decides.
+                    await self.qmp("quit", timeout=QUIT_TIMEOUT)
+                if await self.wait_exit(QUIT_TIMEOUT):
+                    return ShutdownOutcome.VMM_QUIT
+            else:
+                return ShutdownOutcome.GUEST_POWEROFF
+            await self.kill()
+            return ShutdownOutcome.KILLED
+        finally:
+            if not self.is_alive():
+                self._discard_memory_file()
+
+    async def kill(self) -> None:
+        self._watch.send_signal(signal.SIGKILL)
+        if not await self.wait_exit(KILL_TIMEOUT):
+            raise VMMError(f"VM {self.vm_id}: QEMU (pid {self.pid}) survived SIGKILL for {KILL_TIMEOUT} s")
+        self._discard_memory_file()
+
+    async def wait_exit(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        exited = await self._watch.wait(timeout)
+        if exited:
+            await self._qmp.close()
+        return exited
+
+    async def close(self) -> None:
+        await self._qmp.close()
+        self._watch.close()
+
+    def _discard_memory_file(self) -> None:
+        # The RAM of a VM that ended is garbage; a standby keeps it by never calling shutdown/kill.
+        self.memory_file.unlink(missing_ok=True)
+
+
+class QemuHypervisor(Hypervisor):
+    name: ClassVar[str] = "qemu"
+
+    def __init__(self, state_dir: Path | None = None, binary: Path | None = None) -> None:
+        """``state_dir`` holds host-wide caches (the acceleration decision); None: no caching."""
+        self._state_dir = state_dir
+        self._binary = binary
+        self._accel: AccelDecision | None = None
+        self._accel_lock = asyncio.Lock()
+
+    @property
+    def binary(self) -> Path:
+        if self._binary is None:
+            self._binary = find_qemu_binary()
+        return self._binary
+
+    def version(self) -> str:
+        return qemu_version(self.binary)
+
+    def capabilities(self) -> Capabilities:
+        return Capabilities(pause=True, graceful_shutdown=True, user_networking=True, disk_io_limit=False)
+
+    async def acceleration(self) -> AccelDecision:
+        async with self._accel_lock:
+            if self._accel is None:
+                self._accel = await probe_acceleration(self.binary, self._state_dir)
+            return self._accel
+
+    async def start(self, config: VMConfig) -> QemuVMHandle:
+        directory = config.directory
+        directory.mkdir(parents=True, exist_ok=True)
+        config.paths.console_log.parent.mkdir(parents=True, exist_ok=True)
+        with _start_lock(directory):
+            existing = await self._adopt_unlocked(directory, connect=False)
+            if existing is not None:
+                await existing.close()
+                raise Conflict(
+                    f"VM {config.vm_id}: QEMU is already running in {directory} (pid {existing.pid})"
+                )
+
+            accel = config.accel or (await self.acceleration()).accel
+            tsc_khz = host_tsc_khz() if accel is Accel.TCG else None
+            resolved = config.model_copy(update={"accel": accel})
+            argv = build_qemu_argv(resolved, binary=self.binary, accel=accel, tsc_khz=tsc_khz)
+            launch = QemuLaunchRecord(
+                qemu_version=self.version(),
+                qemu_binary=str(self.binary),
+                machine=machine_type(config.board),
+                accel=accel,
+                tsc_khz=tsc_khz,
+                config=resolved,
+                argv=argv,
+                launched_at=datetime.now(UTC),
+            )
+            # Leftovers of an earlier run: stale sockets, and RAM that a fresh boot must not see.
+            for stale in (QMP_SOCKET, config.agent_socket, MEMORY_FILE):
+                (directory / stale).unlink(missing_ok=True)
+            write_model_atomic(directory / LAUNCH_RECORD, launch)
+            return await self._launch(launch)
+
+    async def _launch(self, launch: QemuLaunchRecord) -> QemuVMHandle:
+        config = launch.config
+        directory = config.directory
+        started = time.monotonic()
+        child = await asyncio.to_thread(_spawn, launch.argv, directory, config.paths.vmm_log)
+        try:
+            record = ProcessRecord.for_child(child.pid, directory, config.vm_id, launch.qemu_binary)
+        except ProcessLookupError:
+            child.wait()
+            raise VMMError(
+                f"VM {config.vm_id}: QEMU exited at once: {_log_tail(config.paths.vmm_log)}"
+            ) from None
+        record.save(config.paths.process_record)
+        watch = ProcessWatch.open(record, child=child)
+        if watch is None:
+            child.wait()
+            raise VMMError(f"VM {config.vm_id}: QEMU exited at once: {_log_tail(config.paths.vmm_log)}")
+        handle = QemuVMHandle(launch, record, watch)
+        try:
+            await self._wait_for_qmp(handle)
+        except BaseException:
+            if handle.is_alive():
+                await handle.kill()
+            await handle.close()
+            raise
+        log.info(
+            "VM %s: QEMU pid %d up (QMP answering) in %.3f s",
+            config.vm_id,
+            record.pid,
+            time.monotonic() - started,
+        )
+        return handle
+
+    async def _wait_for_qmp(self, handle: QemuVMHandle) -> None:
+        deadline = time.monotonic() + QMP_READY_TIMEOUT
+        last_error: Exception | None = None
+        while time.monotonic() < deadline:
+            if not handle.is_alive():
+                raise VMMError(
+                    f"VM {handle.vm_id}: QEMU exited during startup: {_log_tail(handle.vmm_log_path)}"
+                )
+            try:
+                await handle.qmp("query-status", timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+                return
+            except (VMMError, InvalidState) as exc:
+                last_error = exc
+            await asyncio.sleep(QMP_POLL_INTERVAL)
+        raise VMMError(f"VM {handle.vm_id}: QMP did not answer within {QMP_READY_TIMEOUT} s: {last_error}")
+
+    async def adopt(self, directory: Path) -> QemuVMHandle | None:
+        return await self._adopt_unlocked(directory, connect=True)
+
+    async def _adopt_unlocked(self, directory: Path, *, connect: bool) -> QemuVMHandle | None:
+        record = ProcessRecord.load(directory / PROCESS_RECORD)
+        launch = QemuLaunchRecord.load(directory)
+        if record is None or launch is None:
+            return None
+        watch = ProcessWatch.open(record)
+        if watch is None:
+            return None
+        if process_cmdline(record.pid) != launch.argv:
+            log.warning(
+                "VM %s: pid %d does not run the recorded command line; not adopting", record.vm_id, record.pid
+            )
+            watch.close()
+            return None
+        handle = QemuVMHandle(launch, record, watch)
+        if connect:
+            # Best effort: the VM is ours either way; status() reports UNKNOWN while QMP is busy.
+            try:
+                await handle.qmp("query-status", timeout=2.0)
+            except (VMMError, InvalidState) as exc:
+                log.warning("VM %s: adopted pid %d but QMP did not answer: %s", record.vm_id, record.pid, exc)
+        return handle
+
+
+def _spawn(argv: list[str], directory: Path, vmm_log_path: Path) -> subprocess.Popen[bytes]:
+    with open(vmm_log_path, "ab") as vmm_log:
+        vmm_log.write(f"--- {datetime.now(UTC).isoformat()} starting {' '.join(argv)}\n".encode())
+        vmm_log.flush()
+        return subprocess.Popen(
+            argv,
+            cwd=directory,
+            stdin=subprocess.DEVNULL,
+            stdout=vmm_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own session: a server restart neither kills nor signals it
+            close_fds=True,
+        )
+
+
+@contextlib.contextmanager
+def _start_lock(directory: Path) -> Iterator[None]:
+    """Only one start per VM directory at a time, across processes."""
+    with open(directory / START_LOCK, "a") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Conflict(f"another start of the VM in {directory} is in progress") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _log_tail(path: Path, limit: int = 1500) -> str:
+    try:
+        with open(path, "rb") as log_file:
+            log_file.seek(0, os.SEEK_END)
+            size = log_file.tell()
+            log_file.seek(max(0, size - limit))
+            return log_file.read().decode(errors="replace").strip() or "(vmm.log is empty)"
+    except OSError:
+        return "(no vmm.log)"

@@ -1,0 +1,123 @@
+"""The QEMU command line for a :class:`VMConfig`: pure, deterministic, unit-tested.
+
+QEMU is started with the VM directory as its working directory, and every file inside that
+directory is named relatively (sockets, logs, RAM file, disks that live there). That keeps socket
+paths under the 108-byte limit and makes the recorded command line independent of where the
+directory is, which later lets a copied directory (fork) reuse it without rewriting paths.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from hypemand.hypervisor.base import CONSOLE_LOG, Accel, Board, VMConfig
+from hypemand.hypervisor.qemu_host import KVM_CPU, TCG_CPU
+
+QMP_SOCKET = "qemu.sock"
+MEMORY_FILE = "memory.ram"  # guest RAM (memory-backend-file, share=on): standby saves device state only
+AGENT_PORT_NAME = "org.hypeman.agent"
+BASE_KERNEL_ARGS = ("console=ttyS0", "quiet", "panic=-1")
+
+MACHINE_TYPES = {Board.QEMU_MICROVM: "microvm", Board.QEMU: "q35"}
+
+
+def machine_type(board: Board) -> str:
+    return MACHINE_TYPES[board]
+
+
+def _opt(value: str) -> str:
+    """Escape a value for QEMU's key=value,key=value option syntax (a comma is written twice)."""
+    return value.replace(",", ",,")
+
+
+def _path_arg(path: Path, directory: Path) -> str:
+    """Relative to the VM directory when inside it, else absolute."""
+    try:
+        return str(path.relative_to(directory))
+    except ValueError:
+        return str(path)
+
+
+def guest_mac(vm_id: str) -> str:
+    """A stable, locally administered MAC (QEMU's 52:54:00 prefix) derived from the VM id."""
+    digest = hashlib.sha256(vm_id.encode()).digest()
+    return "52:54:00:{:02x}:{:02x}:{:02x}".format(*digest[:3])
+
+
+def kernel_command_line(config: VMConfig, accel: Accel, tsc_khz: int | None) -> str:
+    args = list(BASE_KERNEL_ARGS)
+    # microvm has no HPET or ACPI PM timer; under TCG the guest's PIT calibration of the TSC can
+    # fail and hang the boot. Telling the kernel the rate skips the calibration.
+    if config.board is Board.QEMU_MICROVM and accel is Accel.TCG and tsc_khz:
+        args.append(f"tsc_early_khz={tsc_khz}")
+    args.extend(config.kernel_args)
+    return " ".join(args)
+
+
+def build_qemu_argv(config: VMConfig, *, binary: Path, accel: Accel, tsc_khz: int | None) -> list[str]:
+    """The full argv (binary first) that boots ``config``; run it with cwd = ``config.directory``."""
+    directory = config.directory
+    microvm = config.board is Board.QEMU_MICROVM
+    # virtio devices: virtio-mmio on microvm, PCI on q35.
+    bus = "device" if microvm else "pci"
+
+    machine = [machine_type(config.board)]
+    if microvm:
+        machine.append("x-option-roms=off")
+    machine.append("memory-backend=ram0")
+
+    argv: list[str] = [
+        str(binary),
+        "-name", _opt(config.vm_id),
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-machine", ",".join(machine),
+        "-accel", accel.value,
+        "-cpu", KVM_CPU if accel is Accel.KVM else TCG_CPU,
+        "-smp", str(config.vcpus),
+        "-m", f"{config.memory_mib}M",
+        "-object",
+        f"memory-backend-file,id=ram0,size={config.memory_mib}M,mem-path={MEMORY_FILE},share=on",
+        "-kernel", _opt(str(config.kernel)),
+    ]  # fmt: skip
+    if config.initrd is not None:
+        argv += ["-initrd", _opt(str(config.initrd))]
+    argv += ["-append", kernel_command_line(config, accel, tsc_khz)]
+
+    # Control channel and guest console.
+    argv += [
+        "-chardev", f"socket,id=qmp,path={QMP_SOCKET},server=on,wait=off",
+        "-mon", "chardev=qmp,mode=control",
+        "-chardev", f"file,id=serial0,path={_opt(CONSOLE_LOG)},append=on",
+        "-serial", "chardev:serial0",
+    ]  # fmt: skip
+
+    for index, disk in enumerate(config.disks):
+        drive = [
+            f"id=disk{index}",
+            f"file={_opt(_path_arg(disk.path, directory))}",
+            f"format={disk.format.value}",
+            "if=none",
+        ]
+        if disk.readonly:
+            # Shared read-only images (one rootfs, many VMs) must not take QEMU's image lock.
+            drive += ["readonly=on", "file.locking=off"]
+        argv += ["-drive", ",".join(drive)]
+        argv += ["-device", f"virtio-blk-{bus},drive=disk{index},serial={disk.serial}"]
+
+    # Guest agent: a virtio-serial port bridged to a Unix socket (no vsock on these hosts).
+    argv += [
+        "-device", f"virtio-serial-{bus},id=vser0",
+        "-chardev", f"socket,id=agent0,path={config.agent_socket},server=on,wait=off",
+        "-device", f"virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT_NAME}",
+    ]  # fmt: skip
+
+    if config.user_network:
+        netdev = ["user", "id=net0", "restrict=on"]
+        for forward in config.port_forwards:
+            netdev.append(
+                f"hostfwd={forward.protocol.value}:127.0.0.1:{forward.host_port}-:{forward.guest_port}"
+            )
+        argv += ["-netdev", ",".join(netdev)]
+        argv += ["-device", f"virtio-net-{bus},netdev=net0,mac={guest_mac(config.vm_id)}"]
+    return argv
