@@ -1,0 +1,37 @@
+"""Fixtures for the guest-agent tests: the real guest binary, run on the host behind a fake chardev."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from hypemand.guest.build import build_guest_binary
+from hypemand.guest.client import AgentClient
+
+from .hostmode import HostAgent
+
+
+@pytest.fixture(scope="session")
+def guest_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_guest_binary(tmp_path_factory.mktemp("system"))
+
+
+@pytest.fixture
+async def host_agent(guest_binary: Path, tmp_path: Path) -> AsyncIterator[HostAgent]:
+    agent = HostAgent(guest_binary, tmp_path / "agent.sock")
+    await agent.start()
+    try:
+        yield agent
+    finally:
+        await agent.stop()
+
+
+@pytest.fixture
+async def client(host_agent: HostAgent) -> AsyncIterator[AgentClient]:
+    agent_client = await AgentClient.connect(host_agent.socket_path, timeout=30)
+    try:
+        yield agent_client
+    finally:
+        await agent_client.close()
