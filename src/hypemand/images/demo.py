@@ -84,7 +84,7 @@ def find_busybox(download_dir: Path) -> Path:
 
 
 def _make_rootfs(rootfs: Path, busybox: Path) -> None:
-    (rootfs / "bin").mkdir(parents=True)
+    (rootfs / "bin").mkdir(parents=True, exist_ok=True)
     shutil.copy2(busybox, rootfs / "bin" / "busybox")
     os.chmod(rootfs / "bin" / "busybox", 0o755)
     applets = _run([str(busybox), "--list-full"]).split()
@@ -107,22 +107,26 @@ def _make_rootfs(rootfs: Path, busybox: Path) -> None:
 def build_layout(workdir: Path, busybox: Path | None = None) -> Path:
     """Build the demo image as an OCI layout under ``workdir``; returns the layout directory.
 
-    The image is tagged :data:`LAYOUT_TAG` inside the layout.
+    The image is tagged :data:`LAYOUT_TAG` inside the layout. The layer is made with
+    ``umoci unpack`` + ``repack`` rather than ``umoci insert``: the ``insert`` of Debian's
+    umoci 0.4.7 writes a tar stream without its end (the last file's padding and the
+    end-of-archive blocks are missing), which strict unpackers rightly refuse.
     """
     umoci = _require("umoci", "umoci")
     busybox = busybox or find_busybox(workdir / "deb")
-    rootfs = workdir / "rootfs"
+    bundle = workdir / "bundle"
     layout = workdir / "layout"
-    shutil.rmtree(rootfs, ignore_errors=True)
+    shutil.rmtree(bundle, ignore_errors=True)
     shutil.rmtree(layout, ignore_errors=True)
-    _make_rootfs(rootfs, busybox)
     image = f"{layout}:{LAYOUT_TAG}"
     rootless = ["--rootless"] if os.geteuid() != 0 else []
     arch = _GOARCH.get(platform.machine(), platform.machine())
     _run([umoci, "init", "--layout", str(layout)])
     _run([umoci, "new", "--image", image])
-    _run([umoci, "insert", *rootless, "--image", image, "--history.created", FIXED_TIME,
-          "--history.created_by", "hypemand demo-image: Debian busybox-static", str(rootfs), "/"])
+    _run([umoci, "unpack", *rootless, "--image", image, str(bundle)])
+    _make_rootfs(bundle / "rootfs", busybox)
+    _run([umoci, "repack", "--image", image, "--history.created", FIXED_TIME,
+          "--history.created_by", "hypemand demo-image: Debian busybox-static", str(bundle)])
     config = [umoci, "config", "--image", image, "--no-history", "--created", FIXED_TIME,
               "--os", "linux", "--architecture", arch,
               "--config.env", "PATH=/usr/sbin:/usr/bin:/sbin:/bin",
@@ -131,6 +135,7 @@ def build_layout(workdir: Path, busybox: Path | None = None) -> Path:
         config.append(f"--config.cmd={arg}")
     _run(config)
     _run([umoci, "gc", "--layout", str(layout)])
+    shutil.rmtree(bundle, ignore_errors=True)
     return layout
 
 
