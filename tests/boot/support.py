@@ -52,13 +52,16 @@ def make_busybox_tree(root: Path) -> Path:
 
 
 def make_ext4_image(tree: Path, image: Path, size_mb: int = 16) -> Path:
-    subprocess.run(["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree), str(image), f"{size_mb}M"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree), str(image), f"{size_mb}M"],
+        check=True,
+        capture_output=True,
+    )
     return image
 
 
 def make_erofs_image(tree: Path, image: Path) -> Path:
-    subprocess.run(["mkfs.erofs", "-q", str(image), str(tree)], check=True, capture_output=True)
+    subprocess.run(["mkfs.erofs", "-zlz4hc", str(image), str(tree)], check=True, capture_output=True)
     return image
 
 
@@ -84,43 +87,90 @@ class GuestRun:
 BASE_KERNEL_ARGS = "console=ttyS0 panic=-1 quiet"
 
 
-def qemu_command(files: SystemFiles, workdir: Path, root_disk: Path, overlay_disk: Path,
-                 config_disk: Path, kernel_args: str = BASE_KERNEL_ARGS) -> list[str]:
+def qemu_command(
+    files: SystemFiles,
+    workdir: Path,
+    root_disk: Path,
+    overlay_disk: Path,
+    config_disk: Path,
+    kernel_args: str = BASE_KERNEL_ARGS,
+) -> list[str]:
     console_log = workdir / "console.log"
     agent_socket = workdir / "agent.sock"
     return [
-        "qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
-        "-M", "microvm,x-option-roms=off", "-accel", "tcg", "-cpu", "max", "-m", "256M", "-smp", "1",
-        "-kernel", str(files.kernel_path), "-initrd", str(files.initrd_path),
-        "-append", f"{kernel_args} tsc_early_khz={host_tsc_khz()}",
-        "-serial", f"file:{console_log}",
-        "-drive", f"id=root,file={root_disk},format=raw,if=none,readonly=on",
-        "-device", "virtio-blk-device,drive=root,serial=hm-root",
-        "-drive", f"id=overlay,file={overlay_disk},format=raw,if=none",
-        "-device", "virtio-blk-device,drive=overlay,serial=hm-overlay",
-        "-drive", f"id=config,file={config_disk},format=raw,if=none,readonly=on",
-        "-device", "virtio-blk-device,drive=config,serial=hm-config",
-        "-device", "virtio-serial-device",
-        "-chardev", f"socket,id=agent0,path={agent_socket},server=on,wait=off",
-        "-device", "virtserialport,chardev=agent0,name=org.hypeman.agent",
-        "-netdev", "user,id=n0,restrict=on",
-        "-device", "virtio-net-device,netdev=n0",
+        "qemu-system-x86_64",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-M",
+        "microvm,x-option-roms=off",
+        "-accel",
+        "tcg",
+        "-cpu",
+        "max",
+        "-m",
+        "256M",
+        "-smp",
+        "1",
+        "-kernel",
+        str(files.kernel_path),
+        "-initrd",
+        str(files.initrd_path),
+        "-append",
+        f"{kernel_args} tsc_early_khz={host_tsc_khz()}",
+        "-serial",
+        f"file:{console_log}",
+        "-drive",
+        f"id=root,file={root_disk},format=raw,if=none,readonly=on",
+        "-device",
+        "virtio-blk-device,drive=root,serial=hm-root",
+        "-drive",
+        f"id=overlay,file={overlay_disk},format=raw,if=none",
+        "-device",
+        "virtio-blk-device,drive=overlay,serial=hm-overlay",
+        "-drive",
+        f"id=config,file={config_disk},format=raw,if=none,readonly=on",
+        "-device",
+        "virtio-blk-device,drive=config,serial=hm-config",
+        "-device",
+        "virtio-serial-device",
+        "-chardev",
+        f"socket,id=agent0,path={agent_socket},server=on,wait=off",
+        "-device",
+        "virtserialport,chardev=agent0,name=org.hypeman.agent",
+        "-netdev",
+        "user,id=n0,restrict=on",
+        "-device",
+        "virtio-net-device,netdev=n0",
     ]
 
 
 @contextmanager
-def run_guest(files: SystemFiles, workdir: Path, root_disk: Path, config: GuestConfig,
-              overlay_size: int = 64 << 20, kernel_args: str = BASE_KERNEL_ARGS) -> Iterator[GuestRun]:
-    """Boot a guest; it is always killed (whole process group) when the block ends."""
+def run_guest(
+    files: SystemFiles,
+    workdir: Path,
+    root_disk: Path,
+    config: GuestConfig,
+    overlay_disk: Path | None = None,
+    kernel_args: str = BASE_KERNEL_ARGS,
+) -> Iterator[GuestRun]:
+    """Boot a guest; it is always killed (whole process group) when the block ends.
+
+    Without ``overlay_disk`` a fresh 64 MiB one is made in ``workdir``.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
-    overlay_disk = workdir / "overlay.raw"
     config_disk = workdir / "config.raw"
-    make_overlay_disk(overlay_disk, overlay_size)
+    if overlay_disk is None:
+        overlay_disk = workdir / "overlay.raw"
+        make_overlay_disk(overlay_disk, 64 << 20)
     write_config_disk(config_disk, config)
     command = qemu_command(files, workdir, root_disk, overlay_disk, config_disk, kernel_args)
     qemu_log = (workdir / "qemu.log").open("wb")
-    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         yield GuestRun(process, workdir / "console.log", workdir / "agent.sock")
     finally:
