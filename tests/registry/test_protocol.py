@@ -10,8 +10,10 @@ import socket
 import time
 
 import httpx
+import jwt
 import pytest
 
+from hypemand.auth import load_secret
 from tests.conftest import ServerProcess
 from tests.registry.conftest import sha256
 
@@ -311,3 +313,27 @@ def test_manifest_put_by_digest_must_match(registry: httpx.Client) -> None:
                          headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
     assert wrong.status_code == 400
     assert oci_error_codes(wrong) == ["DIGEST_INVALID"]
+
+
+def test_registry_tokens_are_limited_to_their_repositories(server: ServerProcess) -> None:
+    """Registry tokens (``repos`` + ``scope`` claims, as builders get) only reach their repos,
+    and only ``scope=push`` may write."""
+    secret = load_secret(server.data_dir)
+
+    def client(scope: str) -> httpx.Client:
+        claims = {"sub": "builder", "repos": ["builds/abc"], "scope": scope}
+        token = jwt.encode(claims, secret, algorithm="HS256")
+        return httpx.Client(base_url=server.base_url, headers={"Authorization": f"Bearer {token}"})
+
+    data = b"layer bytes"
+    with client("push") as pusher:
+        assert pusher.post("/v2/builds/abc/blobs/uploads/", params={"digest": sha256(data)},
+                           content=data).status_code == 201
+        other = pusher.post("/v2/builds/other/blobs/uploads/")
+        assert other.status_code == 403
+        assert oci_error_codes(other) == ["DENIED"]
+    with client("pull") as puller:
+        assert puller.get(f"/v2/builds/abc/blobs/{sha256(data)}").content == data
+        write = puller.post("/v2/builds/abc/blobs/uploads/")
+        assert write.status_code == 403
+        assert oci_error_codes(write) == ["DENIED"]
