@@ -7,11 +7,15 @@ stop it in :meth:`stop`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from hypemand.auth import load_secret
 from hypemand.config import Settings
+from hypemand.hypervisor.qemu import QemuHypervisor
 from hypemand.images.service import ImageService
+from hypemand.instances.supervisor import VMSupervisor
+from hypemand.system.files import SystemFiles, ensure_system_files
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +26,19 @@ class Runtime:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.jwt_secret = load_secret(settings.data_dir)
         self.images = ImageService(settings.data_dir)
+        self.hypervisor = QemuHypervisor(state_dir=settings.data_dir / "hypervisor")
+        self.vms = VMSupervisor(self.hypervisor, settings.data_dir / "guests")
+        self.system: SystemFiles | None = None
 
     async def start(self) -> None:
         log.info("hypemand starting with data dir %s", self.settings.data_dir)
+        # Startup order: system files, then the VMs that outlived the last server, then queues.
+        self.system = await asyncio.to_thread(ensure_system_files, self.settings.system_dir)
+        log.info("guest kernel %s, initrd %s", self.system.kernel_version, self.system.initrd_version)
+        await self.vms.adopt_all()
         await self.images.start()
 
     async def stop(self) -> None:
         """Stop the server's own work. VMs are never stopped here: they outlive the server."""
         await self.images.stop()
+        await self.vms.close()
