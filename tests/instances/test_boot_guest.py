@@ -38,7 +38,9 @@ def hypervisor(accel_cache: Path) -> QemuHypervisor:
 
 
 @contextlib.asynccontextmanager
-async def booted(hypervisor: QemuHypervisor, system: SystemFiles, spec: GuestSpec) -> AsyncIterator[RunningGuest]:
+async def booted(
+    hypervisor: QemuHypervisor, system: SystemFiles, spec: GuestSpec
+) -> AsyncIterator[RunningGuest]:
     guest = await boot_guest(hypervisor, system, spec)
     try:
         yield guest
