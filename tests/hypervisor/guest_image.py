@@ -63,7 +63,11 @@ done
 for port in /sys/class/virtio-ports/*; do
   if [ "$(cat "$port/name" 2>/dev/null)" = {AGENT_PORT_NAME} ]; then
     exec 4<>"/dev/${{port##*/}}"
-    (while read -r line <&4; do echo "echo:$line" >&4; done) &
+    # read sees EOF while no host client is connected: poll until one is.
+    (while true; do
+      while read -r line <&4; do echo "echo:$line" >&4; done
+      sleep 0.2
+    done) &
   fi
 done
 echo "{READY_LINE} uptime=$(cut -d' ' -f1 /proc/uptime)"
@@ -72,11 +76,11 @@ while true; do echo "{TICK_PREFIX} $i"; i=$((i + 1)); sleep 0.5; done
 """
 
 # Bump when INIT_SCRIPT or the module list changes, so cached images are rebuilt.
-GUEST_IMAGE_VERSION = 4
+GUEST_IMAGE_VERSION = 5
 
 
 @dataclass(frozen=True)
-class TestGuest:
+class GuestImage:
     kernel: Path  # uncompressed vmlinux (PVH direct boot)
     initrd: Path
 
@@ -110,7 +114,7 @@ def _extract_vmlinux(bzimage: Path, destination: Path) -> None:
     raise RuntimeError(f"no LZ4 ELF payload in {bzimage}")
 
 
-def _build(root: Path) -> TestGuest:
+def _build(root: Path) -> GuestImage:
     package = _concrete_kernel_package()
     kernel_version = package.removeprefix("linux-image-")
     work = Path(tempfile.mkdtemp(prefix="build-", dir=root))
@@ -160,19 +164,23 @@ def _build(root: Path) -> TestGuest:
             shutil.rmtree(out_dir)
         staging.chmod(0o755)
         staging.rename(out_dir)
-        return TestGuest(kernel=out_dir / "vmlinux", initrd=out_dir / "initramfs.cpio.gz")
+        return GuestImage(kernel=out_dir / "vmlinux", initrd=out_dir / "initramfs.cpio.gz")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def ensure_test_guest() -> TestGuest:
+def ensure_test_guest() -> GuestImage:
     """Build the test guest once per machine; concurrent test runs wait on a lock file."""
     root = cache_dir()
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         for candidate in sorted(root.glob(f"*-v{GUEST_IMAGE_VERSION}")):
-            guest = TestGuest(kernel=candidate / "vmlinux", initrd=candidate / "initramfs.cpio.gz")
+            guest = GuestImage(kernel=candidate / "vmlinux", initrd=candidate / "initramfs.cpio.gz")
             if guest.kernel.is_file() and guest.initrd.is_file():
                 return guest
-        return _build(root)
+        guest = _build(root)
+        for old in root.glob("*-v*"):  # images of earlier GUEST_IMAGE_VERSIONs
+            if old.is_dir() and not old.name.endswith(f"-v{GUEST_IMAGE_VERSION}"):
+                shutil.rmtree(old, ignore_errors=True)
+        return guest
