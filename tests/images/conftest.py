@@ -88,7 +88,9 @@ class PushedRegistry:
 
 
 @pytest.fixture(scope="session")
-def local_registry(tmp_path_factory: pytest.TempPathFactory, test_images: TestImages) -> Iterator[PushedRegistry]:
+def local_registry(
+    tmp_path_factory: pytest.TempPathFactory, test_images: TestImages
+) -> Iterator[PushedRegistry]:
     with run_registry(tmp_path_factory.mktemp("registry")) as registry:
         layout = test_images.layout
         pushed = PushedRegistry(registry, {})

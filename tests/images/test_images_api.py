@@ -131,7 +131,8 @@ def test_whiteouts_layers_and_metadata_on_disk(sdk: Hypeman, server: ServerProce
 
 
 def debugfs_err(disk: Path, command: str) -> str:
-    result = subprocess.run(["debugfs", "-R", command, str(disk)], capture_output=True, text=True, check=False)
+    result = subprocess.run(["debugfs", "-R", command, str(disk)],
+                            capture_output=True, text=True, check=False)
     return result.stdout + result.stderr
 
 
@@ -173,7 +174,7 @@ def test_concurrent_pulls_of_one_reference_are_joined(server: ServerProcess,
         client = strict_client(server)
         try:
             results.append(client.images.create(name=ref).digest)
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
         finally:
             client.close()
@@ -193,8 +194,9 @@ def test_concurrent_pulls_of_one_reference_are_joined(server: ServerProcess,
         assert local_registry.registry.count_requests("GET", f"/v2/join/app/blobs/{layer['digest']}") == 1
 
 
-def test_token_auth_registry_with_borrowed_credentials(sdk: Hypeman, server: ServerProcess,
-                                                       token_registry: tuple[Registry, TokenService, str]) -> None:
+def test_token_auth_registry_with_borrowed_credentials(
+    sdk: Hypeman, server: ServerProcess, token_registry: tuple[Registry, TokenService, str]
+) -> None:
     registry, tokens, digest = token_registry
     ref = f"{registry.host}/private/app:1"
     with pytest.raises(NotFoundError) as anonymous:
