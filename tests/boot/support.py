@@ -94,9 +94,18 @@ def qemu_command(
     overlay_disk: Path,
     config_disk: Path,
     kernel_args: str = BASE_KERNEL_ARGS,
+    machine: str = "microvm",
 ) -> list[str]:
+    """microvm (virtio-mmio devices, PVH vmlinux) or q35 (virtio-pci devices)."""
     console_log = workdir / "console.log"
     agent_socket = workdir / "agent.sock"
+    if machine == "microvm":
+        machine_args = ["-M", "microvm,x-option-roms=off"]
+        kernel_args = f"{kernel_args} tsc_early_khz={host_tsc_khz()}"
+        bus = "device"
+    else:
+        machine_args = ["-M", machine]
+        bus = "pci"
     return [
         "qemu-system-x86_64",
         "-nodefaults",
@@ -104,8 +113,7 @@ def qemu_command(
         "-display",
         "none",
         "-no-reboot",
-        "-M",
-        "microvm,x-option-roms=off",
+        *machine_args,
         "-accel",
         "tcg",
         "-cpu",
@@ -119,23 +127,23 @@ def qemu_command(
         "-initrd",
         str(files.initrd_path),
         "-append",
-        f"{kernel_args} tsc_early_khz={host_tsc_khz()}",
+        kernel_args,
         "-serial",
         f"file:{console_log}",
         "-drive",
         f"id=root,file={root_disk},format=raw,if=none,readonly=on",
         "-device",
-        "virtio-blk-device,drive=root,serial=hm-root",
+        f"virtio-blk-{bus},drive=root,serial=hm-root",
         "-drive",
         f"id=overlay,file={overlay_disk},format=raw,if=none",
         "-device",
-        "virtio-blk-device,drive=overlay,serial=hm-overlay",
+        f"virtio-blk-{bus},drive=overlay,serial=hm-overlay",
         "-drive",
         f"id=config,file={config_disk},format=raw,if=none,readonly=on",
         "-device",
-        "virtio-blk-device,drive=config,serial=hm-config",
+        f"virtio-blk-{bus},drive=config,serial=hm-config",
         "-device",
-        "virtio-serial-device",
+        f"virtio-serial-{bus}",
         "-chardev",
         f"socket,id=agent0,path={agent_socket},server=on,wait=off",
         "-device",
@@ -143,7 +151,7 @@ def qemu_command(
         "-netdev",
         "user,id=n0,restrict=on",
         "-device",
-        "virtio-net-device,netdev=n0",
+        f"virtio-net-{bus},netdev=n0",
     ]
 
 
@@ -155,6 +163,7 @@ def run_guest(
     config: GuestConfig,
     overlay_disk: Path | None = None,
     kernel_args: str = BASE_KERNEL_ARGS,
+    machine: str = "microvm",
 ) -> Iterator[GuestRun]:
     """Boot a guest; it is always killed (whole process group) when the block ends.
 
@@ -166,7 +175,7 @@ def run_guest(
         overlay_disk = workdir / "overlay.raw"
         make_overlay_disk(overlay_disk, 64 << 20)
     write_config_disk(config_disk, config)
-    command = qemu_command(files, workdir, root_disk, overlay_disk, config_disk, kernel_args)
+    command = qemu_command(files, workdir, root_disk, overlay_disk, config_disk, kernel_args, machine)
     qemu_log = (workdir / "qemu.log").open("wb")
     process = subprocess.Popen(
         command, stdin=subprocess.DEVNULL, stdout=qemu_log, stderr=subprocess.STDOUT, start_new_session=True

@@ -154,3 +154,24 @@ def test_guest_binary_outside_a_vm_only_serves_the_agent(system_files: SystemFil
     )
     assert missing.returncode == 1
     assert "/nonexistent/port" in missing.stderr
+
+
+def test_q35_machine_boots_through_virtio_pci(
+    system_files: SystemFiles, busybox_ext4: Path, tmp_path: Path
+) -> None:
+    config = GuestConfig(
+        cmd=[
+            "/bin/sh",
+            "-c",
+            "ls /sys/bus/pci/drivers/virtio-pci/ | grep -c : ; ip -4 addr show eth0; exit 0",
+        ],
+        network=GuestNetwork.user_mode(),
+    )
+    with run_guest(system_files, tmp_path / "vm", busybox_ext4, config, machine="q35") as run:
+        markers = asyncio.run(
+            wait_for_markers(run.console_log, [Marker.AGENT_READY, Marker.EXIT], BOOT_TIMEOUT, run.is_alive)
+        )
+        assert wait_for_exit(run, 60) == 0
+        console = run.console()
+    assert markers.exit is not None and markers.exit.code == 0, console
+    assert "inet 10.0.2.15/24" in console

@@ -741,7 +741,8 @@ int main(int argc, char **argv)
     ensure_dir("/sys/fs/cgroup", 0755);
     if (mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0)
         LOG("cgroup2: %s", strerror(errno));
-    ensure_dir("/tmp", 01777);
+    if (mkdir("/tmp", 01777) == 0)
+        chmod("/tmp", 01777); /* mkdir applies the umask */
 
     install_signal_forwarding();
     pid_t agent_pid = -1;
