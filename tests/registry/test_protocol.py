@@ -120,11 +120,14 @@ def test_monolithic_upload_in_the_post(registry: httpx.Client) -> None:
     assert registry.head(f"/v2/other/repo/blobs/{digest}").status_code == 200
 
 
-def test_post_then_put_with_the_whole_body(registry: httpx.Client) -> None:
-    """What the TypeScript SDK's lib/push does."""
+@pytest.mark.parametrize("uploads_path", ["uploads/", "uploads"])
+def test_post_then_put_with_the_whole_body(registry: httpx.Client, uploads_path: str) -> None:
+    """What the TypeScript SDK's lib/push does (some clients leave out the trailing slash)."""
     data = os.urandom(70_000)
     digest = sha256(data)
-    location = start_upload(registry)
+    started = registry.post(f"/v2/{REPO}/blobs/{uploads_path}")
+    assert started.status_code == 202
+    location = started.headers["Location"]
     response = registry.put(location, params={"digest": digest}, content=data)
     assert response.status_code == 201, response.text
     assert registry.get(f"/v2/{REPO}/blobs/{digest}").content == data

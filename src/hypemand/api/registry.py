@@ -185,6 +185,7 @@ async def _drain(body: AsyncIterator[bytes]) -> None:
 
 
 @protected.post("/v2/{name:path}/blobs/uploads/")
+@protected.post("/v2/{name:path}/blobs/uploads", include_in_schema=False)
 async def start_upload(name: str, request: Request, digest: str | None = None, mount: str | None = None,
                        registry: RegistryService = Depends(registry_service)) -> Response:
     """Start an upload; ``?digest=`` makes it monolithic, ``?mount=`` asks for a cross-repo mount."""

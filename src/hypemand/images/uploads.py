@@ -288,7 +288,8 @@ class RegistryService:
     def purge_stale_uploads(self, max_age: float = STALE_UPLOAD_SECONDS) -> None:
         cutoff = time.time() - max_age
         for directory in self.uploads_dir.iterdir():
-            if directory.name in self._locks:
+            lock = self._locks.get(directory.name)
+            if lock is not None and lock.locked():
                 continue
             try:
                 touched = max(p.stat().st_mtime for p in [directory, *directory.iterdir()])
@@ -297,6 +298,8 @@ class RegistryService:
             if touched < cutoff:
                 log.info("removing abandoned upload %s", directory.name)
                 shutil.rmtree(directory, ignore_errors=True)
+                self._locks.pop(directory.name, None)
+                self._hashes.pop(directory.name, None)
 
     def _data_path(self, session: UploadSession) -> Path:
         return self.uploads_dir / session.id / "data"
