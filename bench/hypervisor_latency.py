@@ -13,20 +13,23 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.hypervisor.guest_image import READY_LINE, ensure_test_guest
+
 from hypemand.hypervisor.base import Board, VMConfig
 from hypemand.hypervisor.qemu import QemuHypervisor
-from tests.hypervisor.guest_image import READY_LINE, ensure_test_guest
 
 
 async def one_run(hypervisor: QemuHypervisor, board: Board, directory: Path) -> dict[str, float]:
     guest = ensure_test_guest()
-    config = VMConfig(vm_id="bench", directory=directory, board=board, kernel=guest.kernel, initrd=guest.initrd)
+    config = VMConfig(
+        vm_id="bench", directory=directory, board=board, kernel=guest.kernel, initrd=guest.initrd
+    )
     times: dict[str, float] = {}
     started = time.monotonic()
     vm = await hypervisor.start(config)
     times["start->QMP answering"] = time.monotonic() - started
     try:
-        while READY_LINE not in vm.console_log_path.read_text(errors="replace"):
+        while READY_LINE not in vm.console_log_path.read_text(errors="replace"):  # noqa: ASYNC110 - polls a file
             await asyncio.sleep(0.02)
         times["start->guest READY"] = time.monotonic() - started
         for name, action in (("status", vm.status), ("pause", vm.pause), ("resume", vm.resume)):
