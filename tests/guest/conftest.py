@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +16,10 @@ from .hostmode import HostAgent
 
 @pytest.fixture(scope="session")
 def guest_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # HYPEMAN_TEST_GUEST_BINARY: run the host-mode tests against another build (e.g. with ASan).
+    override = os.environ.get("HYPEMAN_TEST_GUEST_BINARY")
+    if override:
+        return Path(override)
     return build_guest_binary(tmp_path_factory.mktemp("system"))
 
 

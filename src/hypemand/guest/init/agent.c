@@ -49,6 +49,7 @@ struct exec_state {
     struct buf stdin_q;
     int stdin_eof;             /* host asked to close stdin once the queue drains */
     int exited, status, timed_out;
+    int pty_eof;               /* the pty master reported EIO: the slave side is all closed */
     int64_t deadline;          /* timeout, ms on the monotonic clock; 0 = none */
     int64_t drain_until;       /* after exit: give up on pipes at this time */
 };
@@ -618,10 +619,18 @@ static void exec_flush_stdin(struct session *s)
     }
 }
 
+/* Output may still arrive from the child (or whatever holds its pipes / terminal). */
+static int exec_output_open(const struct exec_state *x)
+{
+    if (x->tty)
+        return x->out_fd >= 0 && !x->pty_eof;
+    return x->out_fd >= 0 || x->err_fd >= 0;
+}
+
 static void exec_finish_if_done(struct session *s)
 {
     struct exec_state *x = &s->u.x;
-    if (!x->exited || x->out_fd >= 0 || x->err_fd >= 0)
+    if (!x->exited || exec_output_open(x))
         return;
     uint8_t p[6];
     if (WIFSIGNALED(x->status)) {
@@ -650,10 +659,11 @@ static void exec_pump(struct session *s, int *fd, uint8_t type)
             x->drain_until = now_ms() + EXIT_DRAIN_MS;
         return;
     }
-    /* EOF, or EIO from a pty master once the slave side is gone */
     if (x->tty) {
-        close_fd(&x->out_fd);
-        x->in_fd = x->err_fd = -1;
+        /* EIO: every slave fd is closed. The child may not have exited yet (programs close
+         * stdio before _exit); closing the master now would hang up the terminal and kill it
+         * with SIGHUP. Stop reading; the master is closed once the child has been reaped. */
+        x->pty_eof = 1;
     } else {
         close_fd(fd);
     }
@@ -1379,7 +1389,7 @@ int agent_serve(int fd)
                     exec_signal(x, SIGKILL);
                     x->deadline = 0;
                 }
-                if (x->exited && (x->out_fd >= 0 || x->err_fd >= 0)) {
+                if (x->exited && exec_output_open(x)) {
                     if (!can_produce(s))
                         x->drain_until = now + EXIT_DRAIN_MS; /* blocked on the host, not idle */
                     else if (now >= x->drain_until) {
@@ -1434,7 +1444,7 @@ int agent_serve(int fd)
             struct exec_state *x = &s->u.x;
             int produce = can_produce(s);
             if (x->tty) {
-                if (x->out_fd < 0)
+                if (x->out_fd < 0 || x->pty_eof)
                     continue;
                 short ev = (short)((produce ? POLLIN : 0) | (x->stdin_q.len ? POLLOUT : 0));
                 pfd[n] = (struct pollfd){ev ? x->out_fd : -1, ev, 0};
