@@ -121,6 +121,16 @@ async def test_tty_close_stdin_sends_eof(client: AgentClient) -> None:
     assert (await proc.wait()).exit_code == 0
 
 
+async def test_tty_program_closing_stdio_before_exit_is_not_hung_up(client: AgentClient) -> None:
+    # Closing every slave fd makes the pty master report EIO while the program still runs;
+    # the terminal must not be hung up (SIGHUP) until the program has exited.
+    done_proc = await client.exec(["sh", "-c", "echo bye; exec 0<&- 1>&- 2>&-; sleep 0.5; exit 3"], tty=True)
+    output = b"".join([chunk.data async for chunk in done_proc])
+    result = await done_proc.wait()
+    assert b"bye" in output
+    assert (result.exit_code, result.signal) == (3, None)
+
+
 async def test_eight_concurrent_sessions(client: AgentClient) -> None:
     payloads = [os.urandom(300_000 + i) for i in range(8)]
 
