@@ -87,10 +87,11 @@ def build_ext4(root: Path, out: Path, label: str = "rootfs") -> int:
     raise ConversionFailed(f"mke2fs failed: {last_error}")
 
 
-def build_erofs(root: Path, out: Path, label: str = "rootfs") -> int:
+def build_erofs(root: Path, out: Path) -> int:
     mkfs = _tool("mkfs.erofs")
     out.unlink(missing_ok=True)
-    result = subprocess.run([mkfs, "-zlz4hc", "-L", label, str(out), str(root)],
+    # erofs-utils 1.5 (bookworm) has no volume-label option.
+    result = subprocess.run([mkfs, "--quiet", "-zlz4hc", str(out), str(root)],
                             capture_output=True, text=True, check=False)
     if result.returncode != 0:
         out.unlink(missing_ok=True)
