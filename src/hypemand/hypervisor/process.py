@@ -126,6 +126,7 @@ class ProcessWatch:
         self._pidfd: int | None = pidfd
         self._child = child
         self._exited = False
+        self._exit: asyncio.Future[None] | None = None
 
     @classmethod
     def open(cls, record: ProcessRecord, child: subprocess.Popen[bytes] | None = None) -> ProcessWatch | None:
@@ -164,28 +165,49 @@ class ProcessWatch:
                 self._child.wait(timeout=1)
 
     async def wait(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
-        """Wait for the process to exit; False on timeout."""
+        """Wait for the process to exit; False on timeout. Any number of waiters may share it."""
         if not self.is_alive():
             return True
-        assert self._pidfd is not None
-        loop = asyncio.get_running_loop()
-        exited = loop.create_future()
-        pidfd = self._pidfd
-
-        def on_readable() -> None:
-            if not exited.done():
-                exited.set_result(None)
-
-        loop.add_reader(pidfd, on_readable)
         try:
-            await asyncio.wait_for(asyncio.shield(exited), timeout)
+            await asyncio.wait_for(asyncio.shield(self._exit_future()), timeout)
         except TimeoutError:
             return False
-        finally:
-            loop.remove_reader(pidfd)
         self._exited = True
         self._reap()
         return True
+
+    def _exit_future(self) -> asyncio.Future[None]:
+        """One future per event loop, resolved when the pidfd turns readable (the process exited).
+
+        A single reader callback serves all waiters: ``add_reader`` on the same fd would replace
+        an earlier waiter's callback.
+        """
+        assert self._pidfd is not None
+        loop = asyncio.get_running_loop()
+        future = self._exit
+        if future is not None and future.get_loop() is loop:
+            return future
+        self._unregister()
+        future = loop.create_future()
+        pidfd = self._pidfd
+
+        def on_readable() -> None:
+            loop.remove_reader(pidfd)
+            if not future.done():
+                future.set_result(None)
+
+        loop.add_reader(pidfd, on_readable)
+        self._exit = future
+        return future
+
+    def _unregister(self) -> None:
+        future, self._exit = self._exit, None
+        if future is None or self._pidfd is None:
+            return
+        with contextlib.suppress(RuntimeError):  # its loop may be closed already
+            future.get_loop().remove_reader(self._pidfd)
+        if not future.done():
+            future.cancel()
 
     def send_signal(self, signum: int) -> None:
         if self._pidfd is None or self._exited:
@@ -195,10 +217,6 @@ class ProcessWatch:
 
     def close(self) -> None:
         if self._pidfd is not None:
-            loop = None
-            with contextlib.suppress(RuntimeError):
-                loop = asyncio.get_running_loop()
-            if loop is not None:
-                loop.remove_reader(self._pidfd)
+            self._unregister()
             os.close(self._pidfd)
             self._pidfd = None
