@@ -131,7 +131,8 @@ def test_program_that_cannot_start_is_reported(
 
 
 def test_killed_program_reports_signal(system_files: SystemFiles, busybox_ext4: Path, tmp_path: Path) -> None:
-    config = GuestConfig(cmd=["/bin/sh", "-c", "kill -9 $$"])
+    # Also: a relative executable path is resolved against the working dir, as in Docker.
+    config = GuestConfig(cmd=["./sh", "-c", "kill -9 $$"], working_dir="/bin")
     with run_guest(system_files, tmp_path / "vm", busybox_ext4, config) as run:
         markers = asyncio.run(wait_for_markers(run.console_log, [Marker.EXIT], BOOT_TIMEOUT, run.is_alive))
         wait_for_exit(run, 60)

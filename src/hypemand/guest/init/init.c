@@ -549,7 +549,8 @@ static int resolve_executable(const char *name, const char *path_var, char *out,
 {
     if (strchr(name, '/')) {
         snprintf(out, outlen, "%s", name);
-        return access(out, X_OK) == 0 ? 0 : -1;
+        /* A relative path is relative to the working dir: only execve, after chdir, can tell. */
+        return name[0] != '/' || access(out, X_OK) == 0 ? 0 : -1;
     }
     const char *p = path_var;
     int saw_eacces = 0;
