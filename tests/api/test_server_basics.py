@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import httpx
+import jwt
 import pytest
-from hypeman import AuthenticationError, Hypeman
+from hypeman import AuthenticationError, Hypeman, PermissionDeniedError
 
+from hypemand.auth import load_secret
 from tests.conftest import ServerProcess
 
 
@@ -28,3 +30,13 @@ def test_bad_token_is_refused_with_401(server: ServerProcess, token: str) -> Non
         client.images.list()
     assert info.value.status_code == 401
     assert info.value.body["code"] == "unauthorized"  # type: ignore[index]
+
+
+def test_registry_tokens_do_not_open_the_json_api(server: ServerProcess) -> None:
+    registry_token = jwt.encode({"sub": "builder", "repos": ["builds/x"], "scope": "push"},
+                                load_secret(server.data_dir), algorithm="HS256")
+    client = Hypeman(base_url=server.base_url, api_key=registry_token, max_retries=0,
+                     _strict_response_validation=True)
+    with pytest.raises(PermissionDeniedError) as info:
+        client.images.list()
+    assert info.value.body["code"] == "forbidden"  # type: ignore[index]

@@ -31,6 +31,10 @@ async def require_token(request: Request) -> dict[str, Any]:
     if token is None:
         raise ApiError(401, "unauthorized", "missing bearer token")
     try:
-        return verify_token(request.app.state.jwt_secret, token)
+        claims = verify_token(request.app.state.jwt_secret, token)
     except InvalidToken as exc:
         raise ApiError(401, "unauthorized", f"invalid token: {exc}") from exc
+    if "repos" in claims:
+        # A registry token (builders' pushes) is limited to /v2 and never opens the JSON API.
+        raise ApiError(403, "forbidden", "registry tokens are only valid for /v2")
+    return claims
