@@ -36,6 +36,8 @@ def variants(files: SystemFiles, scratch: Path) -> dict[str, tuple[SystemFiles, 
         "plain": (files, base),
         "gzip initrd": (gz_files, base),
         "fast args": (files, f"{base} {FAST_BOOT_ARGS}"),
+        "fast bzImage": (files.model_copy(update={"kernel_path": files.kernel_bzimage_path}), f"{base} {FAST_BOOT_ARGS}"),
+        "fast+nomitig": (files, f"{base} {FAST_BOOT_ARGS} mitigations=off"),
     }
 
 
