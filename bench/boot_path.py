@@ -19,12 +19,13 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.boot.support import BASE_KERNEL_ARGS, make_busybox_tree, make_ext4_image, run_guest
+
 from hypemand.config import Settings
 from hypemand.guest.config_disk import GuestConfig, GuestNetwork
 from hypemand.guest.markers import Marker, wait_for_markers
 from hypemand.system.files import SystemFiles, ensure_system_files
 from hypemand.system.kernel import FAST_BOOT_ARGS
-from tests.boot.support import BASE_KERNEL_ARGS, make_busybox_tree, make_ext4_image, run_guest
 
 
 def variants(files: SystemFiles, scratch: Path) -> dict[str, tuple[SystemFiles, str]]:
@@ -36,7 +37,10 @@ def variants(files: SystemFiles, scratch: Path) -> dict[str, tuple[SystemFiles, 
         "plain": (files, base),
         "gzip initrd": (gz_files, base),
         "fast args": (files, f"{base} {FAST_BOOT_ARGS}"),
-        "fast bzImage": (files.model_copy(update={"kernel_path": files.kernel_bzimage_path}), f"{base} {FAST_BOOT_ARGS}"),
+        "fast bzImage": (
+            files.model_copy(update={"kernel_path": files.kernel_bzimage_path}),
+            f"{base} {FAST_BOOT_ARGS}",
+        ),
         "fast+nomitig": (files, f"{base} {FAST_BOOT_ARGS} mitigations=off"),
     }
 
@@ -59,20 +63,22 @@ def main() -> None:
                 workdir = scratch / f"vm-{run_index}-{name.replace(' ', '-')}"
                 started = time.monotonic()
                 with run_guest(variant_files, workdir, image, config, kernel_args=kernel_args) as run:
-                    markers = asyncio.run(wait_for_markers(run.console_log, [Marker.AGENT_READY], 120, run.is_alive))
+                    markers = asyncio.run(
+                        wait_for_markers(run.console_log, [Marker.AGENT_READY], 120, run.is_alive)
+                    )
                     wall = time.monotonic() - started
                     console = run.console()
                 init_match = re.search(r"\[([0-9.]+)\] init started", console)
                 init_ts = float(init_match.group(1)) if init_match else float("nan")
                 results[name].append((wall, markers.agent_ready_ts or float("nan"), init_ts))
                 shutil.rmtree(workdir, ignore_errors=True)
-        print(f"{'variant':<14} {'wall->READY (median, runs)':<44} {'guest READY':>12} {'guest init':>11}")
+        print(f"{'variant':<14} {'wall->READY median (runs)':<44} {'guest READY':>12} {'guest init':>11}")
         for name, rows in results.items():
-            walls = [r[0] for r in rows]
-            print(
-                f"{name:<14} {statistics.median(walls):5.2f}  ({' '.join(f'{w:.2f}' for w in walls)})".ljust(59)
-                + f"{statistics.median(r[1] for r in rows):>12.3f} {statistics.median(r[2] for r in rows):>11.3f}"
-            )
+            walls = " ".join(f"{r[0]:.2f}" for r in rows)
+            wall = f"{statistics.median(r[0] for r in rows):5.2f}  ({walls})"
+            ready = statistics.median(r[1] for r in rows)
+            init = statistics.median(r[2] for r in rows)
+            print(f"{name:<14} {wall:<44} {ready:>12.3f} {init:>11.3f}")
 
 
 if __name__ == "__main__":
