@@ -390,16 +390,36 @@ static void wait_for_disks(struct disks *found)
               found->overlay[0] ? "" : " " DISK_OVERLAY_SERIAL, found->config[0] ? "" : " " DISK_CONFIG_SERIAL);
 }
 
+/* Both file systems keep their superblock at byte 1024: erofs starts it with a 32-bit magic,
+ * ext2/3/4 has a 16-bit magic 56 bytes in. Looking first keeps a failed ext4 probe's kernel
+ * error out of the console (which is the app log). */
+static const char *detect_image_fs(const char *device)
+{
+    unsigned char sb[1024];
+    int fd = open(device, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return NULL;
+    ssize_t n = pread(fd, sb, sizeof(sb), 1024);
+    close(fd);
+    if (n != (ssize_t)sizeof(sb))
+        return NULL;
+    if (sb[0] == 0xE2 && sb[1] == 0xE1 && sb[2] == 0xF5 && sb[3] == 0xE0)
+        return "erofs";
+    if (sb[56] == 0x53 && sb[57] == 0xEF)
+        return "ext4";
+    return NULL;
+}
+
 static void mount_image(const char *device, const char *target)
 {
     ensure_dir(target, 0755);
-    if (mount(device, target, "ext4", MS_RDONLY, NULL) == 0)
-        return;
-    int ext4_errno = errno;
-    load_module_group("erofs"); /* only images that are not ext4 pay for it */
-    if (mount(device, target, "erofs", MS_RDONLY, NULL) == 0)
-        return;
-    boot_fail("image disk %s is neither ext4 (%s) nor erofs (%s)", device, strerror(ext4_errno), strerror(errno));
+    const char *fs = detect_image_fs(device);
+    if (!fs)
+        boot_fail("image disk %s is neither ext4 nor erofs (no superblock found)", device);
+    if (strcmp(fs, "erofs") == 0)
+        load_module_group("erofs"); /* only images that are not ext4 pay for it */
+    if (mount(device, target, fs, MS_RDONLY, NULL) != 0)
+        boot_fail("mount image disk %s (%s): %s", device, fs, strerror(errno));
 }
 
 static void move_mount(const char *from, const char *to)
