@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import hypemand.guest.build as guest_build
+from hypemand.errors import DependencyMissing
 from hypemand.system.files import SystemFiles, ensure_system_files
 from hypemand.system.initrd import CpioEntry, build_initrd, write_cpio_newc
 from hypemand.system.kernel import KernelError, KernelInfo, extract_vmlinux, install_kernel
@@ -140,3 +141,10 @@ def test_cpio_writer_output_is_readable_by_cpio(tmp_path: Path) -> None:
     out.mkdir()
     subprocess.run(["cpio", "-id", "--quiet"], stdin=archive.open("rb"), cwd=out, check=True)
     assert (out / "b/file").read_bytes() == b"hello"
+
+
+def test_missing_tools_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_which = shutil.which
+    monkeypatch.setattr(shutil, "which", lambda name: None if name == "dpkg-deb" else real_which(name))
+    with pytest.raises(DependencyMissing, match="install dpkg"):
+        install_kernel(tmp_path / "empty-system")
