@@ -8,7 +8,6 @@ each test's fresh data directory does not download the kernel again.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,15 +19,11 @@ import httpx
 import pytest
 from hypeman import Hypeman
 
+from tests.support.net import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_SYSTEM_DIR = Path(os.environ.get("HYPEMAND_SYSTEM_DIR", "/var/lib/hypemand/system"))
 os.environ.setdefault("HYPEMAND_SYSTEM_DIR", str(SHARED_SYSTEM_DIR))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass

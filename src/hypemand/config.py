@@ -37,6 +37,8 @@ class Settings(BaseModel):
     system_dir: Path
 
     @classmethod
-    def load(cls, data_dir: Path | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT) -> Settings:
+    def load(
+        cls, data_dir: Path | None = None, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT
+    ) -> Settings:
         data = (data_dir or default_data_dir()).absolute()
         return cls(host=host, port=port, data_dir=data, system_dir=default_system_dir(data).absolute())

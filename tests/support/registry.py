@@ -15,7 +15,6 @@ import base64
 import datetime
 import hashlib
 import json
-import socket
 import subprocess
 import threading
 import time
@@ -34,11 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.support.net import free_port
 
 
 @dataclass
