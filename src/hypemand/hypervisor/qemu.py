@@ -62,6 +62,9 @@ START_LOCK = ".vmm.lock"
 QMP_READY_TIMEOUT = 15.0  # process start -> QMP answering; ~40 ms when idle, more under load
 QMP_POLL_INTERVAL = 0.05
 QUIT_TIMEOUT = 5.0
+# A power button press the guest cannot see yet (its ACPI button driver still loading) is lost,
+# so the button is pressed again at this interval until the guest powers off or time runs out.
+POWER_BUTTON_REPEAT = 2.0
 KILL_TIMEOUT = 10.0
 
 _KNOWN_STATUSES = {status.value for status in VMStatus}
@@ -201,8 +204,7 @@ class QemuVMHandle(VMHandle):
             # A paused guest cannot react to the power button; go straight to quit.
             if await self.status() is VMStatus.RUNNING:
                 with contextlib.suppress(VMMError, InvalidState):
-                    await self.qmp("system_powerdown")
-                    if await self.wait_exit(timeout):
+                    if await self._press_power_button_until_exit(timeout):
                         return ShutdownOutcome.GUEST_POWEROFF
             if self.is_alive():
                 with contextlib.suppress(VMMError, InvalidState):
@@ -217,6 +219,17 @@ class QemuVMHandle(VMHandle):
         finally:
             if not self.is_alive():
                 self._discard_memory_file()
+
+    async def _press_power_button_until_exit(self, timeout: float) -> bool:  # noqa: ASYNC109
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            await self.qmp("system_powerdown")
+            remaining = deadline - loop.time()
+            if await self.wait_exit(max(0.0, min(POWER_BUTTON_REPEAT, remaining))):
+                return True
+            if loop.time() >= deadline:
+                return False
 
     async def kill(self) -> None:
         self._watch.send_signal(signal.SIGKILL)

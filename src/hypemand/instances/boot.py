@@ -73,6 +73,7 @@ def vm_config(spec: GuestSpec, system: SystemFiles) -> VMConfig:
         memory_mib=spec.memory_mib,
         kernel=system.kernel_path,
         initrd=system.initrd_path,
+        kernel_args=system.kernel_args.split(),
         disks=[
             DiskConfig(path=spec.root_disk, readonly=True, serial=ROOT_SERIAL),
             DiskConfig(path=spec.directory / OVERLAY_DISK, serial=OVERLAY_SERIAL),

@@ -43,11 +43,15 @@ REQUIRED_MODULES: tuple[str, ...] = (
     "virtio_net",
     "overlay",
     "erofs",
+    # ACPI power button (microvm: via the GED device; q35: the fixed-feature button) and the
+    # event device interface PID 1 reads KEY_POWER from: graceful shutdown.
+    "button",
+    "evdev",
 )
 OPTIONAL_MODULES: tuple[str, ...] = ("virtio_rng",)
 
 # Bumped when the set of kept modules or the layout changes, so an old install is redone.
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 
 class KernelError(DomainError):

@@ -6,6 +6,8 @@
  *   -> overlayfs(lower=image ro, upper=overlay disk) -> move /proc /sys /dev /run into it
  *   -> hostname, network -> open the agent port -> switch root -> fork agent -> run program
  *   -> reap zombies until the program exits -> HYPEMAN-EXIT -> sync -> power off.
+ * The ACPI power button (QEMU system_powerdown) stops the program: SIGTERM, a grace period,
+ * SIGKILL; then the same exit path.
  *
  * Every failure ends in a HYPEMAN-EXIT marker and a power-off: the guest never hangs waiting
  * for someone to look at it.
@@ -15,6 +17,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -31,14 +34,17 @@
 #include "agent.h"
 #include "config_disk.h"
 #include "netconf.h"
+#include "power_button.h"
 
-#define MODULE_LIST "/etc/hypeman/modules"
+#define MODULE_LIST "etc/hypeman/modules" /* in the initrd */
 #define DISK_ROOT_SERIAL "hm-root"
 #define DISK_OVERLAY_SERIAL "hm-overlay"
 #define DISK_CONFIG_SERIAL "hm-config"
 #define DEVICE_WAIT_MS 30000
 #define AGENT_PORT_WAIT_MS 5000
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+/* Power button: how long the program may take to stop after SIGTERM before it gets SIGKILL. */
+#define STOP_GRACE_MS 5000
 
 /* Used when agent.c is not linked in: keeps the port open and idle so the boot path works. */
 __attribute__((weak)) int agent_serve(int fd)
@@ -51,6 +57,8 @@ __attribute__((weak)) int agent_serve(int fd)
 
 static int console_fd = 2;
 static volatile pid_t program_pid = 0;
+/* SIGCHLD wakes the main loop's poll() through this pipe (the self-pipe trick). */
+static int sigchld_pipe[2] = {-1, -1};
 
 static double monotonic_seconds(void)
 {
@@ -239,6 +247,16 @@ static int read_small_file(const char *path, char *buf, size_t len)
 #define MAX_LOADED_MODULES 64
 static char *loaded_modules[MAX_LOADED_MODULES];
 static size_t loaded_module_count = 0;
+/* The initrd's root. Kept open across the switch to the image's root, so module groups can
+ * still be loaded later (the initramfs stays in memory under the new root anyway). */
+static int initrd_root_fd = AT_FDCWD;
+
+static int open_in_initrd(const char *path)
+{
+    while (*path == '/')
+        path++;
+    return openat(initrd_root_fd, path, O_RDONLY | O_CLOEXEC);
+}
 
 static int module_already_loaded(const char *path)
 {
@@ -251,8 +269,11 @@ static int module_already_loaded(const char *path)
 /* Returns the number of files of the group that are now loaded, or -1 if the group is unknown. */
 static int load_module_group(const char *group)
 {
-    FILE *list = fopen(MODULE_LIST, "re");
+    int list_fd = open_in_initrd(MODULE_LIST);
+    FILE *list = list_fd >= 0 ? fdopen(list_fd, "r") : NULL;
     if (!list) {
+        if (list_fd >= 0)
+            close(list_fd);
         LOG("no module list %s: %s", MODULE_LIST, strerror(errno));
         return -1;
     }
@@ -270,7 +291,7 @@ static int load_module_group(const char *group)
             found++;
             continue;
         }
-        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        int fd = open_in_initrd(path);
         if (fd < 0) {
             LOG("module %s: %s", path, strerror(errno));
             continue;
@@ -460,11 +481,21 @@ static int open_agent_port(void)
     }
 }
 
-static pid_t start_agent(int port_fd)
+/* The agent runs with the program's environment, so exec sessions see what the program sees
+ * (as `docker exec` does); a request's own variables are applied on top by the agent. */
+static pid_t start_agent(int port_fd, char **program_env)
 {
     pid_t pid = fork();
     if (pid == 0) {
         setsid();
+        signal(SIGCHLD, SIG_DFL); /* PID 1's handler and pipe are not the agent's */
+        close(sigchld_pipe[0]);
+        close(sigchld_pipe[1]);
+        if (initrd_root_fd >= 0)
+            close(initrd_root_fd);
+        clearenv();
+        for (char **e = program_env; e && *e; e++)
+            putenv(*e);
         /* The forked child keeps the port fd; clear CLOEXEC in case the agent execs helpers. */
         int flags = fcntl(port_fd, F_GETFD);
         if (flags >= 0)
@@ -609,9 +640,29 @@ static void install_signal_forwarding(void)
     reboot(RB_DISABLE_CAD);
 }
 
+static void on_sigchld(int sig)
+{
+    (void)sig;
+    int saved = errno;
+    if (write(sigchld_pipe[1], "c", 1) < 0) {
+    } /* full pipe: a wake-up is already pending */
+    errno = saved;
+}
+
+static void install_sigchld_wakeup(void)
+{
+    if (pipe2(sigchld_pipe, O_CLOEXEC | O_NONBLOCK) != 0)
+        boot_fail("pipe: %s", strerror(errno));
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = on_sigchld;
+    sa.sa_flags = SA_RESTART | SA_NOCLDSTOP;
+    sigaction(SIGCHLD, &sa, NULL);
+}
+
 /* Start the program; returns its pid. An exec failure in the child is reported back through a
  * close-on-exec pipe (EOF = exec succeeded) and ends the boot with a clear message. */
-static pid_t start_program(const struct hm_config *config)
+static pid_t start_program(const struct hm_config *config, char **env)
 {
     size_t argc = config->entrypoint.count + config->cmd.count;
     if (argc == 0)
@@ -624,7 +675,6 @@ static pid_t start_program(const struct hm_config *config)
         argv[a++] = config->entrypoint.items[i];
     for (size_t i = 0; i < config->cmd.count; i++)
         argv[a++] = config->cmd.items[i];
-    char **env = program_environment(config);
     char executable[1024];
     if (resolve_executable(argv[0], env_lookup(env, "PATH"), executable, sizeof(executable)) != 0) {
         char message[1200];
@@ -697,6 +747,90 @@ static void stop_remaining_processes(pid_t agent_pid)
     }
 }
 
+struct supervisor {
+    pid_t program;
+    int agent_fd;
+    pid_t agent_pid;
+    double agent_started;
+    char **env;
+    int button_fds[POWER_BUTTON_MAX_DEVICES];
+    int button_count;
+    double stop_deadline; /* > 0 once the power button asked the program to stop */
+    int sent_kill;
+};
+
+/* The program's stop, as `docker stop` does it: SIGTERM now, SIGKILL after the grace period. */
+static void begin_stop(struct supervisor *sup)
+{
+    if (sup->stop_deadline > 0)
+        return; /* already stopping: a second press changes nothing */
+    LOG("power button: stopping the program (SIGTERM, SIGKILL after %d s)", STOP_GRACE_MS / 1000);
+    kill(sup->program, SIGTERM);
+    sup->stop_deadline = monotonic_seconds() + STOP_GRACE_MS / 1000.0;
+}
+
+/* Reap children until the program ends; restart the agent if it dies; react to the power
+ * button. Returns the program's wait status. */
+static int supervise(struct supervisor *sup)
+{
+    for (;;) {
+        int status;
+        pid_t pid;
+        while ((pid = waitpid(-1, &status, WNOHANG)) > 0) {
+            if (pid == sup->program) {
+                program_pid = 0;
+                return status;
+            }
+            if (pid == sup->agent_pid) {
+                /* Keep the host's channel alive; back off if the agent keeps dying. */
+                LOG("agent exited (status %d); restarting", status);
+                if (monotonic_seconds() - sup->agent_started < 1.0)
+                    sleep_ms(1000);
+                sup->agent_pid = start_agent(sup->agent_fd, sup->env);
+                sup->agent_started = monotonic_seconds();
+            }
+        }
+        if (pid < 0 && errno != EINTR && errno != ECHILD)
+            boot_fail("waitpid: %s", strerror(errno));
+
+        int timeout_ms = -1;
+        if (sup->stop_deadline > 0 && !sup->sent_kill) {
+            double left = sup->stop_deadline - monotonic_seconds();
+            if (left <= 0) {
+                LOG("program did not stop within %d s; sending SIGKILL", STOP_GRACE_MS / 1000);
+                kill(sup->program, SIGKILL);
+                sup->sent_kill = 1;
+            } else {
+                timeout_ms = (int)(left * 1000) + 1;
+            }
+        }
+
+        struct pollfd fds[1 + POWER_BUTTON_MAX_DEVICES];
+        fds[0] = (struct pollfd){.fd = sigchld_pipe[0], .events = POLLIN};
+        for (int i = 0; i < sup->button_count; i++)
+            fds[1 + i] = (struct pollfd){.fd = sup->button_fds[i], .events = POLLIN};
+        if (poll(fds, (nfds_t)(1 + sup->button_count), timeout_ms) < 0) {
+            if (errno != EINTR)
+                boot_fail("poll: %s", strerror(errno));
+            continue;
+        }
+        if (fds[0].revents & POLLIN) {
+            char drain[64];
+            while (read(sigchld_pipe[0], drain, sizeof(drain)) > 0) {
+            }
+        }
+        for (int i = sup->button_count - 1; i >= 0; i--) {
+            short revents = fds[1 + i].revents;
+            if ((revents & POLLIN) && power_button_pressed(sup->button_fds[i]))
+                begin_stop(sup);
+            if (revents & (POLLERR | POLLHUP | POLLNVAL)) { /* the device went away */
+                close(sup->button_fds[i]);
+                sup->button_fds[i] = sup->button_fds[--sup->button_count];
+            }
+        }
+    }
+}
+
 int main(int argc, char **argv)
 {
     if (getpid() != 1) {
@@ -752,6 +886,9 @@ int main(int argc, char **argv)
         LOG("agent port %s not found; running without agent", AGENT_PORT_NAME);
 
     /* Switch root the way switch_root(8) does (pivot_root cannot leave the initramfs). */
+    initrd_root_fd = open("/", O_PATH | O_DIRECTORY | O_CLOEXEC);
+    if (initrd_root_fd < 0)
+        initrd_root_fd = AT_FDCWD; /* later module loads will fail and say so */
     move_mount("/dev", "/newroot/dev");
     move_mount("/proc", "/newroot/proc");
     move_mount("/sys", "/newroot/sys");
@@ -766,37 +903,28 @@ int main(int argc, char **argv)
         chmod("/tmp", 01777); /* mkdir applies the umask */
 
     install_signal_forwarding();
-    pid_t agent_pid = -1;
+    install_sigchld_wakeup();
+    char **env = program_environment(&config);
+    struct supervisor sup = {.agent_fd = agent_fd, .agent_pid = -1, .env = env};
     if (agent_fd >= 0) {
-        agent_pid = start_agent(agent_fd);
-        if (agent_pid > 0)
+        sup.agent_pid = start_agent(agent_fd, env);
+        sup.agent_started = monotonic_seconds();
+        if (sup.agent_pid > 0)
             console_line("HYPEMAN-AGENT-READY ts=%.3f", monotonic_seconds());
     }
 
-    pid_t program = start_program(&config);
-    /* Off the critical path: the entropy device only helps programs that start later. */
+    sup.program = start_program(&config, env);
+    /* Off the critical path: the entropy device only helps programs that start later, and
+     * the power button is only pressed once the instance is up. */
     if (virtio_device_present(VIRTIO_ID_RNG))
         load_module_group("virtio_rng");
-    double agent_started = monotonic_seconds();
-    int status = 0;
-    for (;;) {
-        pid_t pid = waitpid(-1, &status, 0);
-        if (pid < 0) {
-            if (errno == EINTR)
-                continue;
-            boot_fail("waitpid: %s", strerror(errno));
-        }
-        if (pid == program)
-            break;
-        if (pid == agent_pid) {
-            /* Keep the host's channel alive; back off if the agent keeps dying. */
-            LOG("agent exited (status %d); restarting", status);
-            if (monotonic_seconds() - agent_started < 1.0)
-                sleep_ms(1000);
-            agent_pid = start_agent(agent_fd);
-            agent_started = monotonic_seconds();
-        }
-    }
+    load_module_group("button");
+    load_module_group("evdev");
+    sup.button_count = power_button_open(sup.button_fds, POWER_BUTTON_MAX_DEVICES);
+    DEBUG_STEP("power button: %d input device(s)", sup.button_count);
+    if (sup.button_count == 0)
+        LOG("no power button input device; graceful shutdown will not work");
+    int status = supervise(&sup);
     program_pid = 0;
 
     int code;
@@ -815,6 +943,6 @@ int main(int argc, char **argv)
         code = 255;
         snprintf(message, sizeof(message), "ended with wait status %#x", status);
     }
-    stop_remaining_processes(agent_pid);
+    stop_remaining_processes(sup.agent_pid);
     exit_marker_and_power_off(code, message);
 }
