@@ -7,7 +7,7 @@ import jwt
 import pytest
 from hypeman import AuthenticationError, Hypeman, PermissionDeniedError
 
-from hypemand.auth import load_secret
+from hypemand.auth import load_secret, mint_token
 from tests.conftest import ServerProcess
 
 
@@ -39,4 +39,19 @@ def test_registry_tokens_do_not_open_the_json_api(server: ServerProcess) -> None
                      _strict_response_validation=True)
     with pytest.raises(PermissionDeniedError) as info:
         client.images.list()
-    assert info.value.body["code"] == "forbidden"  # type: ignore[index]
+    assert info.value.body["code"] == "Forbidden"  # type: ignore[index]
+
+
+def test_scoped_tokens_reach_only_their_scopes(server: ServerProcess) -> None:
+    secret = load_secret(server.data_dir)
+    reader = Hypeman(base_url=server.base_url, max_retries=0, _strict_response_validation=True,
+                     api_key=mint_token(secret, "reader", permissions=["image:read"]))
+    assert reader.images.list() == []
+    with pytest.raises(PermissionDeniedError) as info:
+        reader.images.create(name="docker.io/library/alpine:latest")
+    assert info.value.body == {"code": "Forbidden", "message": "missing required scope: image:write"}
+    with pytest.raises(PermissionDeniedError):
+        reader.images.delete("docker.io/library/alpine:latest")
+    wildcard = Hypeman(base_url=server.base_url, max_retries=0, _strict_response_validation=True,
+                       api_key=mint_token(secret, "root", permissions=["*"]))
+    assert wildcard.images.list() == []

@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from urllib.parse import unquote
 
-from fastapi import Depends, FastAPI
+from fastapi import APIRouter, Depends, FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hypemand.api import health, registry
-from hypemand.api.auth import require_token
+from hypemand.api.auth import require_scope
 from hypemand.api.errors import install_error_handlers
 from hypemand.config import Settings
 from hypemand.runtime import Runtime
@@ -57,15 +57,15 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     # /v2 answers in the registry protocol's shape with its own auth (401 needs a challenge).
     for registry_router in registry.routers:
         app.include_router(registry_router)
-    authed = [Depends(require_token)]
-    for router in _domain_routers():
-        app.include_router(router, dependencies=authed)
+    for router, resource in _domain_routers():
+        app.include_router(router, dependencies=[Depends(require_scope(resource))])
     app.add_middleware(EncodedSlashRouting)
     return app
 
 
-def _domain_routers() -> list:  # type: ignore[type-arg]
-    """Routers that need a valid bearer token. Domains append theirs here."""
+def _domain_routers() -> list[tuple[APIRouter, str]]:
+    """Routers that need a bearer token, with the scope resource each one's routes require
+    (``image`` -> ``image:read`` for GET, ``image:delete`` for DELETE, ``image:write`` else)."""
     from hypemand.api import images
 
-    return [images.router]
+    return [(images.router, "image")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import Request
@@ -36,5 +37,30 @@ async def require_token(request: Request) -> dict[str, Any]:
         raise ApiError(401, "unauthorized", f"invalid token: {exc}") from exc
     if "repos" in claims:
         # A registry token (builders' pushes) is limited to /v2 and never opens the JSON API.
-        raise ApiError(403, "forbidden", "registry tokens are only valid for /v2")
+        raise ApiError(403, "Forbidden", "registry tokens are only valid for /v2")
     return claims
+
+
+_ACTIONS = {"GET": "read", "HEAD": "read", "DELETE": "delete"}
+
+
+def has_scope(claims: dict[str, Any], needed: str) -> bool:
+    """A token without a ``permissions`` claim may do everything (as in Hypeman)."""
+    granted = claims.get("permissions")
+    if granted is None:
+        return True
+    return "*" in granted or needed in granted
+
+
+def require_scope(resource: str) -> Callable[[Request], Awaitable[dict[str, Any]]]:
+    """A dependency: a valid token whose permissions include ``<resource>:<action>``, where the
+    action follows the method (GET read, DELETE delete, anything else write)."""
+
+    async def check(request: Request) -> dict[str, Any]:
+        claims = await require_token(request)
+        needed = f"{resource}:{_ACTIONS.get(request.method, 'write')}"
+        if not has_scope(claims, needed):
+            raise ApiError(403, "Forbidden", f"missing required scope: {needed}")
+        return claims
+
+    return check
