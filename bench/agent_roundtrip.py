@@ -18,8 +18,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from tests.boot.support import make_busybox_tree, make_ext4_image
 from tests.guest.hostmode import HostAgent
+from tests.support.guest import make_busybox_tree, make_ext4_image
 
 from hypemand.guest.build import build_guest_binary
 from hypemand.guest.client import AgentClient, GetEntry

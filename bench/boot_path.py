@@ -1,10 +1,12 @@
-"""Boot-path timing: QEMU start -> HYPEMAN-AGENT-READY, for kernel-argument and initrd variants.
+"""Boot-path timing: QEMU start -> guest ready, for kernel-argument and initrd variants.
 
     .venv/bin/python -m bench.boot_path --runs 5 [--system-dir DIR]
 
 Runs the variants interleaved (the machine is shared, so load drifts) and prints, per variant,
-the wall time to AGENT-READY, the guest's own timestamp of it, and the guest time at which
-init started (from ``hypeman.debug``). Uses the minimal launcher of tests/boot/support.py.
+the wall time until ``boot_guest`` returns (program started, agent answered), the guest's own
+timestamp of HYPEMAN-AGENT-READY, and the guest time at which init started (from
+``hypeman.debug``). Variants are ``SystemFiles`` with other kernel arguments, initrd or kernel
+file, booted through the real ``QemuHypervisor`` + ``boot_guest``.
 """
 
 from __future__ import annotations
@@ -19,30 +21,62 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.boot.support import BASE_KERNEL_ARGS, make_busybox_tree, make_ext4_image, run_guest
+from tests.support.guest import guest_spec, make_busybox_tree, make_ext4_image
 
 from hypemand.config import Settings
-from hypemand.guest.config_disk import GuestConfig, GuestNetwork
-from hypemand.guest.markers import Marker, wait_for_markers
+from hypemand.guest.config_disk import GuestConfig
+from hypemand.hypervisor.qemu import QemuHypervisor
+from hypemand.instances.boot import boot_guest
 from hypemand.system.files import SystemFiles, ensure_system_files
 from hypemand.system.kernel import FAST_BOOT_ARGS
 
+# The hypervisor adds "console=ttyS0 quiet panic=-1" (and tsc_early_khz on microvm) itself.
+DEBUG_ARG = "hypeman.debug"
 
-def variants(files: SystemFiles, scratch: Path) -> dict[str, tuple[SystemFiles, str]]:
+
+def variants(files: SystemFiles, scratch: Path) -> dict[str, SystemFiles]:
     gz = scratch / "initrd.gz"
     gz.write_bytes(gzip.compress(files.initrd_path.read_bytes(), compresslevel=6, mtime=0))
-    gz_files = files.model_copy(update={"initrd_path": gz})
-    base = BASE_KERNEL_ARGS + " hypeman.debug"
+    fast = f"{DEBUG_ARG} {FAST_BOOT_ARGS}"
     return {
-        "plain": (files, base),
-        "gzip initrd": (gz_files, base),
-        "fast args": (files, f"{base} {FAST_BOOT_ARGS}"),
-        "fast bzImage": (
-            files.model_copy(update={"kernel_path": files.kernel_bzimage_path}),
-            f"{base} {FAST_BOOT_ARGS}",
+        "plain": files.model_copy(update={"kernel_args": DEBUG_ARG}),
+        "gzip initrd": files.model_copy(update={"kernel_args": DEBUG_ARG, "initrd_path": gz}),
+        "fast args": files.model_copy(update={"kernel_args": fast}),
+        "fast bzImage": files.model_copy(
+            update={"kernel_args": fast, "kernel_path": files.kernel_bzimage_path}
         ),
-        "fast+nomitig": (files, f"{base} {FAST_BOOT_ARGS} mitigations=off"),
+        "fast+nomitig": files.model_copy(update={"kernel_args": f"{fast} mitigations=off"}),
     }
+
+
+async def boot_once(hypervisor: QemuHypervisor, files: SystemFiles, directory: Path, image: Path,
+                    network: bool) -> tuple[float, float, float]:
+    spec = guest_spec(directory, image, GuestConfig(cmd=["/bin/sleep", "100000"]), network=network)
+    started = time.monotonic()
+    guest = await boot_guest(hypervisor, files, spec, timeout=120)
+    wall = time.monotonic() - started
+    try:
+        console = guest.handle.console_log_path.read_text(errors="replace")
+    finally:
+        await guest.handle.kill()
+        await guest.close()
+    init_match = re.search(r"\[([0-9.]+)\] init started", console)
+    init_ts = float(init_match.group(1)) if init_match else float("nan")
+    return wall, guest.markers.agent_ready_ts or float("nan"), init_ts
+
+
+async def run_variants(
+    table: dict[str, SystemFiles], image: Path, runs: int, network: bool
+) -> dict[str, list[tuple[float, float, float]]]:
+    scratch = image.parent
+    hypervisor = QemuHypervisor(state_dir=scratch / "hv")
+    results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in table}
+    for run_index in range(runs):
+        for name, variant_files in table.items():
+            workdir = scratch / f"vm-{run_index}-{name.replace(' ', '-').replace('+', '-')}"
+            results[name].append(await boot_once(hypervisor, variant_files, workdir, image, network))
+            await asyncio.to_thread(shutil.rmtree, workdir, ignore_errors=True)
+    return results
 
 
 def main() -> None:
@@ -55,24 +89,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="boot-bench-") as tmp:
         scratch = Path(tmp)
         image = make_ext4_image(make_busybox_tree(scratch / "tree"), scratch / "root.ext4")
-        config = GuestConfig(cmd=["/bin/true"], network=None if args.no_network else GuestNetwork.user_mode())
-        table = variants(files, scratch)
-        results: dict[str, list[tuple[float, float, float]]] = {name: [] for name in table}
-        for run_index in range(args.runs):
-            for name, (variant_files, kernel_args) in table.items():
-                workdir = scratch / f"vm-{run_index}-{name.replace(' ', '-')}"
-                started = time.monotonic()
-                with run_guest(variant_files, workdir, image, config, kernel_args=kernel_args) as run:
-                    markers = asyncio.run(
-                        wait_for_markers(run.console_log, [Marker.AGENT_READY], 120, run.is_alive)
-                    )
-                    wall = time.monotonic() - started
-                    console = run.console()
-                init_match = re.search(r"\[([0-9.]+)\] init started", console)
-                init_ts = float(init_match.group(1)) if init_match else float("nan")
-                results[name].append((wall, markers.agent_ready_ts or float("nan"), init_ts))
-                shutil.rmtree(workdir, ignore_errors=True)
-        print(f"{'variant':<14} {'wall->READY median (runs)':<44} {'guest READY':>12} {'guest init':>11}")
+        results = asyncio.run(run_variants(variants(files, scratch), image, args.runs, not args.no_network))
+        print(f"{'variant':<14} {'wall->booted median (runs)':<44} {'guest READY':>12} {'guest init':>11}")
         for name, rows in results.items():
             walls = " ".join(f"{r[0]:.2f}" for r in rows)
             wall = f"{statistics.median(r[0] for r in rows):5.2f}  ({walls})"

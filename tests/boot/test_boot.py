@@ -1,4 +1,9 @@
-"""Real boots: the system files, the C init and a busybox image under QEMU (microvm, TCG)."""
+"""Real boots of the C init: the system files and a busybox image under QEMU (microvm, TCG),
+launched through the instance boot path (``GuestSpec`` -> disks -> ``VMConfig`` -> QEMU backend).
+
+Guests whose program ends are launched without ``boot_guest``'s wait and watched until QEMU
+exits by itself: the init must power off after every outcome.
+"""
 
 from __future__ import annotations
 
@@ -9,18 +14,29 @@ from pathlib import Path
 
 import pytest
 
-from hypemand.guest.config_disk import GuestConfig, GuestNetwork, make_overlay_disk
-from hypemand.guest.markers import GuestBootTimeout, Marker, parse_markers, wait_for_markers
+from hypemand.guest.config_disk import GuestConfig
+from hypemand.guest.markers import GuestBootTimeout, Marker, parse_markers
+from hypemand.hypervisor.base import ShutdownOutcome
+from hypemand.hypervisor.qemu import QemuHypervisor
+from hypemand.instances.boot import OVERLAY_DISK
 from hypemand.system.files import SystemFiles
-from tests.boot.support import make_erofs_image, run_guest, wait_for_exit
+from tests.support.guest import (
+    booted_guest,
+    console_size,
+    console_text,
+    guest_spec,
+    launched_guest,
+    make_erofs_image,
+    wait_for_console,
+    wait_for_guest_markers,
+    wait_for_power_off,
+)
 
 pytestmark = pytest.mark.vm
 
-BOOT_TIMEOUT = 120  # TCG on 2 shared cores: a boot takes 3-10 s, more when others boot too
 
-
-def test_program_runs_with_its_config_and_exit_code_is_reported(
-    system_files: SystemFiles, busybox_ext4: Path, tmp_path: Path
+async def test_program_runs_with_its_config_and_exit_code_is_reported(
+    hypervisor: QemuHypervisor, system_files: SystemFiles, busybox_ext4: Path, tmp_path: Path
 ) -> None:
     script = (
         "echo hello-from-guest; echo FOO=$FOO; echo PWD=$(pwd); echo HOST=$(hostname); "
@@ -34,19 +50,11 @@ def test_program_runs_with_its_config_and_exit_code_is_reported(
         env={"FOO": "bar baz"},
         working_dir="/tmp",
         hostname="boot-test",
-        network=GuestNetwork.user_mode(),
     )
-    with run_guest(system_files, tmp_path / "vm", busybox_ext4, config) as run:
-        markers = asyncio.run(
-            wait_for_markers(
-                run.console_log,
-                [Marker.AGENT_READY, Marker.PROGRAM_START, Marker.EXIT],
-                BOOT_TIMEOUT,
-                run.is_alive,
-            )
-        )
-        assert wait_for_exit(run, 60) == 0, "QEMU must power off by itself after the program exits"
-        console = run.console()
+    spec = guest_spec(tmp_path / "vm", busybox_ext4, config)  # user-mode network by default
+    async with launched_guest(hypervisor, system_files, spec) as vm:
+        markers = await wait_for_power_off(vm)
+        console = console_text(vm)
 
     assert markers.exit is not None
     assert markers.exit.code == 3
@@ -65,44 +73,46 @@ def test_program_runs_with_its_config_and_exit_code_is_reported(
     assert "nameserver 10.0.2.3" in lines
     assert "ROOT=overlay" in lines
     # The image disk was read-only: the write went to the overlay disk.
-    assert b"42-overlay-token" not in busybox_ext4.read_bytes()
-    assert b"42-overlay-token" in (tmp_path / "vm" / "overlay.raw").read_bytes()
+    image_bytes = await asyncio.to_thread(busybox_ext4.read_bytes)
+    overlay_bytes = await asyncio.to_thread((spec.directory / OVERLAY_DISK).read_bytes)
+    assert b"42-overlay-token" not in image_bytes
+    assert b"42-overlay-token" in overlay_bytes
 
 
-def test_erofs_image_and_overlay_persist_across_boots(
-    system_files: SystemFiles, busybox_tree: Path, tmp_path: Path
+async def test_erofs_image_and_overlay_persist_across_boots(
+    hypervisor: QemuHypervisor, system_files: SystemFiles, busybox_tree: Path, tmp_path: Path
 ) -> None:
     image = make_erofs_image(busybox_tree, tmp_path / "root.erofs")
-    overlay = tmp_path / "overlay.raw"
-    make_overlay_disk(overlay, 64 << 20)
+    directory = tmp_path / "vm"  # the same VM directory, so the same overlay disk, booted twice
 
     first = GuestConfig(
         cmd=["/bin/sh", "-c", "echo kept-across-boots > /etc/state; rm /bin/vi; sync; exit 0"]
     )
-    with run_guest(system_files, tmp_path / "vm1", image, first, overlay_disk=overlay) as run:
-        markers = asyncio.run(wait_for_markers(run.console_log, [Marker.EXIT], BOOT_TIMEOUT, run.is_alive))
-        wait_for_exit(run, 60)
-    assert markers.exit is not None and markers.exit.code == 0, run.console()
+    async with launched_guest(hypervisor, system_files, guest_spec(directory, image, first)) as vm:
+        markers = await wait_for_power_off(vm)
+        offset = console_size(vm.console_log_path)
+    assert markers.exit is not None and markers.exit.code == 0, console_text(vm)
 
     second = GuestConfig(cmd=["/bin/sh", "-c", "cat /etc/state; ls /bin/vi || echo vi-gone; exit 0"])
-    with run_guest(system_files, tmp_path / "vm2", image, second, overlay_disk=overlay) as run:
-        markers = asyncio.run(wait_for_markers(run.console_log, [Marker.EXIT], BOOT_TIMEOUT, run.is_alive))
-        wait_for_exit(run, 60)
-        console = run.console()
+    async with launched_guest(hypervisor, system_files, guest_spec(directory, image, second)) as vm:
+        markers = await wait_for_power_off(vm, offset=offset)
+        console = console_text(vm)[offset:]
     assert markers.exit is not None and markers.exit.code == 0, console
     assert "kept-across-boots" in console.splitlines()
     assert "vi-gone" in console.splitlines()
 
 
-def test_garbage_root_disk_reports_error_and_powers_off(system_files: SystemFiles, tmp_path: Path) -> None:
+async def test_garbage_root_disk_reports_error_and_powers_off(
+    hypervisor: QemuHypervisor, system_files: SystemFiles, tmp_path: Path
+) -> None:
     garbage = tmp_path / "garbage.img"
     garbage.write_bytes(os.urandom(4 << 20))
     config = GuestConfig(cmd=["/bin/sh", "-c", "echo never"])
-    with run_guest(system_files, tmp_path / "vm", garbage, config) as run:
+    async with launched_guest(hypervisor, system_files, guest_spec(tmp_path / "vm", garbage, config)) as vm:
         with pytest.raises(GuestBootTimeout) as caught:
-            asyncio.run(wait_for_markers(run.console_log, [Marker.AGENT_READY], BOOT_TIMEOUT, run.is_alive))
-        assert wait_for_exit(run, 60) == 0
-        console = run.console()
+            await wait_for_guest_markers(vm, [Marker.AGENT_READY])
+        assert await vm.wait_exit(60), "the guest must power off by itself"
+        console = console_text(vm)
     assert "neither ext4" in caught.value.reason
     assert "HYPEMAN-BOOT-ERROR" in caught.value.console_tail
     markers = parse_markers(console)
@@ -119,26 +129,54 @@ def test_garbage_root_disk_reports_error_and_powers_off(system_files: SystemFile
     ],
     ids=["missing-executable", "empty-command", "missing-workdir"],
 )
-def test_program_that_cannot_start_is_reported(
-    system_files: SystemFiles, busybox_ext4: Path, tmp_path: Path, config: GuestConfig, expected: str
+async def test_program_that_cannot_start_is_reported(
+    hypervisor: QemuHypervisor,
+    system_files: SystemFiles,
+    busybox_ext4: Path,
+    tmp_path: Path,
+    config: GuestConfig,
+    expected: str,
 ) -> None:
-    with run_guest(system_files, tmp_path / "vm", busybox_ext4, config) as run:
-        markers = asyncio.run(wait_for_markers(run.console_log, [Marker.EXIT], BOOT_TIMEOUT, run.is_alive))
-        assert wait_for_exit(run, 60) == 0
+    spec = guest_spec(tmp_path / "vm", busybox_ext4, config)
+    async with launched_guest(hypervisor, system_files, spec) as vm:
+        markers = await wait_for_power_off(vm)
     assert markers.exit is not None
     assert markers.exit.code == 127
     assert markers.exit.message == expected
 
 
-def test_killed_program_reports_signal(system_files: SystemFiles, busybox_ext4: Path, tmp_path: Path) -> None:
+async def test_killed_program_reports_signal(
+    hypervisor: QemuHypervisor, system_files: SystemFiles, busybox_ext4: Path, tmp_path: Path
+) -> None:
     # Also: a relative executable path is resolved against the working dir, as in Docker.
     config = GuestConfig(cmd=["./sh", "-c", "kill -9 $$"], working_dir="/bin")
-    with run_guest(system_files, tmp_path / "vm", busybox_ext4, config) as run:
-        markers = asyncio.run(wait_for_markers(run.console_log, [Marker.EXIT], BOOT_TIMEOUT, run.is_alive))
-        wait_for_exit(run, 60)
+    spec = guest_spec(tmp_path / "vm", busybox_ext4, config)
+    async with launched_guest(hypervisor, system_files, spec) as vm:
+        markers = await wait_for_power_off(vm)
     assert markers.exit is not None
     assert markers.exit.code == 137
     assert markers.exit.message.startswith("killed by signal 9")
+
+
+async def test_power_button_kills_a_program_that_ignores_sigterm(
+    hypervisor: QemuHypervisor, system_files: SystemFiles, busybox_ext4: Path, tmp_path: Path
+) -> None:
+    """The graceful stop has a limit: SIGTERM, 5 s of grace, then SIGKILL and a power-off."""
+    config = GuestConfig(
+        entrypoint=["/bin/sh", "-c"],
+        cmd=["trap '' TERM; echo ignoring-term; while true; do sleep 0.5; done"],
+    )
+    spec = guest_spec(tmp_path / "vm", busybox_ext4, config)
+    async with booted_guest(hypervisor, system_files, spec) as guest:
+        await wait_for_console(guest.handle, "ignoring-term")
+        outcome = await guest.handle.shutdown(timeout=60)
+        console = console_text(guest.handle)
+    assert outcome is ShutdownOutcome.GUEST_POWEROFF, console
+    assert "hypeman-init: power button: stopping the program" in console
+    assert "did not stop within 5 s; sending SIGKILL" in console
+    markers = parse_markers(console)
+    assert markers.exit is not None, console
+    assert (markers.exit.code, markers.exit.message) == (137, "killed by signal 9 (Killed)")
 
 
 def test_guest_binary_outside_a_vm_only_serves_the_agent(system_files: SystemFiles) -> None:
@@ -155,24 +193,3 @@ def test_guest_binary_outside_a_vm_only_serves_the_agent(system_files: SystemFil
     )
     assert missing.returncode == 1
     assert "/nonexistent/port" in missing.stderr
-
-
-def test_q35_machine_boots_through_virtio_pci(
-    system_files: SystemFiles, busybox_ext4: Path, tmp_path: Path
-) -> None:
-    config = GuestConfig(
-        cmd=[
-            "/bin/sh",
-            "-c",
-            "ls /sys/bus/pci/drivers/virtio-pci/ | grep -c : ; ip -4 addr show eth0; exit 0",
-        ],
-        network=GuestNetwork.user_mode(),
-    )
-    with run_guest(system_files, tmp_path / "vm", busybox_ext4, config, machine="q35") as run:
-        markers = asyncio.run(
-            wait_for_markers(run.console_log, [Marker.AGENT_READY, Marker.EXIT], BOOT_TIMEOUT, run.is_alive)
-        )
-        assert wait_for_exit(run, 60) == 0
-        console = run.console()
-    assert markers.exit is not None and markers.exit.code == 0, console
-    assert "inet 10.0.2.15/24" in console

@@ -13,7 +13,7 @@ from hypemand.errors import DependencyMissing
 from hypemand.system.files import SystemFiles, ensure_system_files
 from hypemand.system.initrd import CpioEntry, build_initrd, write_cpio_newc
 from hypemand.system.kernel import KernelError, KernelInfo, extract_vmlinux, install_kernel
-from tests.boot.conftest import shared_system_dir
+from tests.support.guest import shared_system_dir
 
 
 def cpio_listing(archive: Path) -> list[str]:
@@ -39,9 +39,10 @@ def test_kernel_is_installed_with_its_version_recorded(system_files: SystemFiles
     kept = sorted(p.name for p in (kernel_dir / "modules").rglob("*.ko"))
     assert "virtio_blk.ko" in kept and "overlay.ko" in kept and "erofs.ko" in kept
     assert len(kept) < 30
-    for name in ("virtio_blk", "virtio_console", "virtio_net", "overlay", "erofs", "virtio_mmio"):
+    for name in ("virtio_blk", "virtio_console", "virtio_net", "overlay", "erofs", "virtio_mmio", "evdev"):
         sequence = info.modules[name]
         assert sequence[-1].split("/")[-1].replace("-", "_") == f"{name}.ko"
+    assert info.modules["button"] == ["kernel/drivers/acpi/button.ko"]  # ACPI power button
     # Dependencies come first.
     assert (
         info.modules["virtio_net"].index("kernel/net/core/failover.ko") < len(info.modules["virtio_net"]) - 1
@@ -87,6 +88,8 @@ def test_initrd_holds_init_modules_and_load_order(system_files: SystemFiles) -> 
         "virtio_net",
         "overlay",
         "erofs",
+        "button",
+        "evdev",
     } <= set(groups)
     assert all(p.lstrip("/") in names for p in paths)
     # Within a group, dependencies precede the module that needs them.

@@ -1,4 +1,5 @@
-"""Fixtures for the guest-agent tests: the real guest binary, run on the host behind a fake chardev."""
+"""Fixtures for the guest-agent tests: the real guest binary, run on the host behind a fake chardev,
+and (from tests/support/guest.py) what the in-VM tests boot."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import pytest
 
 from hypemand.guest.build import build_guest_binary
 from hypemand.guest.client import AgentClient
+from tests.support.guest import accel_cache_dir, busybox_ext4, busybox_tree, system_files
 
 from .hostmode import HostAgent
+
+__all__ = ["accel_cache_dir", "busybox_ext4", "busybox_tree", "system_files"]
 
 
 @pytest.fixture(scope="session")

@@ -1,3 +1,5 @@
-from tests.boot.conftest import busybox_ext4, busybox_tree, system_files
+"""Instance fixtures: the shared system dir, a busybox root image, the QEMU backend."""
 
-__all__ = ["busybox_ext4", "busybox_tree", "system_files"]
+from tests.support.guest import accel_cache_dir, busybox_ext4, busybox_tree, hypervisor, system_files
+
+__all__ = ["accel_cache_dir", "busybox_ext4", "busybox_tree", "hypervisor", "system_files"]

@@ -5,12 +5,12 @@ resume, a guest that never boots, and a server restart that adopts the VM)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 
 from hypemand.guest.client import AgentClient
 from hypemand.guest.config_disk import GuestConfig
@@ -20,60 +20,62 @@ from hypemand.hypervisor.qemu import QemuHypervisor
 from hypemand.instances.boot import GuestSpec, RunningGuest, boot_guest
 from hypemand.system.files import SystemFiles
 from tests.conftest import start_server
+from tests.support.guest import booted_guest, guest_spec
 
-pytestmark = pytest.mark.vm
+# One event loop for the module: the shared guest's agent connection lives across tests.
+pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
 
 SERVICE = GuestConfig(entrypoint=["/bin/sh", "-c"],
                       cmd=["echo app-started; while true; do sleep 3600; done"], env={"GREETING": "hi"})
 
 
-@pytest.fixture(scope="session")
-def accel_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("hypervisor-state")
-
-
-@pytest.fixture
-def hypervisor(accel_cache: Path) -> QemuHypervisor:
-    return QemuHypervisor(state_dir=accel_cache)
-
-
-@contextlib.asynccontextmanager
-async def booted(
-    hypervisor: QemuHypervisor, system: SystemFiles, spec: GuestSpec
-) -> AsyncIterator[RunningGuest]:
-    guest = await boot_guest(hypervisor, system, spec)
-    try:
-        yield guest
-    finally:
-        with contextlib.suppress(Exception):
-            await guest.handle.kill()
-        await guest.close()
-
-
 def spec_for(directory: Path, root: Path, config: GuestConfig = SERVICE) -> GuestSpec:
-    return GuestSpec(vm_id=directory.name, directory=directory, root_disk=root, guest=config)
+    return guest_spec(directory, root, config)
 
 
-async def test_program_runs_with_its_env_and_the_agent_answers(
-    hypervisor: QemuHypervisor, system_files: SystemFiles, busybox_ext4: Path, tmp_path: Path
-) -> None:
-    async with booted(hypervisor, system_files, spec_for(tmp_path / "vm1", busybox_ext4)) as guest:
-        console = guest.handle.console_log_path.read_text()
-        assert "HYPEMAN-PROGRAM-START" in console
-        result = await guest.agent.run(["/bin/sh", "-c", "echo $GREETING; hostname; ls /bin/busybox"])
-        assert result.exit_code == 0
-        # Like `docker exec`, exec sessions run in the image's root with the instance's environment.
-        assert result.stdout.decode().splitlines() == ["hi", "hypeman", "/bin/busybox"]
-        # The program (not the agent) got the configured environment.
-        environ = await guest.agent.run(["/bin/sh", "-c", "cat /proc/$(pidof sleep | cut -d' ' -f1)/environ"])
-        assert b"GREETING=hi" in environ.stdout
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def service(
+    accel_cache_dir: Path,
+    system_files: SystemFiles,
+    busybox_ext4: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> AsyncIterator[RunningGuest]:
+    """One booted service guest for the tests that only exec in it or pause it."""
+    directory = tmp_path_factory.mktemp("instances") / "service"
+    hypervisor = QemuHypervisor(state_dir=accel_cache_dir)
+    async with booted_guest(hypervisor, system_files, spec_for(directory, busybox_ext4)) as guest:
+        yield guest
+
+
+async def test_program_runs_with_its_env_and_the_agent_answers(service: RunningGuest) -> None:
+    guest = service
+    console = guest.handle.console_log_path.read_text()
+    assert "HYPEMAN-PROGRAM-START" in console
+    result = await guest.agent.run(["/bin/sh", "-c", "echo $GREETING; hostname; ls /bin/busybox"])
+    assert result.exit_code == 0
+    # Like `docker exec`, exec sessions run in the image's root with the instance's environment.
+    assert result.stdout.decode().splitlines() == ["hi", "hypeman", "/bin/busybox"]
+    # The program (not the agent) got the configured environment.
+    environ = await guest.agent.run(["/bin/sh", "-c", "cat /proc/$(pidof sleep | cut -d' ' -f1)/environ"])
+    assert b"GREETING=hi" in environ.stdout
+
+
+async def test_exec_environment_defaults_and_request_overrides(service: RunningGuest) -> None:
+    """PATH/HOME come from the program's defaults; a request's variables win over the instance's."""
+    result = await service.agent.run(
+        ["/bin/sh", "-c", "echo $GREETING $HOME $PATH; echo ${TERM:-no-term}"], env={"GREETING": "override"}
+    )
+    lines = result.stdout.decode().splitlines()
+    assert lines[0] == "override /root /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    assert lines[1] == "no-term"  # PID 1's own TERM=linux is not the instance's
 
 
 async def test_exit_marker_and_vm_stops_when_the_program_ends(
     hypervisor: QemuHypervisor, system_files: SystemFiles, busybox_ext4: Path, tmp_path: Path
 ) -> None:
     config = GuestConfig(entrypoint=["/bin/sh", "-c", "sleep 1; echo bye; exit 7"])
-    async with booted(hypervisor, system_files, spec_for(tmp_path / "vm2", busybox_ext4, config)) as guest:
+    spec = spec_for(tmp_path / "vm2", busybox_ext4, config)
+    async with booted_guest(hypervisor, system_files, spec) as guest:
         markers = await wait_for_markers(guest.handle.console_log_path, {Marker.EXIT}, 60, lambda: True)
         assert markers.exit is not None
         assert markers.exit.code == 7
@@ -81,20 +83,18 @@ async def test_exit_marker_and_vm_stops_when_the_program_ends(
         assert await guest.handle.status() == VMStatus.EXITED
 
 
-async def test_pause_freezes_the_guest_and_resume_continues(
-    hypervisor: QemuHypervisor, system_files: SystemFiles, busybox_ext4: Path, tmp_path: Path
-) -> None:
-    async with booted(hypervisor, system_files, spec_for(tmp_path / "vm3", busybox_ext4)) as guest:
-        await guest.handle.pause()
-        assert await guest.handle.status() == VMStatus.PAUSED
-        # A paused guest cannot answer: the exec must not complete while paused.
-        pending = asyncio.ensure_future(guest.agent.run(["/bin/echo", "after-resume"]))
-        await asyncio.sleep(1.0)
-        assert not pending.done()
-        await guest.handle.resume()
-        assert await guest.handle.status() == VMStatus.RUNNING
-        result = await asyncio.wait_for(pending, 30)
-        assert result.stdout == b"after-resume\n"
+async def test_pause_freezes_the_guest_and_resume_continues(service: RunningGuest) -> None:
+    guest = service
+    await guest.handle.pause()
+    assert await guest.handle.status() == VMStatus.PAUSED
+    # A paused guest cannot answer: the exec must not complete while paused.
+    pending = asyncio.ensure_future(guest.agent.run(["/bin/echo", "after-resume"]))
+    await asyncio.sleep(1.0)
+    assert not pending.done()
+    await guest.handle.resume()
+    assert await guest.handle.status() == VMStatus.RUNNING
+    result = await asyncio.wait_for(pending, 30)
+    assert result.stdout == b"after-resume\n"
 
 
 async def test_a_guest_that_never_boots_is_killed_and_reported_with_its_console(
@@ -129,7 +129,7 @@ async def test_server_restart_adopts_the_running_vm(
 ) -> None:
     data_dir = tmp_path / "data"
     directory = data_dir / "guests" / "adoptme"
-    async with booted(hypervisor, system_files, spec_for(directory, busybox_ext4)) as guest:
+    async with booted_guest(hypervisor, system_files, spec_for(directory, busybox_ext4)) as guest:
         pid = guest.handle.pid
         await guest.agent.run(["/bin/sh", "-c", "echo kept > /tmp/marker"])
         await guest.agent.close()

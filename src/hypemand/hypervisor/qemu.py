@@ -64,7 +64,7 @@ QMP_POLL_INTERVAL = 0.05
 QUIT_TIMEOUT = 5.0
 # A power button press the guest cannot see yet (its ACPI button driver still loading) is lost,
 # so the button is pressed again at this interval until the guest powers off or time runs out.
-POWER_BUTTON_REPEAT = 2.0
+POWER_BUTTON_REPEAT = 1.0
 KILL_TIMEOUT = 10.0
 
 _KNOWN_STATUSES = {status.value for status in VMStatus}
