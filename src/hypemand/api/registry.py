@@ -21,8 +21,8 @@ from starlette.requests import ClientDisconnect
 from hypemand.api.auth import bearer_token
 from hypemand.auth import InvalidToken, verify_token
 from hypemand.errors import DomainError
+from hypemand.images.media_types import MAX_MANIFEST_BYTES
 from hypemand.images.uploads import (
-    MAX_MANIFEST_BYTES,
     Chunk,
     RegistryError,
     RegistryService,

@@ -39,6 +39,7 @@ from hypemand.images.errors import (
     InvalidTags,
     RegistryError,
 )
+from hypemand.images.media_types import INDEX_TYPES, MANIFEST_TYPES
 from hypemand.images.models import (
     IN_PROGRESS,
     ContentRecord,
@@ -54,8 +55,6 @@ from hypemand.images.models import (
 )
 from hypemand.images.reference import Platform, Reference, host_platform, parse_platform, parse_reference
 from hypemand.images.registry_client import (
-    INDEX_TYPES,
-    MANIFEST_TYPES,
     RegistryClient,
     media_type_of,
     select_platform,

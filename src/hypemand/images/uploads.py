@@ -38,6 +38,13 @@ from pydantic import BaseModel
 
 from hypemand.errors import DomainError
 from hypemand.fsutil import read_json, write_atomic, write_model_atomic
+from hypemand.images.media_types import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    MAX_MANIFEST_BYTES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,18 +55,10 @@ TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
 DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
 MAX_REPOSITORY_LENGTH = 255
 
-# The spec asks registries to accept manifests of at least 4 MiB.
-MAX_MANIFEST_BYTES = 4 * 1024 * 1024
 # Abandoned uploads are removed when they have not been touched for this long.
 STALE_UPLOAD_SECONDS = 24 * 3600
 WRITE_BUFFER_BYTES = 1024 * 1024
 
-OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
-OCI_INDEX = "application/vnd.oci.image.index.v1+json"
-DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
-DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
-IMAGE_MANIFEST_TYPES = frozenset({OCI_MANIFEST, DOCKER_MANIFEST})
-INDEX_TYPES = frozenset({OCI_INDEX, DOCKER_MANIFEST_LIST})
 
 
 class RegistryError(DomainError):
@@ -412,7 +411,7 @@ class RegistryService:
         if not media_type:
             # OCI manifests may omit mediaType; the shape tells which kind it is.
             media_type = OCI_INDEX if "manifests" in doc else OCI_MANIFEST
-        if media_type in IMAGE_MANIFEST_TYPES:
+        if media_type in MANIFEST_TYPES:
             config = doc.get("config")
             layers = doc.get("layers")
             if not isinstance(config, dict) or not isinstance(layers, list):
