@@ -20,6 +20,16 @@ from hypemand.system.files import SystemFiles, ensure_system_files
 log = logging.getLogger(__name__)
 
 
+def check_host(settings: Settings) -> SystemFiles:
+    """What the server needs before it can boot anything: QEMU and the system files.
+
+    Raises a DomainError (DependencyMissing names the package to install) instead of letting a
+    missing tool surface later as a stack trace in the middle of a request.
+    """
+    QemuHypervisor().version()
+    return ensure_system_files(settings.system_dir)
+
+
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import httpx
 import jwt
 import pytest
@@ -55,3 +60,14 @@ def test_scoped_tokens_reach_only_their_scopes(server: ServerProcess) -> None:
     wildcard = Hypeman(base_url=server.base_url, max_retries=0, _strict_response_validation=True,
                        api_key=mint_token(secret, "root", permissions=["*"]))
     assert wildcard.images.list() == []
+
+
+def test_missing_qemu_stops_the_server_with_a_clear_message(tmp_path: Path) -> None:
+    env = dict(os.environ, HYPEMAND_QEMU=str(tmp_path / "no-qemu-here"))
+    result = subprocess.run(
+        [sys.executable, "-m", "hypemand.cli.main", "serve", "--port", "1", "--data-dir", str(tmp_path)],
+        capture_output=True, text=True, env=env, timeout=60,
+    )
+    assert result.returncode == 1
+    assert "cannot start" in result.stderr and "no-qemu-here" in result.stderr
+    assert "Traceback" not in result.stderr

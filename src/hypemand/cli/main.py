@@ -25,9 +25,16 @@ def serve(
     import uvicorn
 
     from hypemand.api.app import create_app
+    from hypemand.errors import DomainError
+    from hypemand.runtime import check_host
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings.load(data_dir, host=host, port=port)
+    try:
+        check_host(settings)
+    except DomainError as error:
+        typer.echo(f"hypemand: cannot start: {error}", err=True)
+        raise typer.Exit(1) from None
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, ws="websockets-sansio")
 
 

@@ -13,7 +13,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from hypemand.errors import DependencyMissing
+from hypemand.errors import DependencyMissing, DomainError
 from hypemand.fsutil import fsync_dir
 
 SOURCE_DIR = Path(__file__).parent / "init"
@@ -21,8 +21,10 @@ BINARY_NAME = "hypeman-init"
 CFLAGS = ["-static", "-Os", "-Wall", "-Wextra", "-Werror", "-std=gnu11", "-D_GNU_SOURCE"]
 
 
-class GuestBuildError(RuntimeError):
-    pass
+class GuestBuildError(DomainError):
+    """The C compiler rejected the guest sources (a broken toolchain or a source bug)."""
+
+    code = "guest_build_failed"
 
 
 def find_compiler() -> list[str]:
