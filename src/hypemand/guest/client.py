@@ -434,7 +434,9 @@ class AgentClient:
             conn.writer.write(request)
         return session
 
-    async def _simple(self, build: Callable[[int], bytes], expect: p.Msg) -> p.Frame:
+    async def _request(self, build: Callable[[int], bytes], expect: p.Msg) -> tuple[_Session, p.Frame]:
+        """Open a session with a request and wait for its first answer, which must be ``expect``
+        (an ERROR frame raises the guest's error)."""
         sid = next(self._ids)
         session = self._new_session(build(sid), sid)
         try:
@@ -445,7 +447,12 @@ class AgentClient:
         if frame.type == p.Msg.ERROR:
             raise _error_from(frame)
         if frame.type != expect:
+            session.cancel()
             raise p.ProtocolError(f"expected {expect.name}, got {frame.type:#x}")
+        return session, frame
+
+    async def _simple(self, build: Callable[[int], bytes], expect: p.Msg) -> p.Frame:
+        _, frame = await self._request(build, expect)
         return frame
 
     # ---------- operations ----------
@@ -473,20 +480,11 @@ class AgentClient:
         """Start a process in the guest. Raises AgentError (errno ENOENT etc.) if it cannot start.
         ``timeout`` (seconds) makes the guest kill the process group and report ``timed_out``."""
         timeout_ms = 0 if timeout is None else max(1, int(timeout * 1000))
-        sid = next(self._ids)
-        request = p.exec_request(sid, argv, env, cwd or "", tty, rows, cols, timeout_ms, merge_stderr)
-        session = self._new_session(request, sid)
-        try:
-            frame = await session.next_frame()
-        except asyncio.CancelledError:
-            session.cancel()
-            raise
-        if frame.type == p.Msg.ERROR:
-            raise _error_from(frame)
-        if frame.type != p.Msg.STARTED:
-            session.cancel()
-            raise p.ProtocolError(f"expected STARTED, got {frame.type:#x}")
-        return ExecSession(session, p.decode_u32(frame.payload), tty)
+        session, started = await self._request(
+            lambda sid: p.exec_request(sid, argv, env, cwd or "", tty, rows, cols, timeout_ms, merge_stderr),
+            p.Msg.STARTED,
+        )
+        return ExecSession(session, p.decode_u32(started.payload), tty)
 
     async def run(
         self,
