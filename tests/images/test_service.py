@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -46,3 +48,35 @@ async def test_queue_positions_join_and_conflicting_credentials(tmp_path: Path,
         assert (await service.get_ready_by_digest(first.digest)).disk_path == ready.disk_path
     finally:
         await service.stop()
+
+
+async def test_unpacked_tree_is_private_while_the_disk_is_built(
+    tmp_path: Path, local_registry: PushedRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The unpacked tree holds the image's setuid binaries and device nodes on the host, with the
+    image's own (often world-writable) directory modes: only root may reach into it."""
+    from hypemand.images import service as service_module
+
+    seen: list[tuple[int, int, bool]] = []
+    real_build_disk = service_module.build_disk
+
+    def observing_build_disk(root: Path, out: Path, fmt: service_module.DiskFormat) -> int:
+        work = os.stat(root.parent)
+        suid = os.lstat(root / "bin/suid")
+        seen.append((stat.S_IMODE(work.st_mode), work.st_uid, bool(suid.st_mode & stat.S_ISUID)))
+        return real_build_disk(root, out, fmt)
+
+    monkeypatch.setattr(service_module, "build_disk", observing_build_disk)
+    previous_umask = os.umask(0o022)
+    service = ImageService(tmp_path / "data")
+    try:
+        await service.start()
+        ref = local_registry.ref("test/layered:1")
+        await service.create(CreateImageRequest(name=ref))
+        async with asyncio.timeout(300):
+            image = await service.wait(ref)
+        assert image.status == "ready", image.error
+    finally:
+        await service.stop()
+        os.umask(previous_umask)
+    assert seen == [(0o700, 0, True)]

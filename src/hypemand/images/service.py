@@ -492,6 +492,10 @@ class ImageService:
         """Unpack and build the disk inside the content's own directory (blocking)."""
         work = self.store.work_dir(digest)
         shutil.rmtree(work, ignore_errors=True)
+        # The unpacked tree holds the image's setuid binaries, device nodes and world-writable
+        # directories on the host: no other host user may reach into it (or race its writes).
+        work.mkdir(mode=0o700)
+        os.chmod(work, 0o700)
         rootfs = work / "rootfs"
         fmt = self.disk_format
         partial = work / f"rootfs.{fmt.value}"
