@@ -189,6 +189,23 @@ async def test_put_from_async_iterator_with_owner(client: AgentClient, tmp_path:
     assert (st.st_size, st.st_mode & 0o7777, st.st_uid, st.st_gid) == (1_000_000, 0o600, 1234, 4321)
 
 
+async def test_put_whose_source_fails_is_abandoned(client: AgentClient, tmp_path: Path) -> None:
+    """A host-side error while reading the source (not an agent error) must still cancel the
+    transfer: the guest drops its temporary file and the client forgets the session."""
+
+    async def failing_source():  # type: ignore[no-untyped-def]
+        yield b"x" * 100_000
+        raise ValueError("the upload broke")
+
+    target = tmp_path / "broken"
+    with pytest.raises(ValueError):
+        await client.put_file(str(target), failing_source())
+    assert client._sessions == {}
+    await client.ping()  # the CANCEL went out before this; the agent handled it first
+    assert not target.exists()
+    assert not list(tmp_path.glob("*.hypeman-*")), "temporary file left behind"
+
+
 async def test_put_into_a_directory_path_fails(client: AgentClient, tmp_path: Path) -> None:
     with pytest.raises(AgentError) as info:
         await client.put_file(str(tmp_path), b"x")

@@ -547,10 +547,9 @@ class AgentClient:
                 raise session.failure or AgentError("put ended early")
             self.send_control(p.encode_frame(sid, p.Msg.FILE_END))
             frame = await session.next_frame()
-        except asyncio.CancelledError:
-            session.cancel()
-            raise
-        except AgentError:
+        except BaseException:
+            # Whatever ended the transfer (cancellation, the agent, the caller's source failing),
+            # the guest must drop its temporary file and we must forget the session.
             session.cancel()
             raise
         if frame.type == p.Msg.ERROR:
