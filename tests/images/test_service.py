@@ -56,15 +56,15 @@ async def test_unpacked_tree_is_private_while_the_disk_is_built(
     """The unpacked tree holds the image's setuid binaries and device nodes on the host, with the
     image's own (often world-writable) directory modes: only root may reach into it."""
     from hypemand.images import service as service_module
+    from hypemand.images.disk import DiskFormat, build_disk
 
     seen: list[tuple[int, int, bool]] = []
-    real_build_disk = service_module.build_disk
 
-    def observing_build_disk(root: Path, out: Path, fmt: service_module.DiskFormat) -> int:
+    def observing_build_disk(root: Path, out: Path, fmt: DiskFormat) -> int:
         work = os.stat(root.parent)
         suid = os.lstat(root / "bin/suid")
         seen.append((stat.S_IMODE(work.st_mode), work.st_uid, bool(suid.st_mode & stat.S_ISUID)))
-        return real_build_disk(root, out, fmt)
+        return build_disk(root, out, fmt)
 
     monkeypatch.setattr(service_module, "build_disk", observing_build_disk)
     previous_umask = os.umask(0o022)
