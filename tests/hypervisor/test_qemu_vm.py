@@ -12,10 +12,12 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
 
+import hypemand.hypervisor.qemu as qemu_module
 from hypemand.errors import Conflict, InvalidState
 from hypemand.guest.client import AgentClient
 from hypemand.guest.config_disk import GuestConfig
@@ -302,3 +304,40 @@ async def test_vm_survives_the_death_of_the_process_that_started_it(
             await adopted.close()
     finally:
         kill_pid_if_ours(pid, config.directory)
+
+
+async def test_start_cancelled_while_qemu_is_being_spawned_leaves_no_qemu(
+    hypervisor: QemuHypervisor,
+    system_files: SystemFiles,
+    busybox_ext4: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The spawn runs in a thread; a cancellation arriving meanwhile must not orphan the QEMU the
+    thread started (it would hold the overlay disk's write lock, unrecorded)."""
+    real_spawn = qemu_module._spawn
+    spawned: list[subprocess.Popen[bytes]] = []
+    started = threading.Event()
+
+    def slow_spawn(argv: list[str], directory: Path, vmm_log_path: Path) -> subprocess.Popen[bytes]:
+        child = real_spawn(argv, directory, vmm_log_path)
+        spawned.append(child)
+        started.set()
+        threading.Event().wait(1.0)  # the caller is cancelled in this window
+        return child
+
+    monkeypatch.setattr(qemu_module, "_spawn", slow_spawn)
+    config = sleeper_vm(system_files, busybox_ext4, tmp_path / "vm")
+    task = asyncio.create_task(hypervisor.start(config))
+    try:
+        assert await asyncio.to_thread(started.wait, 60)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        [child] = spawned
+        assert child.poll() is not None, "QEMU left running after a cancelled start"
+    finally:
+        for child in spawned:
+            if child.poll() is None:
+                child.kill()
+                child.wait()

@@ -316,19 +316,30 @@ class QemuHypervisor(Hypervisor):
         config = launch.config
         directory = config.directory
         started = time.monotonic()
-        child = await asyncio.to_thread(_spawn, launch.argv, directory, config.paths.vmm_log)
+        vmm_log = config.paths.vmm_log
+        spawning = asyncio.ensure_future(asyncio.to_thread(_spawn, launch.argv, directory, vmm_log))
         try:
-            record = ProcessRecord.for_child(child.pid, directory, config.vm_id, launch.qemu_binary)
-        except ProcessLookupError:
-            child.wait()
-            raise VMMError(
-                f"VM {config.vm_id}: QEMU exited at once: {_log_tail(config.paths.vmm_log)}"
-            ) from None
-        record.save(config.paths.process_record)
-        watch = ProcessWatch.open(record, child=child)
-        if watch is None:
-            child.wait()
-            raise VMMError(f"VM {config.vm_id}: QEMU exited at once: {_log_tail(config.paths.vmm_log)}")
+            # Shielded: a cancellation cannot stop the thread, and the QEMU it starts must not be
+            # left running unrecorded (it would hold the overlay disk's write lock).
+            child = await asyncio.shield(spawning)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                _kill_child(await spawning)
+            raise
+        try:
+            try:
+                record = ProcessRecord.for_child(child.pid, directory, config.vm_id, launch.qemu_binary)
+            except ProcessLookupError:
+                raise VMMError(
+                    f"VM {config.vm_id}: QEMU exited at once: {_log_tail(config.paths.vmm_log)}"
+                ) from None
+            record.save(config.paths.process_record)
+            watch = ProcessWatch.open(record, child=child)
+            if watch is None:
+                raise VMMError(f"VM {config.vm_id}: QEMU exited at once: {_log_tail(config.paths.vmm_log)}")
+        except BaseException:
+            _kill_child(child)
+            raise
         handle = QemuVMHandle(launch, record, watch)
         try:
             await self._wait_for_qmp(handle)
@@ -401,6 +412,13 @@ def _spawn(argv: list[str], directory: Path, vmm_log_path: Path) -> subprocess.P
             start_new_session=True,  # its own session: a server restart neither kills nor signals it
             close_fds=True,
         )
+
+
+def _kill_child(child: subprocess.Popen[bytes]) -> None:
+    """Stop and reap a QEMU we spawned but could not take charge of."""
+    with contextlib.suppress(ProcessLookupError):
+        child.kill()
+    child.wait()
 
 
 @contextlib.contextmanager
