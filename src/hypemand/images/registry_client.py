@@ -236,10 +236,20 @@ class RegistryClient:
 
     async def get_manifest(self, ref: Reference, reference: str,
                            credentials: RegistryCredentials | None = None) -> Manifest:
-        response = await self._send("GET", ref, f"manifests/{reference}", credentials, {"Accept": ACCEPT})
-        data = response.content
-        if len(data) > MAX_MANIFEST_BYTES:
-            raise RegistryError(f"manifest of {ref} is larger than {MAX_MANIFEST_BYTES} bytes")
+        response = await self._send("GET", ref, f"manifests/{reference}", credentials, {"Accept": ACCEPT},
+                                    stream=True)
+        body = bytearray()
+        try:
+            # Read at most the limit: a registry that keeps sending must not fill our memory.
+            async for chunk in response.aiter_bytes():
+                body += chunk
+                if len(body) > MAX_MANIFEST_BYTES:
+                    raise RegistryError(f"manifest of {ref} is larger than {MAX_MANIFEST_BYTES} bytes")
+        except httpx.HTTPError as exc:
+            raise RegistryError(f"download of the manifest of {ref} broke off: {exc}") from exc
+        finally:
+            await response.aclose()
+        data = bytes(body)
         digest = sha256_digest(data)
         if reference.startswith("sha256:") and digest != reference:
             raise DigestInvalid(
@@ -285,9 +295,13 @@ class RegistryClient:
             try:
                 with tmp.open("wb") as out:
                     async for chunk in response.aiter_bytes(1 << 20):
+                        written += len(chunk)
+                        if expected_size is not None and written > expected_size:
+                            # Stop reading: an endless or padded blob must not fill the disk.
+                            raise DigestInvalid(f"blob {digest} is larger than the {expected_size} bytes "
+                                                "the manifest says")
                         hasher.update(chunk)
                         out.write(chunk)
-                        written += len(chunk)
             except httpx.HTTPError as exc:
                 raise RegistryError(f"download of {digest} from {ref.domain} broke off: {exc}") from exc
             finally:
