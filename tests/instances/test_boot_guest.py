@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+import hypemand.instances.boot as boot_module
 from hypemand.guest.client import AgentClient
 from hypemand.guest.config_disk import GuestConfig
 from hypemand.guest.markers import GuestBootTimeout, Marker, wait_for_markers
@@ -81,6 +82,32 @@ async def test_exit_marker_and_vm_stops_when_the_program_ends(
         assert markers.exit.code == 7
         assert await guest.handle.wait_exit(timeout=30), "QEMU should exit after the guest powers off"
         assert await guest.handle.status() == VMStatus.EXITED
+
+
+async def test_a_vm_that_powers_off_before_the_agent_connects_is_reported_with_its_exit(
+    hypervisor: QemuHypervisor,
+    system_files: SystemFiles,
+    busybox_ext4: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A program that ends at once powers the guest off; if that happens before the agent
+    connection is up, the boot must report the exit, not retry the dead socket until timeout."""
+    spec = spec_for(tmp_path / "vm3", busybox_ext4, GuestConfig(entrypoint=["/bin/sh", "-c", "exit 3"]))
+    real_connect = AgentClient.connect
+
+    async def connect_after_poweroff(socket_path: Path, timeout: float) -> AgentClient:  # noqa: ASYNC109
+        # Lose the race on purpose: connect only once QEMU is gone.
+        while qemu_pids_for(spec.directory):  # noqa: ASYNC110 - nothing to wait on but /proc
+            await asyncio.sleep(0.1)
+        return await real_connect(socket_path, timeout=timeout)
+
+    monkeypatch.setattr(boot_module.AgentClient, "connect", connect_after_poweroff)
+    with pytest.raises(GuestBootTimeout) as info:
+        await boot_guest(hypervisor, system_files, spec, timeout=30)
+    assert info.value.markers.exit is not None and info.value.markers.exit.code == 3
+    assert "exited" in info.value.reason
+    assert not qemu_pids_for(spec.directory), "no QEMU is left running"
 
 
 async def test_pause_freezes_the_guest_and_resume_continues(service: RunningGuest) -> None:

@@ -91,7 +91,8 @@ def console_tail(text: str, lines: int = TAIL_LINES) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
-def _read_from(path: Path, offset: int) -> str:
+def read_console(path: Path, offset: int = 0) -> str:
+    """The console log from ``offset`` on (empty if there is none yet)."""
     try:
         with path.open("rb") as f:
             f.seek(offset)
@@ -118,7 +119,7 @@ async def wait_for_markers(
     deadline = time.monotonic() + timeout
     while True:
         alive = is_alive()  # sampled before reading, so a final write before death is seen
-        text = _read_from(console_log, offset)
+        text = read_console(console_log, offset)
         markers = parse_markers(text)
         if all(markers.has(m) for m in wanted_set):
             return markers

@@ -14,6 +14,7 @@ and whose agent answers:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
@@ -23,7 +24,15 @@ from pydantic import BaseModel, Field
 
 from hypemand.guest.client import AgentClient
 from hypemand.guest.config_disk import GuestConfig, GuestNetwork, make_overlay_disk, write_config_disk
-from hypemand.guest.markers import ConsoleMarkers, GuestBootTimeout, Marker, wait_for_markers
+from hypemand.guest.markers import (
+    ConsoleMarkers,
+    GuestBootTimeout,
+    Marker,
+    console_tail,
+    parse_markers,
+    read_console,
+    wait_for_markers,
+)
 from hypemand.hypervisor.base import Board, DiskConfig, Hypervisor, PortForward, VMConfig, VMHandle
 from hypemand.system.files import SystemFiles
 
@@ -111,7 +120,7 @@ async def boot_guest(
         markers = await wait_for_markers(
             console, {Marker.PROGRAM_START, Marker.AGENT_READY}, timeout, handle.is_alive, offset=offset
         )
-        agent = await AgentClient.connect(handle.agent_socket_path, timeout=timeout)
+        agent = await _connect_agent(handle, console, offset, timeout)
     except BaseException as exc:
         if isinstance(exc, GuestBootTimeout):
             log.warning("VM %s did not boot: %s", spec.vm_id, exc.reason)
@@ -120,3 +129,28 @@ async def boot_guest(
         await handle.close()
         raise
     return RunningGuest(handle=handle, agent=agent, markers=markers)
+
+
+async def _connect_agent(handle: VMHandle, console: Path, offset: int, timeout: float) -> AgentClient:  # noqa: ASYNC109
+    """Connect to the agent unless the VM ends first. A program that ends at once powers the
+    guest off, maybe before we are connected: then report its exit instead of retrying a socket
+    that is gone until the timeout."""
+    connecting = asyncio.ensure_future(AgentClient.connect(handle.agent_socket_path, timeout=timeout))
+    exited = asyncio.ensure_future(handle.wait_exit())
+    try:
+        await asyncio.wait({connecting, exited}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        exited.cancel()
+        if not connecting.done():
+            connecting.cancel()
+        await asyncio.gather(connecting, exited, return_exceptions=True)
+    if not exited.cancelled() and exited.result():
+        if not connecting.cancelled() and connecting.exception() is None:
+            await connecting.result().close()
+        text = read_console(console, offset)
+        markers = parse_markers(text)
+        detail = f"code {markers.exit.code}: {markers.exit.message}" if markers.exit else "no exit marker"
+        raise GuestBootTimeout(
+            f"guest exited ({detail}) before the agent answered", console_tail(text), markers
+        )
+    return connecting.result()
