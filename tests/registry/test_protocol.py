@@ -340,3 +340,18 @@ def test_registry_tokens_are_limited_to_their_repositories(server: ServerProcess
         write = puller.post("/v2/builds/abc/blobs/uploads/")
         assert write.status_code == 403
         assert oci_error_codes(write) == ["DENIED"]
+
+
+def test_tag_with_a_trailing_newline_is_refused_and_not_stored(server: ServerProcess,
+                                                               registry: httpx.Client) -> None:
+    """``$`` also matches before a final newline: names are checked as whole strings."""
+    config = push_blob(registry, EMPTY_CONFIG)
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", **config},
+                           "layers": []}).encode()
+    response = registry.put(f"/v2/{REPO}/manifests/v1%0A", content=manifest,
+                            headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"})
+    assert response.status_code == 400
+    assert oci_error_codes(response) == ["TAG_INVALID"]
+    tags_dir = server.data_dir / "images" / "registry" / REPO / "_manifests" / "tags"
+    assert not tags_dir.exists() or list(tags_dir.iterdir()) == []

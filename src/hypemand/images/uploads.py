@@ -38,6 +38,7 @@ from pydantic import BaseModel
 
 from hypemand.errors import DomainError
 from hypemand.fsutil import read_json, write_atomic, write_model_atomic
+from hypemand.images.blobs import sha256_digest
 from hypemand.images.media_types import (
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -48,11 +49,12 @@ from hypemand.images.media_types import (
 
 log = logging.getLogger(__name__)
 
-# OCI distribution spec name/reference grammar.
+# OCI distribution spec name/reference grammar; always used with fullmatch (``$`` would let a
+# trailing newline through).
 _COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-REPOSITORY_RE = re.compile(rf"^{_COMPONENT}(?:/{_COMPONENT})*$")
-TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
-DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+REPOSITORY_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
 MAX_REPOSITORY_LENGTH = 255
 
 # Abandoned uploads are removed when they have not been touched for this long.
@@ -101,13 +103,13 @@ class ManifestImporter(Protocol):
 
 
 def validate_repository(name: str) -> str:
-    if len(name) > MAX_REPOSITORY_LENGTH or not REPOSITORY_RE.match(name):
+    if len(name) > MAX_REPOSITORY_LENGTH or not REPOSITORY_RE.fullmatch(name):
         raise RegistryError(400, "NAME_INVALID", f"invalid repository name: {name!r}", {"name": name})
     return name
 
 
 def validate_digest(digest: str) -> str:
-    if not DIGEST_RE.match(digest):
+    if not DIGEST_RE.fullmatch(digest):
         raise RegistryError(400, "DIGEST_INVALID", f"unsupported or malformed digest: {digest!r}",
                             {"digest": digest})
     return digest
@@ -115,10 +117,6 @@ def validate_digest(digest: str) -> str:
 
 def is_digest(reference: str) -> bool:
     return reference.startswith("sha256:") or ":" in reference
-
-
-def sha256_digest(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def parse_content_range(value: str) -> tuple[int, int]:
@@ -202,7 +200,7 @@ class RegistryService:
         return self.blobs.path(digest)
 
     def has_blob(self, digest: str) -> bool:
-        return bool(DIGEST_RE.match(digest)) and self.blobs.has(digest)
+        return bool(DIGEST_RE.fullmatch(digest)) and self.blobs.has(digest)
 
     # -- upload sessions -----------------------------------------------------------------
 
@@ -348,7 +346,7 @@ class RegistryService:
             if reference != digest:
                 raise RegistryError(400, "DIGEST_INVALID",
                                     f"manifest digest is {digest}, not {reference}", {"digest": reference})
-        elif not TAG_RE.match(reference):
+        elif not TAG_RE.fullmatch(reference):
             raise RegistryError(400, "TAG_INVALID", f"invalid tag: {reference!r}", {"tag": reference})
         if len(body) > MAX_MANIFEST_BYTES:
             raise RegistryError(413, "SIZE_INVALID", f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
@@ -378,7 +376,7 @@ class RegistryService:
             digest = reference
         else:
             tag_path = repo_dir / "tags" / f"{reference}.json"
-            if not TAG_RE.match(reference) or not tag_path.exists():
+            if not TAG_RE.fullmatch(reference) or not tag_path.exists():
                 raise _manifest_unknown(repository, reference)
             digest = TagRecord.model_validate(read_json(tag_path)).digest
         revision_path = repo_dir / "revisions" / "sha256" / f"{digest[7:]}.json"
@@ -430,7 +428,7 @@ class RegistryService:
 
     def _require_blob(self, descriptor: Any, repository: str) -> None:
         digest = descriptor.get("digest") if isinstance(descriptor, dict) else None
-        if not isinstance(digest, str) or not DIGEST_RE.match(digest):
+        if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
             raise RegistryError(400, "MANIFEST_INVALID", f"bad descriptor digest in manifest: {digest!r}")
         if not self.blobs.has(digest):
             raise RegistryError(400, "MANIFEST_BLOB_UNKNOWN",
