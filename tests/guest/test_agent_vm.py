@@ -159,3 +159,20 @@ async def test_new_client_after_close(vm: RunningGuest) -> None:
     await vm.agent.close()
     vm.agent = await AgentClient.connect(vm.handle.agent_socket_path, timeout=60)
     assert (await vm.agent.run(["echo", "back"])).stdout == b"back\n"
+
+
+async def test_a_restarted_agent_does_not_forward_signals_to_the_program(vm: RunningGuest) -> None:
+    """PID 1 restarts an agent that died. The new agent is forked after the program started and
+    must not carry PID 1's signal forwarding: a SIGTERM for the agent is not the program's."""
+    find_program = (
+        "for p in /proc/[0-9]*; do "
+        '[ "$(tr "\\0" " " < $p/cmdline)" = "/bin/sleep 100000 " ] && echo ${p#/proc/}; done'
+    )
+    program = (await vm.agent.run(["sh", "-c", find_program])).stdout.split()
+    assert len(program) == 1
+    await vm.agent.exec(["sh", "-c", "kill -KILL $PPID"])  # the agent dies; its session with it
+    await vm.agent.reconnect(timeout=60)  # PID 1 has started a new agent, which answers
+    done = await vm.agent.run(["sh", "-c", "kill -TERM $PPID; echo sent"])
+    assert done.stdout == b"sent\n"
+    assert (await vm.agent.run(["sh", "-c", find_program])).stdout.split() == program
+    assert "HYPEMAN-EXIT" not in vm.handle.console_log_path.read_text()

@@ -488,6 +488,9 @@ static pid_t start_agent(int port_fd, char **program_env)
     pid_t pid = fork();
     if (pid == 0) {
         setsid();
+        /* PID 1's signal forwarding stays installed but forwards nothing here: a restarted agent
+         * must not pass a SIGTERM meant for it on to the program. */
+        program_pid = 0;
         signal(SIGCHLD, SIG_DFL); /* PID 1's handler and pipe are not the agent's */
         close(sigchld_pipe[0]);
         close(sigchld_pipe[1]);
