@@ -6,13 +6,33 @@ file or the new one, never a torn write, even across a crash or power loss.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
+
+from hypemand.errors import Conflict
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, busy_message: str) -> Iterator[None]:
+    """Hold an flock on ``path`` (created if missing), across processes; raise ``Conflict``
+    with ``busy_message`` at once if someone else holds it."""
+    with open(path, "a") as lock_file:
+        try:
+            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Conflict(busy_message) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 def fsync_dir(directory: Path) -> None:

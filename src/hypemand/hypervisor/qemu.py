@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -32,7 +30,7 @@ from pydantic import BaseModel
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from hypemand.errors import Conflict, InvalidState
-from hypemand.fsutil import write_model_atomic
+from hypemand.fsutil import exclusive_lock, write_model_atomic
 from hypemand.hypervisor.base import (
     PROCESS_RECORD,
     Accel,
@@ -284,7 +282,7 @@ class QemuHypervisor(Hypervisor):
         directory = config.directory
         directory.mkdir(parents=True, exist_ok=True)
         config.paths.console_log.parent.mkdir(parents=True, exist_ok=True)
-        with _start_lock(directory):
+        with exclusive_lock(directory / START_LOCK, f"another start of the VM in {directory} is in progress"):
             existing = await self._adopt_unlocked(directory, connect=False)
             if existing is not None:
                 await existing.close()
@@ -419,20 +417,6 @@ def _kill_child(child: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         child.kill()
     child.wait()
-
-
-@contextlib.contextmanager
-def _start_lock(directory: Path) -> Iterator[None]:
-    """Only one start per VM directory at a time, across processes."""
-    with open(directory / START_LOCK, "a") as lock_file:
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise Conflict(f"another start of the VM in {directory} is in progress") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 def _log_tail(path: Path, limit: int = 1500) -> str:

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, Field
 
-from hypemand.errors import Conflict
+from hypemand.fsutil import exclusive_lock
 from hypemand.guest.client import AgentClient
 from hypemand.guest.config_disk import GuestConfig, GuestNetwork, make_overlay_disk, write_config_disk
 from hypemand.guest.markers import (
@@ -108,22 +106,6 @@ def prepare_disks(spec: GuestSpec) -> None:
     write_config_disk(spec.directory / CONFIG_DISK, guest)
 
 
-@contextlib.contextmanager
-def _boot_lock(spec: GuestSpec) -> Iterator[None]:
-    """One boot per VM directory at a time (across processes): a second one must not rewrite
-    the disks of a VM that is being started."""
-    spec.directory.mkdir(parents=True, exist_ok=True)
-    with open(spec.directory / BOOT_LOCK, "a") as lock_file:
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise Conflict(f"VM {spec.vm_id}: another boot of {spec.directory} is in progress") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
 async def boot_guest(
     hypervisor: Hypervisor,
     system: SystemFiles,
@@ -133,7 +115,11 @@ async def boot_guest(
     """Boot and return once the program started and the agent answers."""
     config = vm_config(spec, system)
     console = config.paths.console_log
-    with _boot_lock(spec):
+    # One boot per VM directory at a time (across processes): a second one must not rewrite the
+    # disks of a VM that is being started.
+    spec.directory.mkdir(parents=True, exist_ok=True)
+    busy = f"VM {spec.vm_id}: another boot of {spec.directory} is in progress"
+    with exclusive_lock(spec.directory / BOOT_LOCK, busy):
         await asyncio.to_thread(prepare_disks, spec)  # mke2fs and fsync: not on the event loop
         offset = console.stat().st_size if console.exists() else 0
         handle = await hypervisor.start(config)
