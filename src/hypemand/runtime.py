@@ -34,6 +34,8 @@ class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         settings.data_dir.mkdir(parents=True, exist_ok=True)
+        # The data dir holds the token secret and private images' disks: only the server reads it.
+        settings.data_dir.chmod(0o700)
         self.jwt_secret = load_secret(settings.data_dir)
         self.images = ImageService(settings.data_dir)
         self.hypervisor = QemuHypervisor(state_dir=settings.data_dir / "hypervisor")

@@ -71,3 +71,8 @@ def test_missing_qemu_stops_the_server_with_a_clear_message(tmp_path: Path) -> N
     assert result.returncode == 1
     assert "cannot start" in result.stderr and "no-qemu-here" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_the_data_dir_is_private_to_the_server(server: ServerProcess) -> None:
+    assert server.data_dir.stat().st_mode & 0o777 == 0o700
+    assert (server.data_dir / "jwt-secret").stat().st_mode & 0o777 == 0o600

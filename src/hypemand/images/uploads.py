@@ -187,6 +187,9 @@ class RegistryService:
         self.blobs = blobs
         self.importer = importer
         self._locks: dict[str, asyncio.Lock] = {}
+        # Pushes of one repository are serialised so that the /v2 tag and the image name that
+        # import_manifest moves always end on the same digest, whichever push came last.
+        self._manifest_locks: dict[str, asyncio.Lock] = {}
         self._hashes: dict[str, _RunningHash] = {}
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
         self.repositories_dir.mkdir(parents=True, exist_ok=True)
@@ -358,14 +361,14 @@ class RegistryService:
             await asyncio.to_thread(self.blobs.commit_file, tmp, digest)
         revision = ManifestRevision(digest=digest, media_type=media_type, size=len(body))
         repo_dir = self._repo_dir(repository)
-        write_model_atomic(repo_dir / "revisions" / "sha256" / f"{digest[7:]}.json", revision)
-        if not is_digest(reference):
-            write_model_atomic(repo_dir / "tags" / f"{reference}.json", TagRecord(digest=digest))
-
-        if self.importer is not None:
-            result = self.importer.import_manifest(repository, reference, body, media_type)
-            if inspect.isawaitable(result):
-                await result
+        async with self._manifest_locks.setdefault(repository, asyncio.Lock()):
+            write_model_atomic(repo_dir / "revisions" / "sha256" / f"{digest[7:]}.json", revision)
+            if not is_digest(reference):
+                write_model_atomic(repo_dir / "tags" / f"{reference}.json", TagRecord(digest=digest))
+            if self.importer is not None:
+                result = self.importer.import_manifest(repository, reference, body, media_type)
+                if inspect.isawaitable(result):
+                    await result
         return revision
 
     def get_manifest(self, repository: str, reference: str) -> tuple[ManifestRevision, Path]:
