@@ -151,7 +151,7 @@ async def _connect_agent(handle: VMHandle, console: Path, offset: int, timeout: 
         if not connecting.done():
             connecting.cancel()
         await asyncio.gather(connecting, exited, return_exceptions=True)
-    if not exited.cancelled() and exited.result():
+    if not exited.cancelled() and exited.exception() is None and exited.result():
         if not connecting.cancelled() and connecting.exception() is None:
             await connecting.result().close()
         text = read_console(console, offset)
