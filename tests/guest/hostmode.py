@@ -112,6 +112,17 @@ class HostAgent:
             start_new_session=True,
         )
 
+    async def restart_agent(self) -> None:
+        """What PID 1 does when the agent dies: a fresh agent process on the same port."""
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()
+            await self.process.wait()
+        self.process = await asyncio.create_subprocess_exec(
+            str(self.binary), "agent", self.chardev.slave_path,
+            stdin=asyncio.subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
     async def stop(self) -> None:
         if self.process is not None and self.process.returncode is None:
             self.process.kill()

@@ -320,6 +320,19 @@ async def test_reconnect_after_peer_drops(host_agent: HostAgent, client: AgentCl
         pytest.fail(f"process {pid} of a dropped session is still alive")
 
 
+async def test_a_restarted_agent_fails_old_sessions_and_serves_new_ones(
+    host_agent: HostAgent, client: AgentClient
+) -> None:
+    """PID 1 restarts an agent that died; the host connection stays up. The client must learn of
+    it (the old sessions are gone with the old agent) and talk to the new agent without a
+    reconnect by its user."""
+    sleeper = await client.exec(["sleep", "30"])
+    await host_agent.restart_agent()
+    with pytest.raises(AgentDisconnected):
+        await asyncio.wait_for(sleeper.wait(), 30)
+    assert (await asyncio.wait_for(client.run(["echo", "served"]), 30)).stdout == b"served\n"
+
+
 async def test_client_reconnect_fails_inflight_sessions(client: AgentClient) -> None:
     proc = await client.exec(["sleep", "30"])
     waiter = asyncio.ensure_future(proc.wait())

@@ -247,6 +247,7 @@ class _Connection:
         self.task: asyncio.Task[None] | None = None
         self.hello_nonce = 0
         self.hello_ack: asyncio.Future[p.HelloAck] | None = None
+        self.established = False  # the first handshake is done
 
 
 async def _open_unix(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -313,6 +314,7 @@ class AgentClient:
             raise
         self.guest_version = ack.version
         self.initial_window = ack.initial_window
+        conn.established = True
 
     async def _dial(self, deadline: float) -> _Connection:
         # The socket appears once QEMU is up; until then (or while it has another client) retry.
@@ -332,11 +334,7 @@ class AgentClient:
         wait = _HELLO_FIRST_WAIT
         first = True
         while True:
-            conn.hello_nonce = secrets.randbits(63)
-            conn.hello_ack = asyncio.get_running_loop().create_future()
-            if not first:
-                conn.writer.write(p.resync_padding())
-            conn.writer.write(p.hello(conn.hello_nonce))
+            hello_ack = self._send_hello(conn, resync=not first)
             first = False
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -344,7 +342,7 @@ class AgentClient:
             try:
                 async with asyncio.timeout(min(wait, remaining)):
                     await conn.writer.drain()
-                    return await asyncio.shield(conn.hello_ack)
+                    return await asyncio.shield(hello_ack)
             except TimeoutError:
                 wait = _HELLO_RETRY_WAIT
             except (ConnectionError, OSError) as exc:
@@ -369,11 +367,26 @@ class AgentClient:
                 if conn.hello_ack is not None and not conn.hello_ack.done():
                     conn.hello_ack.set_exception(AgentDisconnected(reason))
 
+    def _send_hello(self, conn: _Connection, resync: bool) -> asyncio.Future[p.HelloAck]:
+        conn.hello_nonce = secrets.randbits(63) | 1  # never AGENT_STARTED_NONCE
+        ack: asyncio.Future[p.HelloAck] = asyncio.get_running_loop().create_future()
+        conn.hello_ack = ack
+        if resync:
+            conn.writer.write(p.resync_padding())
+        conn.writer.write(p.hello(conn.hello_nonce))
+        return ack
+
     def _dispatch(self, conn: _Connection, frame: p.Frame) -> None:
         if frame.session == p.CONTROL_SESSION:
             if frame.type == p.Msg.HELLO_ACK:
                 ack = p.decode_hello_ack(frame.payload)
-                if ack.nonce == conn.hello_nonce and conn.hello_ack and not conn.hello_ack.done():
+                if ack.nonce == p.AGENT_STARTED_NONCE:
+                    # Before the first handshake is done this may be a stale notice from boot.
+                    if conn.established:
+                        self._agent_restarted(conn)
+                elif (
+                    conn.hello_ack is not None and not conn.hello_ack.done() and ack.nonce == conn.hello_nonce
+                ):
                     conn.hello_ack.set_result(ack)
             return
         session = self._sessions.get(frame.session)
@@ -382,6 +395,15 @@ class AgentClient:
         session.deliver(frame)
         if session.closed and frame.type in p.TERMINAL:
             self._sessions.pop(frame.session, None)
+
+    def _agent_restarted(self, conn: _Connection) -> None:
+        """The guest's agent process was restarted (PID 1 does that when it dies); the
+        connection is fine. Its sessions died with it. The new agent skips everything until a
+        HELLO: written now, it precedes every later request on the stream, so those are served.
+        Its ACK needs no waiting for."""
+        self._fail_all(AgentDisconnected("the guest agent restarted"))
+        ack = self._send_hello(conn, resync=False)
+        ack.add_done_callback(lambda f: f.cancelled() or f.exception())  # nobody awaits it
 
     def _fail_all(self, error: AgentError) -> None:
         sessions, self._sessions = self._sessions, {}

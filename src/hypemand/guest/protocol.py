@@ -19,6 +19,8 @@ MAGIC = b"HYPEMAN!"
 HEADER = struct.Struct(">IIB")
 MAX_PAYLOAD = 65536
 INITIAL_WINDOW = 256 * 1024
+# HELLO_ACK nonce of the notice an agent sends unasked when it (re)starts; never a host's nonce.
+AGENT_STARTED_NONCE = 0
 CONTROL_SESSION = 0
 
 

@@ -1112,6 +1112,18 @@ static int get_step(struct session *s)
 
 /* ---------- inbound frames ---------- */
 
+static void send_hello_ack(uint64_t nonce)
+{
+    struct wr w = wr_begin();
+    uint8_t *m = wr_take(&w, AP_MAGIC_LEN);
+    memcpy(m, AP_MAGIC, AP_MAGIC_LEN);
+    wr_u32(&w, AP_VERSION);
+    wr_u64(&w, nonce);
+    wr_u32(&w, AP_MAX_PAYLOAD);
+    wr_u32(&w, AP_INITIAL_WINDOW);
+    send_wr(0, AP_HELLO_ACK, &w);
+}
+
 static void handle_hello(struct rd *r)
 {
     const uint8_t *magic = rd_take(r, AP_MAGIC_LEN);
@@ -1123,14 +1135,7 @@ static void handle_hello(struct rd *r)
     /* A new host connection: whatever the old one started is orphaned. */
     drop_all_sessions();
     out.len = out.off = 0;
-    struct wr w = wr_begin();
-    uint8_t *m = wr_take(&w, AP_MAGIC_LEN);
-    memcpy(m, AP_MAGIC, AP_MAGIC_LEN);
-    wr_u32(&w, AP_VERSION);
-    wr_u64(&w, nonce);
-    wr_u32(&w, AP_MAX_PAYLOAD);
-    wr_u32(&w, AP_INITIAL_WINDOW);
-    send_wr(0, AP_HELLO_ACK, &w);
+    send_hello_ack(nonce);
 }
 
 static void handle_frame(uint32_t id, uint8_t type, uint8_t *payload, size_t len)
@@ -1371,6 +1376,10 @@ int agent_serve(int fd)
     sigaction(SIGCHLD, &sa, NULL);
     if (buf_reserve(&in, 2 * (AP_HEADER_LEN + AP_MAX_PAYLOAD)) < 0)
         return -1;
+    /* A host still connected to an agent that died must learn that its sessions are gone (it
+     * would wait for them forever) and that this agent needs a HELLO. With no host connected the
+     * notice is dropped like any other output. */
+    send_hello_ack(AP_AGENT_STARTED_NONCE);
 
     static struct pollfd pfd[2 + 3 * MAX_SESSIONS];
     static short role[2 + 3 * MAX_SESSIONS];

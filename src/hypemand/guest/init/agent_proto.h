@@ -12,6 +12,10 @@
 #define AP_MAX_PAYLOAD 65536
 /* Per session and direction, how many data bytes may be in flight before the receiver grants more. */
 #define AP_INITIAL_WINDOW (256 * 1024)
+/* Nonce of the HELLO_ACK an agent sends unasked when it starts: a host that finished its handshake
+ * learns that the agent was restarted (its sessions are gone) and says HELLO again. Hosts never
+ * use this nonce in their HELLOs. */
+#define AP_AGENT_STARTED_NONCE 0
 
 /* host -> guest */
 #define AP_PAD 0x00         /* ignored; all-zero filler the host sends to resynchronise */
