@@ -2,8 +2,8 @@
 
     .venv/bin/python -m bench.boot [--runs 5]
 
-Bare QEMU: the same microvm flags, the same kernel, and a one-line busybox initramfs that prints
-a line and powers off: the least a VM can do. hypemand: ``boot_guest`` of a busybox ext4 image
+Bare QEMU: the same microvm flags, kernel and kernel arguments, and a one-line busybox initramfs
+that prints a line: the least a VM can do. hypemand: ``boot_guest`` of a busybox ext4 image
 (overlay root, config disk, agent), timed to the moment it returns (program started, agent
 connected) and to the first exec answered. Runs alternate so that load drift hits both alike.
 Ratios are hypemand / bare; the QEMU resident memory is compared the same way.
@@ -73,7 +73,8 @@ async def bare_qemu_boot(system: SystemFiles, initrd: Path, workdir: Path) -> di
         str(find_qemu_binary()), "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
         "-M", "microvm,x-option-roms=off", "-accel", "tcg", "-cpu", "max", "-m", "256M", "-smp", "1",
         "-kernel", str(system.kernel_path), "-initrd", str(initrd),
-        "-append", f"console=ttyS0 quiet panic=-1 tsc_early_khz={host_tsc_khz()}",
+        # The same kernel arguments hypemand passes, so the ratio is what hypemand itself adds.
+        "-append", f"console=ttyS0 quiet panic=-1 tsc_early_khz={host_tsc_khz()} {system.kernel_args}",
         "-serial", f"file:{console}",
     ]  # fmt: skip
     started = time.monotonic()
