@@ -75,7 +75,7 @@ def test_microvm_command_line_under_tcg() -> None:
     assert "virtio-blk-device,drive=disk0,serial=hm-root" in devices
     assert "virtio-blk-device,drive=disk1,serial=hm-overlay" in devices
     assert "virtio-blk-device,drive=disk2,serial=hm-config" in devices
-    assert "virtio-serial-device,id=vser0" in devices
+    assert "virtio-serial-device,id=vser0,max_ports=2" in devices
     assert "virtserialport,bus=vser0.0,chardev=agent0,name=org.hypeman.agent" in devices
     assert f"virtio-net-device,netdev=net0,mac={guest_mac('abc')}" in devices
     assert not any("-pci" in device for device in devices)
@@ -99,7 +99,7 @@ def test_q35_uses_pci_devices_and_no_tsc_hint() -> None:
     assert "size=512M" in option(argv, "-object")[0]
     devices = option(argv, "-device")
     assert "virtio-blk-pci,drive=disk0,serial=hm-root" in devices
-    assert "virtio-serial-pci,id=vser0" in devices
+    assert "virtio-serial-pci,id=vser0,max_ports=2" in devices
     assert any(device.startswith("virtio-net-pci,") for device in devices)
     # q35 has HPET and an ACPI PM timer: the guest calibrates its TSC itself.
     assert "tsc_early_khz" not in option(argv, "-append")[0]

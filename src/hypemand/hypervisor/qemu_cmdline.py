@@ -17,6 +17,7 @@ from hypemand.hypervisor.qemu_host import KVM_CPU, TCG_CPU
 QMP_SOCKET = "qemu.sock"
 MEMORY_FILE = "memory.ram"  # guest RAM (memory-backend-file, share=on): standby saves device state only
 AGENT_PORT_NAME = "org.hypeman.agent"
+AGENT_MAX_PORTS = 2
 BASE_KERNEL_ARGS = ("console=ttyS0", "quiet", "panic=-1")
 
 MACHINE_TYPES = {Board.QEMU_MICROVM: "microvm", Board.QEMU: "q35"}
@@ -106,8 +107,10 @@ def build_qemu_argv(config: VMConfig, *, binary: Path, accel: Accel, tsc_khz: in
         argv += ["-device", f"virtio-blk-{bus},drive=disk{index},serial={disk.serial}"]
 
     # Guest agent: a virtio-serial port bridged to a Unix socket (no vsock on these hosts).
+    # max_ports=2: port 0 (reserved for a console) and the agent's. QEMU's default of 31 ports
+    # makes the guest driver set up 64 virtqueues, about 0.13 s of a TCG boot.
     argv += [
-        "-device", f"virtio-serial-{bus},id=vser0",
+        "-device", f"virtio-serial-{bus},id=vser0,max_ports={AGENT_MAX_PORTS}",
         "-chardev", f"socket,id=agent0,path={config.agent_socket},server=on,wait=off",
         "-device", f"virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT_NAME}",
     ]  # fmt: skip
