@@ -10,11 +10,10 @@ import gzip
 import hashlib
 import json
 import os
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from hypeman import Hypeman, NotFoundError
 
 from tests.conftest import ServerProcess
 from tests.images.conftest import wait_for_status
+from tests.support.net import http_server, send_body
 from tests.support.oci import Entry, write_tar
 
 ENDLESS_LIMIT = 1 << 30
@@ -137,20 +137,10 @@ def fake_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FakeRegi
                 pass  # the client hung up: what we want
 
         def _send(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+            send_body(self, status, body, content_type)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with http_server(Handler) as server:
         yield f"127.0.0.1:{server.server_address[1]}", images, sent
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def blob_dir(server: ServerProcess) -> Path:

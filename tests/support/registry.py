@@ -16,7 +16,6 @@ import datetime
 import hashlib
 import json
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -33,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from tests.support.net import free_port
+from tests.support.net import free_port, http_server, send_body
 
 
 @dataclass
@@ -173,22 +172,11 @@ def run_token_service(workdir: Path, *, service: str, issuer: str, username: str
             self._reply(200, json.dumps({"token": token, "access_token": token, "expires_in": 300}))
 
         def _reply(self, status: int, body: str) -> None:
-            data = body.encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
+            send_body(self, status, body.encode(), "application/json")
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with http_server(Handler) as server:
         yield TokenService(url=f"http://127.0.0.1:{server.server_address[1]}/token", server=server,
                            issued=issued), bundle
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @contextmanager
