@@ -8,7 +8,7 @@ run:
 
 test:
 	@scripts/setup.sh --test
-	@.venv/bin/python -m pytest -q $(PYTEST_ARGS)
+	@.venv/bin/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 lint:
 	.venv/bin/ruff check src tests bench

@@ -157,8 +157,14 @@ async def test_reconnect_drops_old_sessions(vm: RunningGuest) -> None:
 
 async def test_new_client_after_close(vm: RunningGuest) -> None:
     await vm.agent.close()
-    vm.agent = await AgentClient.connect(vm.handle.agent_socket_path, timeout=60)
-    assert (await vm.agent.run(["echo", "back"])).stdout == b"back\n"
+    fresh = await AgentClient.connect(vm.handle.agent_socket_path, timeout=60)
+    try:
+        assert (await fresh.run(["echo", "back"])).stdout == b"back\n"
+    finally:
+        await fresh.close()
+    # The guest's own client, closed above, can start afresh too (the later tests use it).
+    await vm.agent.reconnect(timeout=60)
+    assert (await vm.agent.run(["echo", "again"])).stdout == b"again\n"
 
 
 async def test_a_restarted_agent_is_used_at_once_and_keeps_signals_to_itself(vm: RunningGuest) -> None:

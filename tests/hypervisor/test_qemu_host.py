@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 from hypemand.errors import DependencyMissing
 from hypemand.hypervisor import qemu_host
 from hypemand.hypervisor.base import Accel
+from hypemand.hypervisor.qemu import QemuHypervisor
 from hypemand.hypervisor.qemu_host import (
     ACCEL_CACHE_NAME,
     AccelDecision,
@@ -41,6 +43,40 @@ def test_unparsable_version_is_a_dependency_error(tmp_path: Path) -> None:
         qemu_version(fake)
 
 
+def write_fake_qemu(path: Path, version: str, runs_log: Path) -> None:
+    """A "QEMU" that prints ``version`` and notes each run; installed the way package managers
+    upgrade (new file renamed over the old one)."""
+    staged = path.with_name(path.name + ".new")
+    staged.write_text(f"#!/bin/sh\necho run >> '{runs_log}'\necho 'QEMU emulator version {version} (fake)'\n")
+    staged.chmod(0o755)
+    os.replace(staged, path)
+
+
+def test_qemu_version_is_cached_per_binary_file_and_follows_an_upgrade(tmp_path: Path) -> None:
+    runs_log = tmp_path / "runs"
+    fake = tmp_path / "qemu-system-x86_64"
+    write_fake_qemu(fake, "7.2.0", runs_log)
+    assert qemu_version(fake) == "7.2.0"
+    assert qemu_version(fake) == "7.2.0"
+    assert len(runs_log.read_text().splitlines()) == 1  # the second answer came from the cache
+
+    write_fake_qemu(fake, "9.1.2", runs_log)  # upgraded under the running server
+    assert qemu_version(fake) == "9.1.2"
+    assert QemuHypervisor(binary=fake).version() == "9.1.2"
+    assert len(runs_log.read_text().splitlines()) == 2
+
+    # A symlink repointed at another build is a change too.
+    other = tmp_path / "qemu-10"
+    write_fake_qemu(other, "10.0.0", runs_log)
+    link = tmp_path / "qemu-link"
+    link.symlink_to(fake)
+    assert qemu_version(link) == "9.1.2"
+    staged_link = tmp_path / "qemu-link.new"
+    staged_link.symlink_to(other)
+    os.replace(staged_link, link)
+    assert qemu_version(link) == "10.0.0"
+
+
 def test_measured_tsc_rate_matches_the_kernels_value() -> None:
     measured = qemu_host._measure_tsc_khz()
     assert measured is not None
@@ -66,14 +102,27 @@ async def test_probe_guest_times_out_when_too_slow() -> None:
     assert "no exit" in result.detail
 
 
-async def test_acceleration_is_tcg_here_and_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def assert_consistent_with_the_probe(decision: AccelDecision) -> None:
+    """KVM exactly when /dev/kvm opens and the probe guest finished in time (hardware KVM); TCG
+    when it cannot be opened or the probe failed (PVM hosts, where stock kernels crawl)."""
+    if not qemu_host._kvm_openable():
+        assert (decision.accel, decision.reason) == (Accel.TCG, "/dev/kvm cannot be opened")
+    elif decision.accel is Accel.KVM:
+        assert decision.reason.startswith("KVM probe guest finished"), decision.reason
+    else:
+        assert decision.accel is Accel.TCG
+        assert decision.reason.startswith("KVM probe guest failed"), decision.reason
+
+
+async def test_acceleration_follows_the_probe_and_is_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("HYPEMAND_ACCEL", raising=False)
     binary = find_qemu_binary()
     decision = await probe_acceleration(binary, tmp_path)
-    # These hosts are PVM (or have no usable /dev/kvm): stock kernels only run under TCG.
-    assert decision.accel is Accel.TCG
+    assert_consistent_with_the_probe(decision)
     cached = AccelDecision.model_validate_json((tmp_path / ACCEL_CACHE_NAME).read_bytes())
-    assert cached.accel is Accel.TCG
+    assert cached == decision
     assert cached.qemu_version == qemu_version(binary)
 
     async def no_probe(*args: object, **kwargs: object) -> None:
@@ -88,11 +137,14 @@ async def test_cache_for_another_qemu_version_is_ignored(
 ) -> None:
     monkeypatch.delenv("HYPEMAND_ACCEL", raising=False)
     binary = find_qemu_binary()
-    stale = (await probe_acceleration(binary, tmp_path)).model_copy(
-        update={"accel": Accel.KVM, "qemu_version": "0.0.1"}
-    )
+    actual = await probe_acceleration(binary, tmp_path)
+    # The stale entry says the opposite of this host's answer, so using it would show.
+    opposite = Accel.TCG if actual.accel is Accel.KVM else Accel.KVM
+    stale = actual.model_copy(update={"accel": opposite, "qemu_version": "0.0.1"})
     (tmp_path / ACCEL_CACHE_NAME).write_text(stale.model_dump_json())
-    assert (await probe_acceleration(binary, tmp_path)).accel is Accel.TCG
+    decided = await probe_acceleration(binary, tmp_path)
+    assert decided.accel is actual.accel
+    assert decided.qemu_version == qemu_version(binary)
 
 
 async def test_accel_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -13,16 +13,19 @@ import subprocess
 import sys
 import textwrap
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import hypemand.hypervisor.process as process_module
 import hypemand.hypervisor.qemu as qemu_module
 from hypemand.errors import Conflict, InvalidState
 from hypemand.guest.client import AgentClient
 from hypemand.guest.config_disk import GuestConfig
 from hypemand.guest.markers import Marker, parse_markers
-from hypemand.hypervisor.base import Board, PortForward, ShutdownOutcome, VMConfig, VMStatus
+from hypemand.hypervisor.base import Accel, Board, PortForward, ShutdownOutcome, VMConfig, VMStatus
 from hypemand.hypervisor.process import ProcessRecord, host_boot_id, process_cmdline, process_start_time
 from hypemand.hypervisor.qemu import LAUNCH_RECORD, QemuHypervisor, QemuLaunchRecord
 from hypemand.system.files import SystemFiles
@@ -86,7 +89,8 @@ async def test_boot_status_port_forward_and_graceful_shutdown(
         launch_record = QemuLaunchRecord.load(vm.directory)
         assert launch_record is not None
         assert launch_record.config.board is board
-        assert launch_record.accel.value == "tcg"
+        # Whichever the host's probe decided (TCG on PVM hosts, KVM where it works).
+        assert launch_record.accel is (await hypervisor.acceleration()).accel
         assert launch_record.machine == ("microvm" if board is Board.QEMU_MICROVM else "q35")
         assert launch_record.qemu_version == QemuHypervisor().version()
         assert process_cmdline(vm.pid) == launch_record.argv
@@ -341,3 +345,42 @@ async def test_start_cancelled_while_qemu_is_being_spawned_leaves_no_qemu(
             if child.poll() is None:
                 child.kill()
                 child.wait()
+
+
+async def test_start_and_kill_do_their_blocking_work_off_the_event_loop(
+    hypervisor: QemuHypervisor,
+    system_files: SystemFiles,
+    busybox_ext4: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The first TSC measurement sleeps 50 ms, ``qemu --version`` runs a process, the records are
+    fsynced, a RAM file of GBs takes a while to unlink: none of it may stall the server's loop."""
+    loop_thread = threading.get_ident()
+    called: set[str] = set()
+    on_the_loop: list[str] = []
+
+    def observed(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            called.add(name)
+            if threading.get_ident() == loop_thread:
+                on_the_loop.append(name)
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    blocking = [
+        (qemu_module, "host_tsc_khz", "tsc"),
+        (qemu_module, "qemu_version", "version"),
+        (qemu_module, "write_model_atomic", "qemu-config.json"),
+        (process_module, "write_model_atomic", "vmm.json"),
+        (qemu_module, "_remove_memory_file", "RAM file"),
+    ]
+    for module, attribute, name in blocking:
+        monkeypatch.setattr(module, attribute, observed(name, getattr(module, attribute)))
+    # TCG explicitly: only TCG guests get the TSC rate.
+    config = sleeper_vm(system_files, busybox_ext4, tmp_path / "vm").model_copy(update={"accel": Accel.TCG})
+    async with launched_vm(hypervisor, config) as vm:
+        await vm.kill()
+    assert called == {"tsc", "version", "qemu-config.json", "vmm.json", "RAM file"}
+    assert on_the_loop == []

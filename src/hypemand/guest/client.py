@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import errno as errno_mod
 import itertools
-import os
 import secrets
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
@@ -22,9 +21,9 @@ from typing import Literal, Self
 from hypemand.errors import DomainError
 from hypemand.guest import protocol as p
 from hypemand.guest.models import CompletedExec, EntryType, ExecResult, FileEntry, OutputChunk, PathInfo
+from hypemand.unixsock import open_unix_connection
 
 SEND_CHUNK = 32 * 1024
-_SUN_PATH_MAX = 107
 _HELLO_FIRST_WAIT = 1.0
 _HELLO_RETRY_WAIT = 2.0
 
@@ -250,18 +249,6 @@ class _Connection:
         self.established = False  # the first handshake is done
 
 
-async def _open_unix(path: Path) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect even when the path is longer than sun_path allows, through /proc/self/fd."""
-    if len(os.fsencode(path)) <= _SUN_PATH_MAX:
-        return await asyncio.open_unix_connection(str(path), limit=4 * p.MAX_PAYLOAD)
-    dir_fd = os.open(path.parent, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        short_path = f"/proc/self/fd/{dir_fd}/{path.name}"
-        return await asyncio.open_unix_connection(short_path, limit=4 * p.MAX_PAYLOAD)
-    finally:
-        os.close(dir_fd)
-
-
 class AgentClient:
     """Client of the guest agent behind ``socket_path`` (QEMU's chardev socket, server side)."""
 
@@ -317,12 +304,14 @@ class AgentClient:
         conn.established = True
 
     async def _dial(self, deadline: float) -> _Connection:
-        # The socket appears once QEMU is up; until then (or while it has another client) retry.
+        # The socket appears once QEMU is up; until then (or while it has another client, whose
+        # waiting successors fill the backlog: BlockingIOError) retry. The path may exceed
+        # sun_path: open_unix_connection goes through /proc/self/fd/<dirfd>/<name>.
         while True:
             try:
-                reader, writer = await _open_unix(self.socket_path)
+                reader, writer = await open_unix_connection(self.socket_path, limit=4 * p.MAX_PAYLOAD)
                 return _Connection(reader, writer)
-            except (FileNotFoundError, ConnectionRefusedError) as exc:
+            except (FileNotFoundError, ConnectionRefusedError, BlockingIOError) as exc:
                 if time.monotonic() >= deadline:
                     message = f"cannot connect to the guest agent at {self.socket_path}: {exc}"
                     raise AgentTimeout(message) from exc

@@ -16,6 +16,7 @@ import os
 import select
 import signal
 import subprocess
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -56,6 +57,20 @@ def process_cwd(pid: int) -> Path | None:
         return Path(os.readlink(f"/proc/{pid}/cwd"))
     except OSError:
         return None
+
+
+def process_exe(pid: int) -> str | None:
+    """The path of the process' executable as the kernel reports it (with " (deleted)" appended
+    once that file was unlinked or replaced), or None: gone, a kernel thread, or not ours to read."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return None
+
+
+def list_pids() -> list[int]:
+    """The PIDs of all processes at this moment (any of them may be gone when looked at)."""
+    return sorted(int(name) for name in os.listdir("/proc") if name.isdigit())
 
 
 def process_cmdline(pid: int) -> list[str]:
@@ -131,18 +146,26 @@ class ProcessWatch:
     @classmethod
     def open(cls, record: ProcessRecord, child: subprocess.Popen[bytes] | None = None) -> ProcessWatch | None:
         """Open a pidfd for ``record`` if it still names the live VMM, else None."""
-        if record.mismatch() is not None:
+        return cls.open_verified(record.pid, lambda: record.mismatch() is None, child)
+
+    @classmethod
+    def open_verified(
+        cls, pid: int, is_expected: Callable[[], bool], child: subprocess.Popen[bytes] | None = None
+    ) -> ProcessWatch | None:
+        """Open a pidfd for ``pid`` if ``is_expected()`` (which looks at /proc/<pid>) holds both
+        before and after ``pidfd_open``, else None."""
+        if not is_expected():
             return None
         try:
-            pidfd = os.pidfd_open(record.pid)
+            pidfd = os.pidfd_open(pid)
         except ProcessLookupError:
             return None
         # The PID could have been reused between the check and pidfd_open: check once more, now
         # that the pidfd pins whichever process it names.
-        if record.mismatch() is not None:
+        if not is_expected():
             os.close(pidfd)
             return None
-        return cls(record.pid, pidfd, child)
+        return cls(pid, pidfd, child)
 
     def is_alive(self) -> bool:
         """True until the process has exited. A closed watch reports False."""

@@ -11,6 +11,8 @@ Lifecycle of a VMM process:
 - Starting a VM whose directory already has a live VMM raises ``Conflict``: the caller decides
   (``adopt`` it, or shut it down first). A start silently returning the old VM could hand back a
   VM with a different configuration than the one asked for.
+- ``reap_orphans`` ends the QEMUs that no ``vmm.json`` names: a server that died between spawning
+  QEMU and recording it leaves one that nothing adopts and that holds its overlay disk's lock.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -29,7 +32,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
-from hypemand.errors import Conflict, InvalidState
+from hypemand.errors import Conflict, DependencyMissing, InvalidState
 from hypemand.fsutil import exclusive_lock, write_model_atomic
 from hypemand.hypervisor.base import (
     PROCESS_RECORD,
@@ -42,7 +45,16 @@ from hypemand.hypervisor.base import (
     VMMError,
     VMStatus,
 )
-from hypemand.hypervisor.process import ProcessRecord, ProcessWatch, process_cmdline
+from hypemand.hypervisor.process import (
+    ProcessRecord,
+    ProcessWatch,
+    host_boot_id,
+    list_pids,
+    process_cmdline,
+    process_cwd,
+    process_exe,
+    process_start_time,
+)
 from hypemand.hypervisor.qemu_cmdline import MEMORY_FILE, QMP_SOCKET, build_qemu_argv, machine_type
 from hypemand.hypervisor.qemu_host import (
     AccelDecision,
@@ -51,7 +63,7 @@ from hypemand.hypervisor.qemu_host import (
     probe_acceleration,
     qemu_version,
 )
-from hypemand.hypervisor.sockets import connect_unix
+from hypemand.unixsock import connect_unix
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +104,17 @@ class QemuLaunchRecord(BaseModel):
             return cls.model_validate_json((directory / LAUNCH_RECORD).read_bytes())
         except (FileNotFoundError, ValueError):
             return None
+
+
+@dataclass(frozen=True)
+class OrphanVMM:
+    """A QEMU running the recorded launch of a VM directory whose ``vmm.json`` does not name it."""
+
+    pid: int
+    start_time: int  # /proc/<pid>/stat field 22: with the PID, the process' identity
+    directory: Path
+    vm_id: str
+    reason: str  # why no record claims it, for the log
 
 
 class _QmpChannel:
@@ -216,7 +239,7 @@ class QemuVMHandle(VMHandle):
             return ShutdownOutcome.KILLED
         finally:
             if not self.is_alive():
-                self._discard_memory_file()
+                await self._discard_memory_file()
 
     async def _press_power_button_until_exit(self, timeout: float) -> bool:  # noqa: ASYNC109
         loop = asyncio.get_running_loop()
@@ -233,7 +256,7 @@ class QemuVMHandle(VMHandle):
         self._watch.send_signal(signal.SIGKILL)
         if not await self.wait_exit(KILL_TIMEOUT):
             raise VMMError(f"VM {self.vm_id}: QEMU (pid {self.pid}) survived SIGKILL for {KILL_TIMEOUT} s")
-        self._discard_memory_file()
+        await self._discard_memory_file()
 
     async def wait_exit(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         exited = await self._watch.wait(timeout)
@@ -245,9 +268,9 @@ class QemuVMHandle(VMHandle):
         await self._qmp.close()
         self._watch.close()
 
-    def _discard_memory_file(self) -> None:
+    async def _discard_memory_file(self) -> None:
         # The RAM of a VM that ended is garbage; a standby keeps it by never calling shutdown/kill.
-        self.memory_file.unlink(missing_ok=True)
+        await asyncio.to_thread(_remove_memory_file, self.directory)
 
 
 class QemuHypervisor(Hypervisor):
@@ -267,6 +290,8 @@ class QemuHypervisor(Hypervisor):
         return self._binary
 
     def version(self) -> str:
+        """The version of the binary as it is now (re-read when the file changed). Blocking on a
+        change: async code calls it through ``asyncio.to_thread``."""
         return qemu_version(self.binary)
 
     def capabilities(self) -> Capabilities:
@@ -274,7 +299,9 @@ class QemuHypervisor(Hypervisor):
 
     async def acceleration(self) -> AccelDecision:
         async with self._accel_lock:
-            if self._accel is None:
+            # A decision is about one QEMU version: an upgraded binary is decided afresh.
+            version = await asyncio.to_thread(self.version)
+            if self._accel is None or self._accel.qemu_version != version:
                 self._accel = await probe_acceleration(self.binary, self._state_dir)
             return self._accel
 
@@ -291,11 +318,14 @@ class QemuHypervisor(Hypervisor):
                 )
 
             accel = config.accel or (await self.acceleration()).accel
-            tsc_khz = host_tsc_khz() if accel is Accel.TCG else None
+            # Off the event loop: the first TSC measurement sleeps 50 ms, and a changed QEMU
+            # binary is asked for its version.
+            tsc_khz = await asyncio.to_thread(host_tsc_khz) if accel is Accel.TCG else None
+            version = await asyncio.to_thread(self.version)
             resolved = config.model_copy(update={"accel": accel})
             argv = build_qemu_argv(resolved, binary=self.binary, accel=accel, tsc_khz=tsc_khz)
             launch = QemuLaunchRecord(
-                qemu_version=self.version(),
+                qemu_version=version,
                 qemu_binary=str(self.binary),
                 machine=machine_type(config.board),
                 accel=accel,
@@ -304,10 +334,7 @@ class QemuHypervisor(Hypervisor):
                 argv=argv,
                 launched_at=datetime.now(UTC),
             )
-            # Leftovers of an earlier run: stale sockets, and RAM that a fresh boot must not see.
-            for stale in (QMP_SOCKET, config.agent_socket, MEMORY_FILE):
-                (directory / stale).unlink(missing_ok=True)
-            write_model_atomic(directory / LAUNCH_RECORD, launch)
+            await asyncio.to_thread(_prepare_directory, launch)
             return await self._launch(launch)
 
     async def _launch(self, launch: QemuLaunchRecord) -> QemuVMHandle:
@@ -322,7 +349,7 @@ class QemuHypervisor(Hypervisor):
             child = await asyncio.shield(spawning)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                _kill_child(await spawning)
+                await _kill_child(await spawning)
             raise
         try:
             try:
@@ -331,12 +358,12 @@ class QemuHypervisor(Hypervisor):
                 raise VMMError(
                     f"VM {config.vm_id}: QEMU exited at once: {_log_tail(config.paths.vmm_log)}"
                 ) from None
-            record.save(config.paths.process_record)
+            await asyncio.to_thread(record.save, config.paths.process_record)  # fsynced
             watch = ProcessWatch.open(record, child=child)
             if watch is None:
                 raise VMMError(f"VM {config.vm_id}: QEMU exited at once: {_log_tail(config.paths.vmm_log)}")
         except BaseException:
-            _kill_child(child)
+            await _kill_child(child)
             raise
         handle = QemuVMHandle(launch, record, watch)
         try:
@@ -372,6 +399,109 @@ class QemuHypervisor(Hypervisor):
 
     async def adopt(self, directory: Path) -> QemuVMHandle | None:
         return await self._adopt_unlocked(directory, connect=True)
+
+    # --- orphans: QEMUs spawned by a server that died before writing vmm.json ---------------
+
+    def find_orphans(self, guests_root: Path) -> list[OrphanVMM]:
+        """The QEMU processes running a VM directory directly under ``guests_root`` that are not
+        that directory's recorded VMM. Signals nothing. Blocking (reads /proc): async code calls
+        ``reap_orphans`` or runs this in a thread.
+
+        A process counts only if all of these hold: its cwd is a directory directly under
+        ``guests_root``; its command line equals that directory's ``qemu-config.json`` argv; its
+        executable is the QEMU binary (the one the record names or this backend's, also after an
+        upgrade replaced the file); and that directory's ``vmm.json`` is missing, unreadable or
+        names another process.
+        """
+        root = guests_root.resolve()
+        return [orphan for pid in list_pids() if (orphan := self._as_orphan(pid, root)) is not None]
+
+    async def reap_orphans(self, guests_root: Path) -> list[OrphanVMM]:
+        """SIGKILL (through a pidfd) every process ``find_orphans`` reports, and remove its RAM
+        file as ``QemuVMHandle.kill`` does. Returns the ones ended.
+
+        Meant for server start, before VMs are adopted or started. Safe at any time: each orphan is
+        re-checked after its pidfd is open, and a directory whose start lock is held (a start
+        between spawning QEMU and writing vmm.json looks exactly like an orphan) is skipped.
+        """
+        root = await asyncio.to_thread(guests_root.resolve)
+        reaped = []
+        for orphan in await asyncio.to_thread(self.find_orphans, root):
+            try:
+                with exclusive_lock(orphan.directory / START_LOCK, "a start is in progress"):
+                    ended = await self._kill_orphan(orphan, root)
+            except Conflict:
+                log.info("VM %s: not reaping pid %d: a start is in progress", orphan.vm_id, orphan.pid)
+                continue
+            if ended:
+                reaped.append(orphan)
+        return reaped
+
+    async def _kill_orphan(self, orphan: OrphanVMM, root: Path) -> bool:
+        watch = ProcessWatch.open_verified(orphan.pid, lambda: self._as_orphan(orphan.pid, root) == orphan)
+        if watch is None:
+            return False  # gone, or no longer an orphan (adopted, PID reused)
+        try:
+            log.warning(
+                "VM %s: killing orphaned QEMU pid %d in %s (%s)",
+                orphan.vm_id,
+                orphan.pid,
+                orphan.directory,
+                orphan.reason,
+            )
+            watch.send_signal(signal.SIGKILL)
+            if not await watch.wait(KILL_TIMEOUT):
+                log.error("VM %s: orphaned QEMU pid %d survived SIGKILL", orphan.vm_id, orphan.pid)
+                return False
+        finally:
+            watch.close()
+        # The RAM file is the orphan's, unless a recorded VMM runs in the directory: then it is
+        # that one's (its start replaced the file).
+        record = ProcessRecord.load(orphan.directory / PROCESS_RECORD)
+        if record is None or record.mismatch() is not None:
+            await asyncio.to_thread(_remove_memory_file, orphan.directory)
+        return True
+
+    def _as_orphan(self, pid: int, root: Path) -> OrphanVMM | None:
+        """``pid`` as an orphan of a VM directory under ``root`` (resolved), or None."""
+        directory = process_cwd(pid)
+        if directory is None or directory.parent != root:
+            return None
+        start_time = process_start_time(pid)
+        launch = QemuLaunchRecord.load(directory)
+        if start_time is None or launch is None or process_cmdline(pid) != launch.argv:
+            return None
+        if not self._runs_qemu_binary(pid, launch):
+            return None
+        record = ProcessRecord.load(directory / PROCESS_RECORD)
+        if record is None:
+            reason = f"no valid {PROCESS_RECORD}"
+        elif (record.pid, record.start_time, record.boot_id) == (pid, start_time, host_boot_id()):
+            return None  # the recorded VMM: adopt() takes it
+        else:
+            reason = f"{PROCESS_RECORD} names another process (pid {record.pid})"
+        if process_start_time(pid) != start_time:
+            return None  # the PID was reused while we looked
+        return OrphanVMM(
+            pid=pid, start_time=start_time, directory=directory, vm_id=launch.config.vm_id, reason=reason
+        )
+
+    def _runs_qemu_binary(self, pid: int, launch: QemuLaunchRecord) -> bool:
+        exe = process_exe(pid)
+        if exe is None:
+            return False
+        binaries = [launch.qemu_binary]
+        with contextlib.suppress(DependencyMissing):
+            binaries.append(str(self.binary))
+        # A binary replaced (upgraded) since the process started reads as "<path> (deleted)".
+        exe_path = exe.removesuffix(" (deleted)")
+        for binary in binaries:
+            if exe_path == str(Path(binary).resolve()):
+                return True
+            with contextlib.suppress(OSError):
+                if os.path.samefile(f"/proc/{pid}/exe", binary):
+                    return True
+        return False
 
     async def _adopt_unlocked(self, directory: Path, *, connect: bool) -> QemuVMHandle | None:
         record = ProcessRecord.load(directory / PROCESS_RECORD)
@@ -412,11 +542,27 @@ def _spawn(argv: list[str], directory: Path, vmm_log_path: Path) -> subprocess.P
         )
 
 
-def _kill_child(child: subprocess.Popen[bytes]) -> None:
+def _prepare_directory(launch: QemuLaunchRecord) -> None:
+    """Blocking: unlinking a RAM file of gigabytes takes a while, and the record is fsynced."""
+    directory = launch.config.directory
+    # Leftovers of an earlier run: stale sockets, and RAM that a fresh boot must not see.
+    for stale in (QMP_SOCKET, launch.config.agent_socket, MEMORY_FILE):
+        (directory / stale).unlink(missing_ok=True)
+    write_model_atomic(directory / LAUNCH_RECORD, launch)
+
+
+def _remove_memory_file(directory: Path) -> None:
+    """Blocking (freeing the guest RAM's blocks): run it in a thread from async code."""
+    (directory / MEMORY_FILE).unlink(missing_ok=True)
+
+
+async def _kill_child(child: subprocess.Popen[bytes]) -> None:
     """Stop and reap a QEMU we spawned but could not take charge of."""
     with contextlib.suppress(ProcessLookupError):
         child.kill()
-    child.wait()
+    # Reaped in a thread: tearing down a large guest takes a moment. Should this wait itself be
+    # cancelled, the thread still reaps the child.
+    await asyncio.to_thread(child.wait)
 
 
 def _log_tail(path: Path, limit: int = 1500) -> str:

@@ -88,15 +88,45 @@ def parse_qemu_version(output: str) -> str:
     return match.group(1)
 
 
-@functools.cache
+# (resolved path, st_dev, st_ino, st_size, st_mtime_ns): changes when the file is replaced
+# (package upgrade: new inode) or rewritten in place (size/mtime), or a symlink is repointed.
+BinaryIdentity = tuple[str, int, int, int, int]
+
+# binary as given -> (identity it had when asked, its version). One entry per binary path, so
+# upgrades replace entries instead of piling up.
+_versions: dict[Path, tuple[BinaryIdentity, str]] = {}
+
+
+def binary_identity(binary: Path) -> BinaryIdentity:
+    resolved = binary.resolve()
+    st = resolved.stat()
+    return (str(resolved), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def qemu_version(binary: Path) -> str:
+    """``X.Y.Z`` of ``binary``, cached per file identity rather than per process: a QEMU
+    upgraded under a running server is noticed at the next call (one ``stat``), so launch
+    records name the version actually launched. Blocking (runs ``--version`` when the binary
+    is new or changed): call it from a thread in async code."""
+    try:
+        identity = binary_identity(binary)
+    except OSError as exc:
+        raise DependencyMissing(f"cannot find {binary}: {exc}") from exc
+    cached = _versions.get(binary)
+    if cached is not None and cached[0] == identity:
+        return cached[1]
     try:
         result = subprocess.run(
-            [str(binary), "--version"], capture_output=True, text=True, timeout=30, check=False
+            [identity[0], "--version"], capture_output=True, text=True, timeout=30, check=False
         )
-    except OSError as exc:
+    except (OSError, subprocess.TimeoutExpired) as exc:
         raise DependencyMissing(f"cannot run {binary}: {exc}") from exc
-    return parse_qemu_version(result.stdout)
+    version = parse_qemu_version(result.stdout)
+    # Replaced while it ran: the answer may belong to either file, so it is not cached.
+    with contextlib.suppress(OSError):
+        if binary_identity(binary) == identity:
+            _versions[binary] = (identity, version)
+    return version
 
 
 # --- TSC -----------------------------------------------------------------------------------
@@ -165,7 +195,10 @@ def _tsc_khz_from_cpuinfo() -> int | None:
 
 @functools.cache
 def host_tsc_khz() -> int | None:
-    """The host TSC rate in kHz, or None if no method worked (then the option is left out)."""
+    """The host TSC rate in kHz, or None if no method worked (then the option is left out).
+
+    Blocking at the first call (a 50 ms measurement, perhaps ``dmesg``), cached afterwards: async
+    code calls it through ``asyncio.to_thread``."""
     for method in (_measure_tsc_khz, _tsc_khz_from_dmesg, _tsc_khz_from_cpuinfo):
         value = method()
         # Anything outside 100 MHz .. 10 GHz is a failed measurement, not a CPU.
@@ -267,7 +300,7 @@ async def probe_acceleration(
     binary: Path, cache_dir: Path | None = None, *, use_cache: bool = True
 ) -> AccelDecision:
     """Decide kvm or tcg for this host. Cached in ``cache_dir`` (host kernel + QEMU version)."""
-    version = qemu_version(binary)
+    version = await asyncio.to_thread(qemu_version, binary)
     host_kernel = os.uname().release
     forced = os.environ.get(ACCEL_ENV, "").strip().lower()
     if forced:
@@ -307,5 +340,5 @@ async def probe_acceleration(
         )
     log.info("acceleration: %s (%s)", decision.accel, decision.reason)
     if cache_path is not None:
-        write_model_atomic(cache_path, decision)
+        await asyncio.to_thread(write_model_atomic, cache_path, decision)
     return decision

@@ -151,7 +151,7 @@ class ImageService:
 
     async def start(self) -> None:
         self.blobs.clean_partials()
-        self.store.clean_deleted()
+        await asyncio.to_thread(self.store.clean_deleted)  # rmtree of whole image trees
         await self._recover()
         self._workers = [asyncio.create_task(self._worker(), name=f"image-worker-{i}")
                          for i in range(self.max_concurrent)]
@@ -172,13 +172,13 @@ class ImageService:
             if record.status not in IN_PROGRESS:
                 continue
             if record.source.borrowed_credentials:
-                self._write(record, status="failed", error=INTERRUPTED_CREDENTIALED_PULL)
+                await self._write(record, status="failed", error=INTERRUPTED_CREDENTIALED_PULL)
                 continue
             if not self.blobs.has(record.digest):
-                self._write(record, status="failed", error="image manifest missing after restart")
+                await self._write(record, status="failed", error="image manifest missing after restart")
                 continue
             log.info("resuming interrupted image job %s (%s)", record.digest, record.status)
-            self._enqueue(record, None)
+            await self._enqueue(record, None)
 
     # ---- public API: pull, push import, lookups ---------------------------------------
 
@@ -269,9 +269,9 @@ class ImageService:
                 raise ImageNotReady(f"image {pointer.name} is {record.status}, not ready")
             previous = self.store.read_pointer(str(target_ref))
             new = NamePointer(name=str(target_ref), digest=record.digest, tags=dict(pointer.tags))
-            self.store.write_pointer(new)
+            await asyncio.to_thread(self.store.write_pointer, new)
             if previous is not None and previous.digest != record.digest:
-                self._collect(previous.digest)
+                await self._collect(previous.digest)
             return self._image(new, record)
 
     async def delete(self, name: str) -> None:
@@ -284,13 +284,13 @@ class ImageService:
                     raise ImageNotFound(f"image {ref} not found")
                 for pointer in doomed:
                     self.store.delete_pointer(pointer.name)
-                self._collect(ref.digest or "")
+                await self._collect(ref.digest or "")
                 return
             existing = self.store.read_pointer(str(ref))
             if existing is None:
                 raise ImageNotFound(f"image {ref} not found")
             self.store.delete_pointer(existing.name)
-            self._collect(existing.digest)
+            await self._collect(existing.digest)
 
     async def wait(self, name: str) -> Image:
         """Wait until the image is ready or failed; callers bound it with ``asyncio.timeout``."""
@@ -309,13 +309,14 @@ class ImageService:
         async with self._lock:
             record = self.store.read_record(digest)
             if record is not None and record.status == "failed" and digest not in self._jobs:
-                self.store.remove_content(digest)  # failures are not cached: retry from scratch
+                # failures are not cached: retry from scratch
+                await asyncio.to_thread(self.store.remove_content, digest)
                 record = None
             if record is None:
                 record = ContentRecord(digest=digest, status="pending", source=source,
                                        manifest_media_type=media_type, platform=platform or source.platform)
-                self.store.write_record(record)
-                self._enqueue(record, credentials)
+                await asyncio.to_thread(self.store.write_record, record)
+                await self._enqueue(record, credentials)
             elif record.status in IN_PROGRESS:
                 job = self._jobs.get(digest)
                 wanted = credentials.fingerprint() if credentials else ("", "", "")
@@ -330,15 +331,15 @@ class ImageService:
                 created_at=previous.created_at if previous and previous.digest == digest else utcnow(),
                 tags=tags if tags is not None else (previous.tags if previous else {}),
             )
-            self.store.write_pointer(pointer)
+            await asyncio.to_thread(self.store.write_pointer, pointer)
             if previous is not None and previous.digest != digest:
-                self._collect(previous.digest)
+                await self._collect(previous.digest)
             return self._image(pointer, record)
 
-    def _enqueue(self, record: ContentRecord, credentials: RegistryCredentials | None) -> None:
+    async def _enqueue(self, record: ContentRecord, credentials: RegistryCredentials | None) -> None:
         job = _Job(digest=record.digest, credentials=credentials)
         self._jobs[record.digest] = job
-        self._write(record, status="pending", error=None, job_id=job.job_id)
+        await self._write(record, status="pending", error=None, job_id=job.job_id)
         self._waiting.append(record.digest)
         self._queue.put_nowait(record.digest)
 
@@ -390,7 +391,7 @@ class ImageService:
             working_dir=record.config.working_dir, user=record.config.user,
         )
 
-    def _collect(self, digest: str) -> None:
+    async def _collect(self, digest: str) -> None:
         """Remove content no name points at, unless a job or a VM still uses it."""
         if any(p.digest == digest for p in self.store.list_pointers()):
             return
@@ -404,13 +405,14 @@ class ImageService:
                 return  # running: the worker collects it when done
         if self.content_in_use(digest):
             return
-        self.store.remove_content(digest)
+        await asyncio.to_thread(self.store.remove_content, digest)
 
-    def _write(self, record: ContentRecord, **changes: Any) -> ContentRecord:
+    async def _write(self, record: ContentRecord, **changes: Any) -> ContentRecord:
         for key, value in changes.items():
             setattr(record, key, value)
         record.updated_at = utcnow()
-        self.store.write_record(record)
+        # fsync of the file and its directory: milliseconds to seconds on a busy disk.
+        await asyncio.to_thread(self.store.write_record, record)
         return record
 
     async def _set_status(self, job: _Job, status: ImageStatus, **changes: Any) -> ContentRecord | None:
@@ -418,7 +420,7 @@ class ImageService:
             record = self.store.read_record(job.digest)
             if record is None or record.job_id != job.job_id:
                 return None  # deleted or superseded meanwhile
-            return self._write(record, status=status, **changes)
+            return await self._write(record, status=status, **changes)
 
     # ---- internals: the worker --------------------------------------------------------
 
@@ -445,7 +447,7 @@ class ImageService:
                     del self._jobs[digest]
                 job.done.set()
             async with self._lock:
-                self._collect(digest)
+                await self._collect(digest)
 
     async def _run(self, job: _Job) -> None:
         record = self.store.read_record(job.digest)

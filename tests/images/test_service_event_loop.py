@@ -1,0 +1,57 @@
+"""ImageService keeps fsynced record writes and tree removals off the event loop (real registry)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hypemand.images.models import CreateImageRequest
+from hypemand.images.service import ImageService
+from tests.images.conftest import PushedRegistry
+
+pytestmark = pytest.mark.registry
+
+
+async def test_record_writes_and_removals_run_in_worker_threads(
+    tmp_path: Path, local_registry: PushedRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every one of these fsyncs (records, name pointers) or walks a whole image tree (removal):
+    done on the loop under the service lock, they would stall every request meanwhile."""
+    service = ImageService(tmp_path / "data")
+    loop_thread = threading.get_ident()
+    called: set[str] = set()
+    on_the_loop: list[str] = []
+
+    def observed(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            called.add(name)
+            if threading.get_ident() == loop_thread:
+                on_the_loop.append(name)
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    blocking = ("write_record", "write_pointer", "remove_content", "clean_deleted")
+    for name in blocking:
+        monkeypatch.setattr(service.store, name, observed(name, getattr(service.store, name)))
+    ref = local_registry.ref("test/single:1")
+    alias = "example.com/alias/single:1"
+    try:
+        await service.start()
+        await service.create(CreateImageRequest(name=ref))
+        async with asyncio.timeout(300):
+            image = await service.wait(ref)
+        assert image.status == "ready", image.error
+        await service.tag(ref, alias)
+        await service.delete(alias)
+        await service.delete(ref)  # the last name: the content goes
+        assert service.store.read_record(image.digest) is None
+    finally:
+        await service.stop()
+    assert called == set(blocking)
+    assert on_the_loop == []
