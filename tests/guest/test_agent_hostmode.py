@@ -7,6 +7,7 @@ No VM: the agent runs on the host behind a pty relay that behaves like QEMU's ch
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import socket
@@ -388,3 +389,69 @@ async def _start_with_long_path(agent: HostAgent) -> None:
 async def test_connect_times_out_without_agent(tmp_path: Path) -> None:
     with pytest.raises(AgentTimeout):
         await AgentClient.connect(tmp_path / "nothing.sock", timeout=0.3)
+
+
+# IDENTITY: the agent runs as root on this host, where eth0 and the hostname are the host's. Only
+# requests that the agent refuses before changing anything, or that add entropy, are sent here; the
+# hostname and MAC are changed in tests/guest/test_agent_vm.py.
+
+
+def _has_cap_sys_admin() -> bool:
+    status = Path("/proc/self/status").read_text()
+    (effective,) = (line.split()[1] for line in status.splitlines() if line.startswith("CapEff:"))
+    return bool(int(effective, 16) & (1 << 21))
+
+
+async def test_identity_entropy_reaches_the_kernel(client: AgentClient) -> None:
+    """The ioctl numbers and argument are right: the kernel takes them (OK), or refuses an
+    unprivileged caller (EPERM); a wrong number would be ENOTTY, a wrong layout EFAULT/EINVAL.
+    Mixing 64 random bytes into this host's pool is harmless."""
+    if _has_cap_sys_admin():
+        await client.set_identity(os.urandom(64))
+        await client.set_identity(os.urandom(p.IDENTITY_MAX_ENTROPY))
+    else:
+        with pytest.raises(AgentError) as info:
+            await client.set_identity(os.urandom(64))
+        assert info.value.errno == errno.EPERM
+
+
+async def test_identity_over_the_limits_is_refused_before_anything_changes(client: AgentClient) -> None:
+    hostname = socket.gethostname()
+    with pytest.raises(AgentError) as info:
+        await client.set_identity(os.urandom(p.IDENTITY_MAX_ENTROPY + 1), hostname="never-set")
+    assert info.value.errno == errno.EINVAL
+    assert "513 bytes of entropy" in str(info.value)
+    with pytest.raises(AgentError) as info:
+        await client.set_identity(os.urandom(64), hostname="h" * (p.IDENTITY_MAX_HOSTNAME + 1))
+    assert info.value.errno == errno.EINVAL
+    assert "hostname of 65 bytes" in str(info.value)
+    assert socket.gethostname() == hostname
+    assert (await client.run(["echo", "still serving"])).stdout == b"still serving\n"
+
+
+async def test_identity_malformed_payload_gets_an_error_frame(host_agent: HostAgent) -> None:
+    """Raw frames (the client cannot produce these): a truncated request and a 3-byte MAC."""
+    with socket.socket(socket.AF_UNIX) as raw:
+        raw.connect(str(host_agent.socket_path))
+        raw.settimeout(10)
+        raw.sendall(p.hello(77))
+        decoder = p.FrameDecoder()
+        replies: list[p.Frame] = []
+
+        def receive() -> p.Frame:
+            while not replies:
+                data = raw.recv(65536)
+                assert data, "agent closed the connection"
+                frames = decoder.feed(data)
+                replies.extend(f for f in frames if not (f.session == 0 and f.type == p.Msg.HELLO_ACK))
+            return replies.pop(0)
+
+        raw.sendall(p.encode_frame(5, p.Msg.IDENTITY, b"\x00\x08abc"))  # 8 bytes announced, 3 sent
+        raw.sendall(p.encode_frame(6, p.Msg.IDENTITY, b"\x00\x00\x03\x02\x00\x00\0"))
+        got = {}
+        for _ in range(2):
+            frame = await asyncio.to_thread(receive)
+            assert frame.type == p.Msg.ERROR
+            got[frame.session] = p.decode_error(frame.payload)
+    assert got[5] == (errno.EINVAL, "malformed identity request: Invalid argument")
+    assert got[6] == (errno.EINVAL, "identity: a MAC address has 6 bytes")

@@ -7,6 +7,7 @@ One VM serves the whole module (boots are expensive on 2 shared cores).
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import os
 import time
@@ -19,10 +20,12 @@ import pytest_asyncio
 from hypemand.guest.client import AgentClient, AgentDisconnected, AgentError, GetEntry
 from hypemand.guest.config_disk import GuestConfig
 from hypemand.guest.models import EntryType
+from hypemand.hypervisor.base import PortForward
 from hypemand.hypervisor.qemu import QemuHypervisor
 from hypemand.instances.boot import RunningGuest
 from hypemand.system.files import SystemFiles
-from tests.support.guest import booted_guest, guest_spec
+from tests.support.guest import booted_guest, guest_spec, http_get
+from tests.support.net import free_port
 
 pytestmark = [pytest.mark.vm, pytest.mark.asyncio(loop_scope="module")]
 
@@ -185,3 +188,71 @@ async def test_a_restarted_agent_is_used_at_once_and_keeps_signals_to_itself(vm:
     assert done.stdout == b"sent\n"
     assert (await vm.agent.run(["sh", "-c", find_program])).stdout.split() == program
     assert "HYPEMAN-EXIT" not in vm.handle.console_log_path.read_text()
+
+
+IDENTITY_PAGE = "served-after-the-mac-change"
+
+
+async def test_set_identity(
+    accel_cache_dir: Path,
+    system_files: SystemFiles,
+    busybox_ext4: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A guest of its own (with networking, and a hostname/MAC the other tests must not see)
+    gets a new identity: the CRNG ioctls succeed, hostname and MAC change, and eth0 keeps its
+    address and default route. The port forward still reaching the guest's server afterwards
+    shows that QEMU's user network learnt the new MAC (the guest announces it)."""
+    port = free_port()
+    spec = guest_spec(
+        tmp_path_factory.mktemp("identity-vm") / "vm",
+        busybox_ext4,
+        GuestConfig(
+            entrypoint=["/bin/sh", "-c"],
+            cmd=[
+                f"mkdir -p /tmp/www && echo {IDENTITY_PAGE} > /tmp/www/index.html && "
+                "exec httpd -f -p 80 -h /tmp/www"
+            ],
+            env={"PATH": "/bin"},
+        ),
+        port_forwards=[PortForward(host_port=port, guest_port=80)],
+    )
+    async with booted_guest(QemuHypervisor(state_dir=accel_cache_dir), system_files, spec) as guest:
+        agent = guest.agent
+
+        async def sh(script: str) -> str:
+            done = await agent.run(["sh", "-c", script])
+            assert done.exit_code == 0, done
+            return done.stdout.decode()
+
+        assert (await http_get(port)).strip() == IDENTITY_PAGE  # the user network knows the old MAC
+        old_mac = (await sh("cat /sys/class/net/eth0/address")).strip()
+        new_mac = "02:5e:11:22:33:44"
+        assert old_mac != new_mac
+        routes_before = await sh("ip -4 route")
+        assert "default via 10.0.2.2 dev eth0" in routes_before, routes_before
+
+        await agent.set_identity(os.urandom(64), mac=new_mac, hostname="fork-b")
+        assert await sh("hostname") == "fork-b\n"
+        assert await sh("cat /sys/class/net/eth0/address") == new_mac + "\n"
+        assert "inet 10.0.2.15/24" in await sh("ip -4 addr show dev eth0")
+        assert await sh("ip -4 route") == routes_before  # same routes, same metrics
+        assert "UP" in (await sh("ip link show dev eth0")).split("<")[1].split(">")[0].split(",")
+        assert (await http_get(port, attempts=25)).strip() == IDENTITY_PAGE
+
+        # Entropy alone, again: the ioctls succeed every time (root in the guest; a wrong number
+        # would be ENOTTY), and MAC, hostname and routes stay.
+        await agent.set_identity(os.urandom(64))
+        await agent.set_identity(os.urandom(512))
+        assert await sh("hostname; cat /sys/class/net/eth0/address") == f"fork-b\n{new_mac}\n"
+
+        # Refused before anything changes.
+        for bad in ("01:00:5e:00:00:01", "00:00:00:00:00:00"):
+            with pytest.raises(AgentError) as info:
+                await agent.set_identity(os.urandom(64), mac=bad, hostname="never")
+            assert info.value.errno == errno.EINVAL and "not a unicast address" in str(info.value)
+        with pytest.raises(AgentError) as info:
+            await agent.set_identity(os.urandom(513))
+        assert info.value.errno == errno.EINVAL
+        assert await sh("hostname; cat /sys/class/net/eth0/address") == f"fork-b\n{new_mac}\n"
+        assert await sh("ip -4 route") == routes_before

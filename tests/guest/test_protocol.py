@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import struct
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +115,53 @@ def test_non_utf8_names_round_trip() -> None:
     assert raw.endswith(b"/tmp/\xff\0")
     fields = struct.pack(">BIQqII", 0, 0o644, 0, 0, 0, 0)
     assert p.decode_entry(fields + b"\xff\0\0").path == "\udcff"
+
+
+def test_identity_request_layout() -> None:
+    entropy = bytes(range(64))
+    raw = p.identity_request(4, entropy, p.parse_mac("52:54:00:AB:cd:0f"), "fork-1")
+    length, session, msg_type = p.HEADER.unpack_from(raw)
+    body = raw[p.HEADER.size :]
+    assert (length, session, msg_type) == (len(body), 4, 0x31)
+    assert body == b"\x00\x40" + entropy + b"\x06" + bytes.fromhex("525400abcd0f") + b"fork-1\0"
+
+
+def test_identity_request_keeps_what_is_empty() -> None:
+    raw = p.identity_request(1, b"")
+    assert raw[p.HEADER.size :] == b"\x00\x00" + b"\x00" + b"\0"
+
+
+def test_identity_request_leaves_limits_to_the_agent_but_not_the_layout() -> None:
+    # Over the agent's limits still encodes: the agent answers EINVAL (tested against the binary).
+    assert len(p.identity_request(1, bytes(1000), hostname="h" * 100)) > 1000
+    with pytest.raises(ValueError):
+        p.identity_request(1, bytes(0x10000))
+    with pytest.raises(ValueError):
+        p.identity_request(1, b"x", mac=b"\x52\x54")
+    with pytest.raises(ValueError):
+        p.identity_request(1, b"x", hostname="a\0b")
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "52:54:00:12:34", "52:54:00:12:34:56:78", "5254.0012.3456", "52:54:00:12:34:zz", "52:54:00:12:34:5",
+     "+2:54:00:12:34:56"],
+)
+def test_parse_mac_rejects(text: str) -> None:
+    with pytest.raises(ValueError):
+        p.parse_mac(text)
+
+
+def test_parse_mac_accepts_colons_and_dashes() -> None:
+    expected = bytes.fromhex("02000000000a")
+    assert p.parse_mac("02-00-00-00-00-0A") == p.parse_mac("02:00:00:00:00:0a") == expected
+
+
+def test_c_header_agrees_on_identity() -> None:
+    """agent_proto.h and protocol.py are kept in step by hand: pin the new request's constants."""
+    header = (Path(p.__file__).parent / "init" / "agent_proto.h").read_text()
+    defines = dict(re.findall(r"^#define (AP_\w+) (\w+)", header, re.MULTILINE))
+    assert int(defines["AP_IDENTITY"], 0) == p.Msg.IDENTITY
+    assert int(defines["AP_IDENTITY_MAX_ENTROPY"]) == p.IDENTITY_MAX_ENTROPY
+    assert int(defines["AP_IDENTITY_MAX_HOSTNAME"]) == p.IDENTITY_MAX_HOSTNAME
+    assert int(defines["AP_OK"], 0) == p.Msg.OK

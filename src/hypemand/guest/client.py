@@ -606,6 +606,16 @@ class AgentClient:
         value = time.time_ns() if unix_ns is None else unix_ns
         await self._simple(lambda sid: p.set_clock_request(sid, value), p.Msg.OK)
 
+    async def set_identity(self, entropy: bytes, mac: str | None = None, hostname: str | None = None) -> None:
+        """Give a guest resumed from a shared memory image its own identity: ``entropy`` (the
+        caller's ``os.urandom(64)``; at most 512 bytes) is mixed into the kernel's pool, credited,
+        and the CRNG reseeded at once; ``mac`` (``"52:54:00:…"``) becomes eth0's address (its
+        IPv4 address and routes are kept); ``hostname`` is set. ``None`` or empty keeps the
+        current value. Raises ``AgentError`` with the guest's errno; steps before the failing one
+        (entropy, hostname, MAC, in that order) stay done."""
+        raw_mac = p.parse_mac(mac) if mac else b""
+        await self._simple(lambda sid: p.identity_request(sid, entropy, raw_mac, hostname or ""), p.Msg.OK)
+
     async def get(
         self, guest_path: str, follow_links: bool = False, recursive: bool = True
     ) -> AsyncIterator[GetEntry | GetEntryError]:

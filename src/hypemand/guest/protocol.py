@@ -42,6 +42,7 @@ class Msg(IntEnum):
     GET = 0x25
     STAT = 0x26
     SET_CLOCK = 0x30
+    IDENTITY = 0x31
     WINDOW = 0x40  # both directions
     CANCEL = 0x41
     # guest -> host
@@ -74,6 +75,9 @@ MKDIR_HAS_MTIME = 0x02
 SYMLINK_REPLACE = 0x01
 FOLLOW_LINKS = 0x01
 GET_RECURSIVE = 0x02
+# IDENTITY: the agent refuses more (EINVAL) before changing anything.
+IDENTITY_MAX_ENTROPY = 512
+IDENTITY_MAX_HOSTNAME = 64
 
 _ENTRY_TYPES = (EntryType.FILE, EntryType.DIR, EntryType.SYMLINK, EntryType.OTHER)
 
@@ -228,6 +232,28 @@ def stat_request(session: int, path: str, follow_links: bool) -> bytes:
 
 def set_clock_request(session: int, unix_ns: int) -> bytes:
     return encode_frame(session, Msg.SET_CLOCK, struct.pack(">q", unix_ns))
+
+
+def parse_mac(text: str) -> bytes:
+    """``"52:54:00:12:34:56"`` (``-`` also accepted as separator) -> 6 bytes."""
+    parts = text.replace("-", ":").split(":")
+    if len(parts) != 6 or not all(len(part) == 2 and part.isascii() and part.isalnum() for part in parts):
+        raise ValueError(f"invalid MAC address {text!r}")
+    try:
+        return bytes.fromhex("".join(parts))
+    except ValueError:
+        raise ValueError(f"invalid MAC address {text!r}") from None
+
+
+def identity_request(session: int, entropy: bytes, mac: bytes = b"", hostname: str = "") -> bytes:
+    """``u16 entropy_len | entropy | u8 mac_len (0 keep, 6) | mac | hostname\\0 (empty: keep)``.
+    Limits (entropy, hostname length, unicast MAC) are the agent's to enforce."""
+    if len(entropy) > 0xFFFF:
+        raise ValueError(f"{len(entropy)} bytes of entropy do not fit a u16 length")
+    if len(mac) not in (0, 6):
+        raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
+    body = struct.pack(">H", len(entropy)) + entropy + struct.pack(">B", len(mac)) + mac + _cstr(hostname)
+    return encode_frame(session, Msg.IDENTITY, body)
 
 
 # ---------- guest -> host ----------

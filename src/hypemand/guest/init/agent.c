@@ -21,6 +21,7 @@
 
 #include "agent.h"
 #include "agent_proto.h"
+#include "netconf.h"
 
 #define MAX_SESSIONS 256
 #define READ_CHUNK 32768
@@ -249,6 +250,15 @@ static void send_error(uint32_t session, int err, const char *what)
     else
         snprintf(msg, sizeof(msg), "%s", what);
     wr_str(&w, msg);
+    send_wr(session, AP_ERROR, &w);
+}
+
+/* An ERROR whose message already says what went wrong (netconf's reasons include strerror). */
+static void send_error_text(uint32_t session, int err, const char *text)
+{
+    struct wr w = wr_begin();
+    wr_u32(&w, (uint32_t)err);
+    wr_str(&w, text);
     send_wr(session, AP_ERROR, &w);
 }
 
@@ -954,6 +964,107 @@ static void handle_set_clock(uint32_t id, struct rd *r)
     send_empty(id, AP_OK);
 }
 
+/* ---------- identity (after a fork from a snapshot) ---------- */
+
+/* <linux/random.h> is not among musl's headers: the two ioctls and their argument, as the kernel
+ * defines them. */
+#ifndef RNDADDENTROPY
+#define RNDADDENTROPY 0x40085203 /* _IOW('R', 0x03, int[2]) */
+#endif
+#ifndef RNDRESEEDCRNG
+#define RNDRESEEDCRNG 0x5207 /* _IO('R', 0x07) */
+#endif
+struct entropy_arg { /* struct rand_pool_info with room for the data */
+    int entropy_count;  /* bits credited */
+    int buf_size;       /* bytes */
+    uint8_t buf[AP_IDENTITY_MAX_ENTROPY];
+};
+
+/* Mix the host's bytes into the input pool, credited in full, and reseed the CRNG now rather than
+ * at its next scheduled reseed, so that every reader from here on gets output no sibling fork can
+ * share. Needs CAP_SYS_ADMIN. init moved the kernel's devtmpfs (not the image's /dev, which it
+ * covers) into the new root before the switch, so /dev/urandom here is the kernel's node. */
+static int add_entropy(const uint8_t *data, size_t len, const char **what)
+{
+    *what = "open /dev/urandom";
+    int fd = open("/dev/urandom", O_RDONLY | O_CLOEXEC | O_NOCTTY);
+    if (fd < 0)
+        fd = open("/dev/random", O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
+    if (fd < 0)
+        return -1;
+    static struct entropy_arg arg;
+    arg.entropy_count = (int)(len * 8);
+    arg.buf_size = (int)len;
+    memcpy(arg.buf, data, len);
+    int rc = -1;
+    *what = "RNDADDENTROPY";
+    if (ioctl(fd, RNDADDENTROPY, &arg) == 0) {
+        *what = "RNDRESEEDCRNG";
+        rc = ioctl(fd, RNDRESEEDCRNG) == 0 ? 0 : -1;
+    }
+    int saved = errno;
+    memset(&arg, 0, sizeof(arg));
+    close(fd);
+    errno = saved;
+    return rc;
+}
+
+/* Everything is checked before anything changes; then entropy, hostname, MAC in that order. An
+ * ERROR names the step that failed (the earlier ones stay done). */
+static void handle_identity(uint32_t id, struct rd *r)
+{
+    uint16_t entropy_len = rd_u16(r);
+    const uint8_t *entropy = rd_take(r, entropy_len);
+    uint8_t mac_len = rd_u8(r);
+    const uint8_t *mac = rd_take(r, mac_len);
+    char *hostname = rd_str(r);
+    if (r->bad) {
+        send_error(id, EINVAL, "malformed identity request");
+        return;
+    }
+    char msg[128];
+    if (entropy_len > AP_IDENTITY_MAX_ENTROPY) {
+        snprintf(msg, sizeof(msg), "identity: %u bytes of entropy (at most %d)", entropy_len,
+                 AP_IDENTITY_MAX_ENTROPY);
+        send_error_text(id, EINVAL, msg);
+        return;
+    }
+    if (mac_len != 0 && mac_len != AP_IDENTITY_MAC_LEN) {
+        send_error_text(id, EINVAL, "identity: a MAC address has 6 bytes");
+        return;
+    }
+    if (mac_len && ((mac[0] & 1) || !(mac[0] | mac[1] | mac[2] | mac[3] | mac[4] | mac[5]))) {
+        snprintf(msg, sizeof(msg), "identity: %02x:%02x:%02x:%02x:%02x:%02x is not a unicast address", mac[0],
+                 mac[1], mac[2], mac[3], mac[4], mac[5]);
+        send_error_text(id, EINVAL, msg);
+        return;
+    }
+    size_t name_len = strlen(hostname);
+    if (name_len > AP_IDENTITY_MAX_HOSTNAME) {
+        snprintf(msg, sizeof(msg), "identity: hostname of %zu bytes (at most %d)", name_len,
+                 AP_IDENTITY_MAX_HOSTNAME);
+        send_error_text(id, EINVAL, msg);
+        return;
+    }
+    const char *what;
+    if (entropy_len && add_entropy(entropy, entropy_len, &what) != 0) {
+        send_error(id, errno, what);
+        return;
+    }
+    if (name_len && sethostname(hostname, name_len) != 0) {
+        send_error(id, errno, "sethostname");
+        return;
+    }
+    if (mac_len) {
+        char err[256];
+        if (netconf_set_mac("eth0", mac, err, sizeof(err)) != 0) {
+            send_error_text(id, errno, err);
+            return;
+        }
+    }
+    send_empty(id, AP_OK);
+}
+
 /* ---------- get (copy from guest) ---------- */
 
 static void send_entry(uint32_t id, const char *rel, const struct stat *st, const char *link)
@@ -1174,6 +1285,9 @@ static void handle_frame(uint32_t id, uint8_t type, uint8_t *payload, size_t len
         return;
     case AP_SET_CLOCK:
         handle_set_clock(id, &r);
+        return;
+    case AP_IDENTITY:
+        handle_identity(id, &r);
         return;
     default:
         break;

@@ -34,6 +34,7 @@
 #define AP_GET 0x25         /* u8 flags path\0 */
 #define AP_STAT 0x26        /* u8 flags path\0 */
 #define AP_SET_CLOCK 0x30   /* i64 unix_ns */
+#define AP_IDENTITY 0x31    /* u16 entropy_len entropy u8 mac_len(0|6) mac hostname\0 -> OK */
 #define AP_WINDOW 0x40      /* u32 increment (both directions) */
 #define AP_CANCEL 0x41      /* - : host abandons the session */
 
@@ -62,6 +63,11 @@
 #define AP_SYMLINK_REPLACE 0x01
 #define AP_FOLLOW_LINKS 0x01
 #define AP_GET_RECURSIVE 0x02
+
+/* IDENTITY limits (checked before anything is changed) */
+#define AP_IDENTITY_MAX_ENTROPY 512
+#define AP_IDENTITY_MAC_LEN 6
+#define AP_IDENTITY_MAX_HOSTNAME 64 /* HOST_NAME_MAX */
 
 /* entry / stat types */
 #define AP_T_FILE 0

@@ -13,4 +13,13 @@ int netconf_wait_for_link(const char *ifname, int timeout_ms);
 /* Address ip/prefix on ifname, bring it up, default route via gateway (may be NULL). */
 int netconf_ipv4(const char *ifname, const char *ip, int prefix, const char *gateway, char *err, size_t errlen);
 
+/* Give ifname the Ethernet address mac. The link goes down for the change (SIOCSIFHWADDR needs
+ * that unless the driver can change it live) and comes back up if it was up. Taking the link down
+ * makes the kernel drop the routes through it: they are read from /proc/net/route beforehand and
+ * added again (all but the prefix route of the interface's own address, which the kernel restores
+ * itself); the IPv4 address survives a link down, but is set again should it be gone. Finally a
+ * gratuitous ARP tells the neighbours (QEMU's user network among them) the new MAC.
+ * Returns 0, or -1 with errno set and a reason in err. */
+int netconf_set_mac(const char *ifname, const unsigned char mac[6], char *err, size_t errlen);
+
 #endif
