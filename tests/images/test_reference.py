@@ -1,11 +1,20 @@
-"""Reference and platform normalisation (pure)."""
+"""Reference and platform normalisation, and the one name grammar of pulls and pushes (pure)."""
 
 from __future__ import annotations
 
 import pytest
 
+from hypemand.images import uploads
 from hypemand.images.errors import InvalidName, InvalidPlatform
-from hypemand.images.reference import parse_platform, parse_reference
+from hypemand.images.reference import (
+    SHA256_DIGEST_RE,
+    TAG_RE,
+    parse_platform,
+    parse_reference,
+    pushed_image_reference,
+    validate_repository_path,
+)
+from hypemand.images.uploads import RegistryError, validate_repository
 
 D = "sha256:" + "a" * 64
 
@@ -73,3 +82,54 @@ def test_invalid_platforms(text: str) -> None:
     with pytest.raises(InvalidPlatform) as err:
         parse_platform(text)
     assert err.value.code == "invalid_platform"
+
+
+# ---- one grammar for pulls and pushes --------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["alpine:t\u0430g", "alpine:\u00e9t\u00e9", "alpine:\u0661"])
+def test_tags_are_ascii(text: str) -> None:
+    """``\\w`` would let any Unicode letter or digit into a tag."""
+    with pytest.raises(InvalidName):
+        parse_reference(text)
+
+
+REPOSITORY_PATHS_VALID = ["app", "team/app", "a.b/c", "a__b/c-d", "a---b", "x/y/z", "localhost/app"]
+REPOSITORY_PATHS_INVALID = [
+    "", "App", "app/", "/app", "app//x", "-app", "app-", "a..b", "a_-b", "app\n", "app ", "t\u00e9am/app",
+    "a" * 64,  # an image id, never a name
+    "a_b.c/app",  # the first component reads as a registry host, and is not a valid one
+    "x/" + "a" * 250,  # too long once docker.io/ is added
+]
+
+
+@pytest.mark.parametrize("path", REPOSITORY_PATHS_VALID)
+def test_repository_paths_valid_for_pull_and_push(path: str) -> None:
+    assert validate_repository_path(path) == path
+    assert validate_repository(path) == path
+    parse_reference(f"{path}:v1")
+
+
+@pytest.mark.parametrize("path", REPOSITORY_PATHS_INVALID)
+def test_repository_paths_invalid_for_pull_and_push(path: str) -> None:
+    """The /v2 endpoints refuse exactly the names a push could not turn into an image."""
+    with pytest.raises(InvalidName):
+        validate_repository_path(path)
+    with pytest.raises(RegistryError) as info:
+        validate_repository(path)
+    assert info.value.code == "NAME_INVALID" and info.value.status == 400
+
+
+def test_pushed_image_reference() -> None:
+    assert str(pushed_image_reference("team/app", "v1")) == "docker.io/team/app:v1"
+    assert str(pushed_image_reference("app", "v1")) == "docker.io/library/app:v1"
+    assert str(pushed_image_reference("team/app", D)) == f"docker.io/team/app@{D}"
+    for repository, reference in [("a" * 64, "v1"), ("team/app", "bad tag"), ("team/app", "sha256:abc")]:
+        with pytest.raises(InvalidName):
+            pushed_image_reference(repository, reference)
+
+
+def test_the_upload_module_has_no_grammar_of_its_own() -> None:
+    assert uploads.TAG_RE is TAG_RE
+    assert uploads.SHA256_DIGEST_RE is SHA256_DIGEST_RE
+    assert not hasattr(uploads, "REPOSITORY_RE")

@@ -5,13 +5,21 @@ This path speaks the registry protocol, not the Hypeman API: errors are
 ``Docker-Distribution-Api-Version: registry/2.0`` and a 401 carries a ``WWW-Authenticate``
 challenge. Authentication is the API's JWT, sent as a Bearer token, as the Basic password, or
 exchanged at ``/v2/token`` by clients that follow the Bearer challenge (docker, skopeo).
+
+Authorization: every route is a *pull* (GET/HEAD of blobs and manifests, the tag list) or a
+*push* (anything that writes: uploads, manifest PUT, cross-repository mount). An API token
+needs ``image:read`` to pull and ``image:write`` to push, exactly like ``/images`` (a token
+without a ``permissions`` claim may do everything); a registry token (claims ``repos``, a list
+of exact repository names, and ``scope`` ``pull`` or ``push``) reaches only its repositories,
+and only ``scope=push`` writes. Refusals are 403 ``DENIED`` in the registry's error shape.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, Literal
+from urllib.parse import urlencode
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
@@ -30,7 +38,6 @@ from hypemand.images.uploads import (
     UploadSession,
     parse_content_range,
     range_header,
-    validate_repository,
 )
 
 API_VERSION_HEADER = {"Docker-Distribution-Api-Version": "registry/2.0"}
@@ -79,16 +86,11 @@ class RegistryRoute(APIRoute):
 
 
 def registry_service(request: Request) -> RegistryService:
-    """The runtime's image store, wrapped once per app in the registry's upload/manifest logic."""
-    state = request.app.state
-    service: RegistryService | None = getattr(state, "registry", None)
+    """The image service's registry side (it is started and stopped with the image service)."""
+    images = getattr(request.app.state.runtime, "images", None)
+    service: RegistryService | None = getattr(images, "push_registry", None)
     if service is None:
-        runtime = state.runtime
-        images = getattr(runtime, "images", None)
-        if images is None:
-            raise RegistryError(503, "UNAVAILABLE", "the image store is not available")
-        service = RegistryService(runtime.settings.data_dir / "images", images.blobs, images)
-        state.registry = service
+        raise RegistryError(503, "UNAVAILABLE", "the image store is not available")
     return service
 
 
@@ -102,23 +104,68 @@ def _verified_claims(request: Request) -> dict[str, Any]:
         raise RegistryError(401, "UNAUTHORIZED", f"invalid token: {exc}") from exc
 
 
-async def require_registry_access(request: Request) -> dict[str, Any]:
-    """API tokens may do anything; registry tokens (``repos`` + ``scope`` claims) are limited
-    to their repositories, and only ``scope=push`` may write."""
-    claims = _verified_claims(request)
-    if "repos" in claims:
-        repository = request.path_params.get("name")
-        allowed = claims.get("repos") or []
-        if repository is not None and repository not in allowed:
-            raise RegistryError(403, "DENIED", f"token does not grant access to {repository}")
-        if request.method not in ("GET", "HEAD") and claims.get("scope") != "push":
-            raise RegistryError(403, "DENIED", "token does not grant push access")
-    return claims
+Action = Literal["pull", "push"]
+# The API scope each registry action needs, as on /images (GET needs read, writes need write).
+_API_SCOPES: dict[Action, str] = {"pull": "image:read", "push": "image:write"}
+# What a registry token's ``scope`` claim allows: a pusher must also read (clients HEAD a blob
+# before uploading it).
+_REGISTRY_TOKEN_ACTIONS: dict[str, frozenset[Action]] = {
+    "pull": frozenset({"pull"}),
+    "push": frozenset({"pull", "push"}),
+}
 
+
+def _denied(message: str) -> RegistryError:
+    return RegistryError(403, "DENIED", message)
+
+
+def _check_registry_token(claims: dict[str, Any], repository: str | None, action: Action | None) -> None:
+    """``repos`` must be a list of repository names, matched exactly (a string would be
+    substring-matched by ``in``: ``"probe/app-long"`` would grant ``probe/app``)."""
+    repos = claims.get("repos")
+    if not isinstance(repos, list) or not all(isinstance(r, str) for r in repos):
+        raise _denied("registry token has a malformed repos claim (expected a list of repository names)")
+    if action is None:
+        return
+    scope = claims.get("scope")
+    allowed = _REGISTRY_TOKEN_ACTIONS.get(scope) if isinstance(scope, str) else None
+    if allowed is None or action not in allowed:
+        raise _denied(f"token does not grant {action} access")
+    if repository is None or repository not in repos:
+        raise _denied(f"token does not grant access to {repository}")
+
+
+def _check_api_token(claims: dict[str, Any], action: Action) -> None:
+    """No ``permissions`` claim: full access (as on /images). Otherwise it must be a list naming
+    the scope or ``*``; anything else grants nothing."""
+    needed = _API_SCOPES[action]
+    granted = claims.get("permissions")
+    if granted is None:
+        return
+    if not isinstance(granted, list) or not ("*" in granted or needed in granted):
+        raise _denied(f"missing required scope: {needed}")
+
+
+def registry_access(action: Action | None) -> Callable[[Request], Awaitable[dict[str, Any]]]:
+    """A dependency: a valid token allowed to ``action`` (``None``: any valid token, for the
+    version check and the paths that only answer 404/405) on the route's repository."""
+
+    async def check(request: Request) -> dict[str, Any]:
+        claims = _verified_claims(request)
+        if "repos" in claims:
+            _check_registry_token(claims, request.path_params.get("name"), action)
+        elif action is not None:
+            _check_api_token(claims, action)
+        return claims
+
+    return check
+
+
+PULL = [Depends(registry_access("pull"))]
+PUSH = [Depends(registry_access("push"))]
+ANY_TOKEN = [Depends(registry_access(None))]
 
 router = APIRouter(route_class=RegistryRoute, include_in_schema=False)
-protected = APIRouter(route_class=RegistryRoute, include_in_schema=False,
-                      dependencies=[Depends(require_registry_access)])
 
 
 @router.get("/v2/token")
@@ -136,7 +183,7 @@ async def token(request: Request) -> Response:
                          "expires_in": expires_in, "issued_at": issued_at})
 
 
-@protected.get("/v2/")
+@router.get("/v2/", dependencies=ANY_TOKEN)
 async def version_check() -> Response:
     return JSONResponse({})
 
@@ -184,26 +231,27 @@ async def _drain(body: AsyncIterator[bytes]) -> None:
         pass
 
 
-@protected.post("/v2/{name:path}/blobs/uploads/")
-@protected.post("/v2/{name:path}/blobs/uploads", include_in_schema=False)
+@router.post("/v2/{name:path}/blobs/uploads/", dependencies=PUSH)
+@router.post("/v2/{name:path}/blobs/uploads", dependencies=PUSH)
 async def start_upload(name: str, request: Request, digest: str | None = None, mount: str | None = None,
                        registry: RegistryService = Depends(registry_service)) -> Response:
-    """Start an upload; ``?digest=`` makes it monolithic, ``?mount=`` asks for a cross-repo mount."""
-    validate_repository(name)
+    """Start an upload; ``?digest=`` makes it monolithic, ``?mount=`` asks for a cross-repo mount.
+
+    Names and digests are checked by the service before any upload directory is created.
+    """
     if mount is not None:
         await _drain(request.stream())
         mounted_or_new = await registry.mount_or_start(name, mount)
         if mounted_or_new is None:
             return _blob_created(name, mount)
         return _upload_accepted(mounted_or_new, 0)
-    session = registry.start_upload(name)
     if digest is not None:
-        await registry.complete_upload(session, digest, _chunk(request))
+        await registry.upload_whole_blob(name, digest, _chunk(request))
         return _blob_created(name, digest)
-    return _upload_accepted(session, 0)
+    return _upload_accepted(await registry.start_upload(name), 0)
 
 
-@protected.patch("/v2/{name:path}/blobs/uploads/{upload_id}")
+@router.patch("/v2/{name:path}/blobs/uploads/{upload_id}", dependencies=PUSH)
 async def upload_chunk(name: str, upload_id: str, request: Request,
                        registry: RegistryService = Depends(registry_service)) -> Response:
     session = registry.get_upload(name, upload_id)
@@ -211,7 +259,7 @@ async def upload_chunk(name: str, upload_id: str, request: Request,
     return _upload_accepted(session, size)
 
 
-@protected.put("/v2/{name:path}/blobs/uploads/{upload_id}")
+@router.put("/v2/{name:path}/blobs/uploads/{upload_id}", dependencies=PUSH)
 async def finish_upload(name: str, upload_id: str, request: Request, digest: str | None = None,
                         registry: RegistryService = Depends(registry_service)) -> Response:
     session = registry.get_upload(name, upload_id)
@@ -221,14 +269,14 @@ async def finish_upload(name: str, upload_id: str, request: Request, digest: str
     return _blob_created(name, digest)
 
 
-@protected.get("/v2/{name:path}/blobs/uploads/{upload_id}")
+@router.get("/v2/{name:path}/blobs/uploads/{upload_id}", dependencies=PUSH)
 async def upload_status(name: str, upload_id: str,
                         registry: RegistryService = Depends(registry_service)) -> Response:
     session = registry.get_upload(name, upload_id)
     return _upload_accepted(session, await registry.upload_status(session), status=204)
 
 
-@protected.delete("/v2/{name:path}/blobs/uploads/{upload_id}")
+@router.delete("/v2/{name:path}/blobs/uploads/{upload_id}", dependencies=PUSH)
 async def cancel_upload(name: str, upload_id: str,
                         registry: RegistryService = Depends(registry_service)) -> Response:
     session = registry.get_upload(name, upload_id)
@@ -239,11 +287,10 @@ async def cancel_upload(name: str, upload_id: str,
 # -- blobs -----------------------------------------------------------------------------------
 
 
-@protected.api_route("/v2/{name:path}/blobs/{digest}", methods=["GET", "HEAD"])
+@router.api_route("/v2/{name:path}/blobs/{digest}", methods=["GET", "HEAD"], dependencies=PULL)
 async def get_blob(name: str, digest: str, request: Request,
                    registry: RegistryService = Depends(registry_service)) -> Response:
-    validate_repository(name)
-    path = registry.blob_path(digest)
+    path = registry.blob_path(name, digest)
     headers = {"Docker-Content-Digest": digest}
     if request.method == "HEAD":
         size = path.stat().st_size
@@ -264,7 +311,7 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     return bytes(body)
 
 
-@protected.put("/v2/{name:path}/manifests/{reference}")
+@router.put("/v2/{name:path}/manifests/{reference}", dependencies=PUSH)
 async def put_manifest(name: str, reference: str, request: Request,
                        registry: RegistryService = Depends(registry_service)) -> Response:
     body = await _read_limited(request, MAX_MANIFEST_BYTES)
@@ -276,7 +323,7 @@ async def put_manifest(name: str, reference: str, request: Request,
     })
 
 
-@protected.api_route("/v2/{name:path}/manifests/{reference}", methods=["GET", "HEAD"])
+@router.api_route("/v2/{name:path}/manifests/{reference}", methods=["GET", "HEAD"], dependencies=PULL)
 async def get_manifest(name: str, reference: str, request: Request,
                        registry: RegistryService = Depends(registry_service)) -> Response:
     revision, path = registry.get_manifest(name, reference)
@@ -287,18 +334,35 @@ async def get_manifest(name: str, reference: str, request: Request,
     return FileResponse(path, media_type=revision.media_type, headers=headers)
 
 
-@protected.get("/v2/{name:path}/tags/list")
-async def list_tags(name: str, n: int | None = None, last: str | None = None,
+def _page_size(n: str | None) -> int | None:
+    """``?n=``: a non-negative integer (taken as text: FastAPI would answer a bad one in the API's
+    error shape, not the registry's)."""
+    if n is None:
+        return None
+    if not n.isascii() or not n.isdigit():
+        raise RegistryError(400, "PAGINATION_NUMBER_INVALID",
+                            f"n must be a non-negative integer, not {n!r}", {"n": n})
+    return int(n)
+
+
+@router.get("/v2/{name:path}/tags/list", dependencies=PULL)
+async def list_tags(name: str, request: Request, n: str | None = None, last: str | None = None,
                     registry: RegistryService = Depends(registry_service)) -> Response:
+    """The OCI distribution spec's paging: tags in lexical order, only those after ``last``, at
+    most ``n`` of them (``n=0``: none), and a ``Link`` to the next page when some were left out."""
+    page_size = _page_size(n)
     tags = [t for t in registry.tags(name) if last is None or t > last]
     headers: dict[str, str] = {}
-    if n is not None and len(tags) > n:
-        tags = tags[:n]
-        headers["Link"] = f'</v2/{name}/tags/list?n={n}&last={tags[-1]}>; rel="next"'
+    if page_size is not None and len(tags) > page_size:
+        tags = tags[:page_size]
+        if tags:
+            next_page = request.url.path + "?" + urlencode({"n": page_size, "last": tags[-1]})
+            headers["Link"] = f'<{next_page}>; rel="next"'
     return JSONResponse({"name": name, "tags": tags}, headers=headers)
 
 
-@protected.api_route("/v2/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"])
+@router.api_route("/v2/{rest:path}", methods=["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"],
+                  dependencies=ANY_TOKEN)
 async def unsupported(rest: str, request: Request) -> Response:
     """Anything else under /v2 (deletes, catalog, unknown paths) in the registry's error shape."""
     if request.method in ("GET", "HEAD"):
@@ -306,4 +370,4 @@ async def unsupported(rest: str, request: Request) -> Response:
     return _oci_error(405, "UNSUPPORTED", f"{request.method} /v2/{rest} is not supported")
 
 
-routers = [router, protected]
+routers = [router]

@@ -3,6 +3,8 @@
 ``Image`` is the API shape and matches ``hypeman.types.Image`` (SDK 0.28.0) field for
 field, so strict response validation passes. ``ContentRecord`` and ``NamePointer`` are the
 on-disk records (see ``store.py``). ``ReadyImage`` is what the instance domain boots.
+``ImageManifest`` and ``ImageIndex`` (with ``Descriptor`` and ``ManifestPlatform``) are the
+shapes a pushed manifest must have (see ``manifests.py``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from hypemand.images.reference import SHA256_DIGEST_RE
 
 ImageStatus = Literal["pending", "pulling", "converting", "ready", "failed"]
 IN_PROGRESS: tuple[ImageStatus, ...] = ("pending", "pulling", "converting")
@@ -129,3 +133,62 @@ class ReadyImage(BaseModel):
     env: dict[str, str] = Field(default_factory=dict)
     working_dir: str | None = None
     user: str | None = None
+
+
+# ---- pushed manifests (OCI image manifest / index, Docker schema 2 / manifest list) --------
+#
+# Validated strictly (no "5" for 5, no string for an object) and completely before anything of a
+# push is stored, so that code reading a stored manifest can trust its shape. Unknown fields are
+# allowed, as both specs require; the stored bytes are the client's, not a re-serialisation.
+
+
+class _OciShape(BaseModel):
+    # By alias only: ``media_type`` in a manifest must not stand in for ``mediaType``.
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class ManifestPlatform(_OciShape):
+    """``platform`` of an index entry."""
+
+    architecture: str
+    os: str
+    os_version: str | None = Field(default=None, alias="os.version")
+    os_features: list[str] | None = Field(default=None, alias="os.features")
+    variant: str | None = None
+    features: list[str] | None = None
+
+
+class Descriptor(_OciShape):
+    """A reference to content by digest; only sha256 content can be stored here."""
+
+    media_type: str = Field(alias="mediaType", min_length=1)
+    digest: str = Field(pattern=rf"^{SHA256_DIGEST_RE.pattern}$")
+    size: int = Field(ge=0)
+    urls: list[str] | None = None
+    annotations: dict[str, str] | None = None
+    data: str | None = None
+    artifact_type: str | None = Field(default=None, alias="artifactType")
+    platform: ManifestPlatform | None = None
+
+
+class ImageManifest(_OciShape):
+    """One image: a config blob and its layers."""
+
+    schema_version: Literal[2] = Field(alias="schemaVersion")
+    media_type: str | None = Field(default=None, alias="mediaType")
+    artifact_type: str | None = Field(default=None, alias="artifactType")
+    config: Descriptor
+    layers: list[Descriptor]
+    subject: Descriptor | None = None
+    annotations: dict[str, str] | None = None
+
+
+class ImageIndex(_OciShape):
+    """Several manifests, usually one per platform."""
+
+    schema_version: Literal[2] = Field(alias="schemaVersion")
+    media_type: str | None = Field(default=None, alias="mediaType")
+    artifact_type: str | None = Field(default=None, alias="artifactType")
+    manifests: list[Descriptor]
+    subject: Descriptor | None = None
+    annotations: dict[str, str] | None = None

@@ -19,14 +19,25 @@ OFFICIAL_REPO_PREFIX = "library/"
 DEFAULT_TAG = "latest"
 NAME_TOTAL_LENGTH_MAX = 255
 
-_PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+# The one grammar of repository names, tags and digests: pull references here and the /v2 push
+# endpoints (``uploads.py``) both use these. Always matched with ``fullmatch`` (``$`` would let
+# a trailing newline through); character classes are spelled out because ``\w`` would accept any
+# Unicode letter.
+#
+# A repository path (what follows ``/v2/``, or a reference's name without its registry host):
+# lowercase alphanumeric components separated by ``.``, ``_``, ``__`` or dashes, joined by ``/``
+# (the OCI distribution spec's ``<name>``).
+PATH_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+REPOSITORY_PATH_RE = re.compile(rf"{PATH_COMPONENT}(?:/{PATH_COMPONENT})*")
+TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+# The only digest algorithm stored here.
+SHA256_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
+
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[a-fA-F0-9:]+\])(?::[0-9]+)?"
-_PATH_RE = re.compile(rf"{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*")
 _DOMAIN_RE = re.compile(_DOMAIN)
-_TAG_RE = re.compile(r"[\w][\w.-]{0,127}")
+# Any well-formed digest (so that ``@md5:...`` is reported as unsupported, not as garbage).
 _DIGEST_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}")
-_SHA256_RE = re.compile(r"sha256:[0-9a-f]{64}")
 _ANONYMOUS_ID_RE = re.compile(r"[a-f0-9]{64}")
 
 
@@ -70,7 +81,7 @@ class Reference:
 
 def validate_digest(digest: str) -> str:
     """Only sha256 digests are stored; anything else is refused."""
-    if not _SHA256_RE.fullmatch(digest):
+    if not isinstance(digest, str) or not SHA256_DIGEST_RE.fullmatch(digest):
         raise InvalidName(f"invalid digest {digest!r}: expected sha256:<64 lowercase hex>")
     return digest
 
@@ -103,7 +114,7 @@ def parse_reference(text: str) -> Reference:
     colon = name.rfind(":")
     if colon > last_slash:
         name, tag = name[:colon], name[colon + 1 :]
-        if not _TAG_RE.fullmatch(tag):
+        if not TAG_RE.fullmatch(tag):
             raise InvalidName(f"invalid reference format: bad tag in {text!r}")
     if not name:
         raise InvalidName(f"invalid reference format: empty name in {text!r}")
@@ -114,13 +125,38 @@ def parse_reference(text: str) -> Reference:
         raise InvalidName(f"invalid reference format: bad registry host in {text!r}")
     if path.lower() != path:
         raise InvalidName(f"invalid reference format: repository name must be lowercase: {text!r}")
-    if not _PATH_RE.fullmatch(path):
+    if not REPOSITORY_PATH_RE.fullmatch(path):
         raise InvalidName(f"invalid reference format: {text!r}")
     if len(f"{domain}/{path}") > NAME_TOTAL_LENGTH_MAX:
         raise InvalidName(f"repository name must not be longer than {NAME_TOTAL_LENGTH_MAX} characters")
     if tag is None and not at:
         tag = DEFAULT_TAG
     return Reference(domain=domain, path=path, tag=tag, digest=digest if at else None)
+
+
+def validate_repository_path(path: str) -> str:
+    """A repository name as a push names it (``team/app`` in ``/v2/team/app/...``).
+
+    Beyond the grammar, the name must also be a valid image name once normalised like a pull
+    reference (``docker.io/team/app``), because every push becomes an image of that name: so
+    a bare 64-character hex name, a first component that reads as a registry host but is not
+    one (``a_b.c/app``) and a name too long once ``docker.io/library/`` is added are refused
+    here, before anything is stored. Raises :class:`InvalidName`.
+    """
+    if not isinstance(path, str) or not REPOSITORY_PATH_RE.fullmatch(path):
+        raise InvalidName(f"invalid repository name {path!r}")
+    parse_reference(path)
+    return path
+
+
+def pushed_image_reference(repository: str, reference: str) -> Reference:
+    """The image name a push to ``/v2/<repository>/manifests/<reference>`` creates.
+
+    ``team/app`` + ``v1`` -> ``docker.io/team/app:v1``; a ``sha256:`` reference pins a digest.
+    """
+    validate_repository_path(repository)
+    separator = "@" if reference.startswith("sha256:") else ":"
+    return parse_reference(f"{repository}{separator}{reference}")
 
 
 # ---- platforms ---------------------------------------------------------------------------

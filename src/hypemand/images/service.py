@@ -11,6 +11,10 @@ already there is not fetched again), ``converting`` (unpack layers, build the di
 Restart: every record still ``pending``/``pulling``/``converting`` is re-queued from its
 stored manifest; a pull that borrowed credentials (which were never written down) is
 marked failed instead, with a message asking to retry with fresh credentials.
+
+The service also owns the server's own registry (``push_registry``, see ``uploads.py``), which
+imports pushed manifests through :meth:`ImageService.import_manifest`; starting the service
+sweeps its abandoned uploads and keeps sweeping them until the service stops.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from hypemand.images.errors import (
     InvalidTags,
     RegistryError,
 )
-from hypemand.images.media_types import INDEX_TYPES, MANIFEST_TYPES
+from hypemand.images.manifests import parse_manifest
+from hypemand.images.media_types import MANIFEST_TYPES
 from hypemand.images.models import (
     IN_PROGRESS,
     ContentRecord,
@@ -53,14 +58,18 @@ from hypemand.images.models import (
     RegistryCredentials,
     utcnow,
 )
-from hypemand.images.reference import Platform, Reference, host_platform, parse_platform, parse_reference
-from hypemand.images.registry_client import (
-    RegistryClient,
-    media_type_of,
-    select_platform,
+from hypemand.images.reference import (
+    Platform,
+    Reference,
+    host_platform,
+    parse_platform,
+    parse_reference,
+    pushed_image_reference,
 )
+from hypemand.images.registry_client import RegistryClient, select_platform
 from hypemand.images.store import ImageStore
 from hypemand.images.unpack import apply_layers
+from hypemand.images.uploads import DEFAULT_UPLOAD_MAX_AGE_SECONDS, RegistryService
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +140,15 @@ class ImageService:
         registry: RegistryClient | None = None,
         platform: Platform | None = None,
         resolve_timeout: float = 30.0,
+        upload_max_age: float = DEFAULT_UPLOAD_MAX_AGE_SECONDS,
     ) -> None:
         self.store = ImageStore(data_dir / "images")
         self.blobs = self.store.blobs
-        self.max_concurrent = max_concurrent or int(os.environ.get("HYPEMAND_MAX_CONCURRENT_PULLS", "1"))
-        self.disk_format = disk_format or DiskFormat(os.environ.get("HYPEMAND_IMAGE_FORMAT", "ext4"))
+        # The /v2 push side: uploads land in the same blob store, manifests come back here.
+        self.push_registry = RegistryService(data_dir / "images", self.blobs, self,
+                                             upload_max_age=upload_max_age)
+        self.max_concurrent = max_concurrent or 1
+        self.disk_format = disk_format or DiskFormat.EXT4
         self.platform = platform or host_platform()
         self.resolve_timeout = resolve_timeout
         self._registry = registry or RegistryClient()
@@ -153,6 +166,7 @@ class ImageService:
         self.blobs.clean_partials()
         await asyncio.to_thread(self.store.clean_deleted)  # rmtree of whole image trees
         await self._recover()
+        await self.push_registry.start()
         self._workers = [asyncio.create_task(self._worker(), name=f"image-worker-{i}")
                          for i in range(self.max_concurrent)]
 
@@ -164,6 +178,7 @@ class ImageService:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._workers = []
+        await self.push_registry.stop()
         await self._registry.aclose()
 
     async def _recover(self) -> None:
@@ -212,20 +227,25 @@ class ImageService:
         All blobs must already be in the BlobStore. The image is named by normalising the
         /v2 path the way a pull reference is: ``team/app`` + ``v1`` -> ``docker.io/team/app:v1``
         (``app`` -> ``docker.io/library/app:v1``; a digest reference gives ``...@sha256:...``).
+        Everything is checked (the name, the manifest's whole shape, the platform an index
+        offers) before anything is written.
         """
-        separator = "@" if reference.startswith("sha256:") else ":"
-        ref = parse_reference(f"{repository}{separator}{reference}")
-        expected = reference if ref.is_digest else None
-        digest = await asyncio.to_thread(self.blobs.write_bytes, manifest, expected)
-        kind = media_type_of(manifest, media_type)
+        ref = pushed_image_reference(repository, reference)
+        parsed = parse_manifest(manifest, media_type)
+        kind = parsed.media_type
         platform = None
-        if kind in INDEX_TYPES:
-            child_digest, kind, platform = select_platform(json.loads(manifest), self.platform)
-            if not self.blobs.has(child_digest):
-                raise DigestInvalid(f"manifest {child_digest} named by the index was not pushed")
-            digest = child_digest
-        elif kind not in MANIFEST_TYPES:
-            raise BadRequest(f"unsupported manifest media type {kind!r}", code="manifest_invalid")
+        digest = ""
+        if parsed.is_index:
+            index = parsed.document.model_dump(mode="json", by_alias=True, exclude_none=True)
+            digest, kind, platform = select_platform(index, self.platform)
+            if not self.blobs.has(digest):
+                raise DigestInvalid(f"manifest {digest} named by the index was not pushed")
+            if kind not in MANIFEST_TYPES:
+                raise BadRequest(f"the index entry for {platform} is a {kind!r}, not an image manifest",
+                                 code="manifest_invalid")
+        expected = reference if ref.is_digest else None
+        manifest_digest = await asyncio.to_thread(self.blobs.write_bytes, manifest, expected)
+        digest = digest or manifest_digest
         source = PullSource(kind="push", repository=ref.repository, platform=str(self.platform))
         return await self._register(ref, digest, kind, source, platform, None, None)
 
@@ -510,3 +530,9 @@ class ImageService:
             return size
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    async def release(self, digest: str) -> None:
+        """An instance stopped using this content: remove it if no name and no VM needs it."""
+        async with self._lock:
+            if self.store.read_record(digest) is not None:
+                await self._collect(digest)

@@ -13,16 +13,22 @@ blob store without copying):
   repository (its media type and size; the bytes themselves are a blob in the blob store).
 - ``registry/<repository>/_manifests/tags/<tag>.json``: the digest a tag points at.
 
-Repository path components can never start with ``_`` (see :data:`REPOSITORY_RE`), so the
-``_manifests`` directory cannot collide with a nested repository name.
+Repository path components can never start with ``_`` (see
+:data:`hypemand.images.reference.REPOSITORY_PATH_RE`, the one grammar of repository names, tags
+and digests), so the ``_manifests`` directory cannot collide with a nested repository name.
+
+Every request is checked completely before anything is created: a refused request leaves no
+upload directory, no manifest record and no tag behind. Uploads that are abandoned (untouched
+for ``upload_max_age``, 24 h by default) are swept when the service starts and periodically
+while it runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import inspect
-import json
 import logging
 import re
 import shutil
@@ -39,28 +45,24 @@ from pydantic import BaseModel
 from hypemand.errors import DomainError
 from hypemand.fsutil import read_json, write_atomic, write_model_atomic
 from hypemand.images.blobs import sha256_digest
-from hypemand.images.media_types import (
-    INDEX_TYPES,
-    MANIFEST_TYPES,
-    MAX_MANIFEST_BYTES,
-    OCI_INDEX,
-    OCI_MANIFEST,
+from hypemand.images.errors import InvalidName
+from hypemand.images.manifests import ManifestInvalid, ParsedManifest, parse_manifest
+from hypemand.images.media_types import INDEX_TYPES, MANIFEST_TYPES, MAX_MANIFEST_BYTES
+from hypemand.images.models import Descriptor, ImageIndex
+from hypemand.images.reference import (
+    SHA256_DIGEST_RE,
+    TAG_RE,
+    pushed_image_reference,
+    validate_repository_path,
 )
 
 log = logging.getLogger(__name__)
 
-# OCI distribution spec name/reference grammar; always used with fullmatch (``$`` would let a
-# trailing newline through).
-_COMPONENT = r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*"
-REPOSITORY_RE = re.compile(rf"{_COMPONENT}(?:/{_COMPONENT})*")
-TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
-DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
-MAX_REPOSITORY_LENGTH = 255
-
-# Abandoned uploads are removed when they have not been touched for this long.
-STALE_UPLOAD_SECONDS = 24 * 3600
+# Abandoned uploads are removed when they have not been touched for this long (default).
+DEFAULT_UPLOAD_MAX_AGE_SECONDS = 24 * 3600.0
+# How often the running service looks for abandoned uploads, at most.
+DEFAULT_SWEEP_INTERVAL_SECONDS = 3600.0
 WRITE_BUFFER_BYTES = 1024 * 1024
-
 
 
 class RegistryError(DomainError):
@@ -103,13 +105,35 @@ class ManifestImporter(Protocol):
 
 
 def validate_repository(name: str) -> str:
-    if len(name) > MAX_REPOSITORY_LENGTH or not REPOSITORY_RE.fullmatch(name):
-        raise RegistryError(400, "NAME_INVALID", f"invalid repository name: {name!r}", {"name": name})
-    return name
+    """The repository grammar of ``reference.py`` (the same one pulls use), as a registry error."""
+    try:
+        return validate_repository_path(name)
+    except InvalidName as exc:
+        raise RegistryError(400, "NAME_INVALID", f"invalid repository name: {name!r} ({exc})",
+                            {"name": name}) from exc
+
+
+def validate_reference(repository: str, reference: str, manifest_digest: str | None = None) -> None:
+    """A manifest reference: a tag, or a digest (which must be ``manifest_digest`` when given).
+
+    Also checks that the image the push would create has a valid name, so that the import after
+    the manifest is stored cannot refuse the name.
+    """
+    if is_digest(reference):
+        validate_digest(reference)
+        if manifest_digest is not None and reference != manifest_digest:
+            message = f"manifest digest is {manifest_digest}, not {reference}"
+            raise RegistryError(400, "DIGEST_INVALID", message, {"digest": reference})
+    elif not TAG_RE.fullmatch(reference):
+        raise RegistryError(400, "TAG_INVALID", f"invalid tag: {reference!r}", {"tag": reference})
+    try:
+        pushed_image_reference(repository, reference)
+    except InvalidName as exc:
+        raise RegistryError(400, "NAME_INVALID", str(exc), {"name": repository}) from exc
 
 
 def validate_digest(digest: str) -> str:
-    if not DIGEST_RE.fullmatch(digest):
+    if not SHA256_DIGEST_RE.fullmatch(digest):
         raise RegistryError(400, "DIGEST_INVALID", f"unsupported or malformed digest: {digest!r}",
                             {"digest": digest})
     return digest
@@ -179,61 +203,118 @@ class TagRecord(BaseModel):
 
 
 class RegistryService:
-    """Upload sessions, pushed manifests and tags of the server's own registry."""
+    """Upload sessions, pushed manifests and tags of the server's own registry.
 
-    def __init__(self, images_dir: Path, blobs: BlobStoreLike, importer: ManifestImporter | None) -> None:
+    ``upload_max_age``: an upload untouched for this many seconds is abandoned and removed, at
+    :meth:`start` and then every ``sweep_interval`` seconds (by default the smaller of an hour and
+    the maximum age) until :meth:`stop`.
+    """
+
+    def __init__(self, images_dir: Path, blobs: BlobStoreLike, importer: ManifestImporter | None, *,
+                 upload_max_age: float = DEFAULT_UPLOAD_MAX_AGE_SECONDS,
+                 sweep_interval: float | None = None) -> None:
         self.uploads_dir = images_dir / "uploads"
         self.repositories_dir = images_dir / "registry"
         self.blobs = blobs
         self.importer = importer
+        self.upload_max_age = upload_max_age
+        self.sweep_interval = sweep_interval or min(DEFAULT_SWEEP_INTERVAL_SECONDS, upload_max_age)
         self._locks: dict[str, asyncio.Lock] = {}
         # Pushes of one repository are serialised so that the /v2 tag and the image name that
         # import_manifest moves always end on the same digest, whichever push came last.
         self._manifest_locks: dict[str, asyncio.Lock] = {}
         self._hashes: dict[str, _RunningHash] = {}
+        self._sweeper: asyncio.Task[None] | None = None
         self.uploads_dir.mkdir(parents=True, exist_ok=True)
         self.repositories_dir.mkdir(parents=True, exist_ok=True)
 
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Remove uploads abandoned while the server was down, then keep sweeping."""
+        await self.sweep_abandoned_uploads()
+        self._sweeper = asyncio.create_task(self._sweep_periodically(), name="registry-upload-sweeper")
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+
+    async def _sweep_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval)
+            try:
+                await self.sweep_abandoned_uploads()
+            except OSError:
+                # A full or failing disk must not end the sweeping for good; next round retries.
+                log.exception("sweeping abandoned uploads failed")
+
     # -- blobs ---------------------------------------------------------------------------
 
-    def blob_path(self, digest: str) -> Path:
+    def blob_path(self, repository: str, digest: str) -> Path:
+        validate_repository(repository)
         validate_digest(digest)
         if not self.blobs.has(digest):
             raise blob_unknown(digest)
         return self.blobs.path(digest)
 
     def has_blob(self, digest: str) -> bool:
-        return bool(DIGEST_RE.fullmatch(digest)) and self.blobs.has(digest)
+        return bool(SHA256_DIGEST_RE.fullmatch(digest)) and self.blobs.has(digest)
 
     # -- upload sessions -----------------------------------------------------------------
 
-    def start_upload(self, repository: str) -> UploadSession:
+    async def start_upload(self, repository: str) -> UploadSession:
         validate_repository(repository)
-        self.purge_stale_uploads()
         session = UploadSession(id=str(uuid.uuid4()), repository=repository, started_at=datetime.now(UTC))
+        await asyncio.to_thread(self._create_session_files, session)
+        self._hashes[session.id] = _RunningHash()
+        return session
+
+    def _create_session_files(self, session: UploadSession) -> None:
         directory = self.uploads_dir / session.id
         directory.mkdir(parents=True)
         (directory / "data").touch()
         write_model_atomic(directory / "session.json", session)
-        self._hashes[session.id] = _RunningHash()
-        return session
+
+    async def upload_whole_blob(self, repository: str, digest: str, chunk: Chunk) -> str:
+        """A monolithic upload (``POST ...?digest=`` with the blob as the body).
+
+        Everything that can be checked is checked before the session exists, and a session that
+        fails (wrong digest, broken body) is removed at once: the client never learns its id, so
+        nobody could resume it.
+        """
+        validate_repository(repository)
+        validate_digest(digest)
+        session = await self.start_upload(repository)
+        try:
+            return await self.complete_upload(session, digest, chunk)
+        except BaseException:
+            await self.cancel_upload(session)
+            raise
 
     def get_upload(self, repository: str, upload_id: str) -> UploadSession:
-        unknown = RegistryError(404, "BLOB_UPLOAD_UNKNOWN", f"blob upload unknown: {upload_id}")
+        unknown = _upload_unknown(upload_id)
         try:
             parsed = uuid.UUID(upload_id)
         except ValueError:
             raise unknown from None
         path = self.uploads_dir / str(parsed) / "session.json"
-        if not path.exists():
-            raise unknown
-        session = UploadSession.model_validate(read_json(path))
+        try:
+            session = UploadSession.model_validate(read_json(path))
+        except FileNotFoundError:
+            raise unknown from None
         if session.repository != repository:
             raise unknown
         return session
 
     def upload_size(self, session: UploadSession) -> int:
-        return self._data_path(session).stat().st_size
+        try:
+            return self._data_path(session).stat().st_size
+        except FileNotFoundError:
+            # Cancelled, committed or swept while this request waited for the lock.
+            raise _upload_unknown(session.id) from None
 
     async def upload_status(self, session: UploadSession) -> int:
         """The upload's current size, after any chunk still being written has finished."""
@@ -256,66 +337,87 @@ class RegistryService:
         async with self._lock(session):
             if chunk is not None:
                 await self._append(session, chunk)
+            size = self.upload_size(session)
             data = self._data_path(session)
             running = self._hashes.pop(session.id, None)
             computed = None
-            if running is not None and running.size == data.stat().st_size:
+            if running is not None and running.size == size:
                 computed = "sha256:" + running.hasher.hexdigest()
             try:
                 await asyncio.to_thread(self.blobs.commit_file, data, digest, computed_digest=computed)
             except DomainError as exc:
-                self._discard(session)
+                await self._discard(session)
                 if exc.code.lower() == "digest_invalid":
                     raise RegistryError(400, "DIGEST_INVALID", str(exc), {"digest": digest}) from exc
                 raise
-            self._discard(session)
+            await self._discard(session)
         self._locks.pop(session.id, None)
         return digest
 
     async def cancel_upload(self, session: UploadSession) -> None:
         async with self._lock(session):
-            self._discard(session)
+            await self._discard(session)
         self._locks.pop(session.id, None)
 
     async def mount_or_start(self, repository: str, digest: str) -> UploadSession | None:
         """Cross-repository mount: every blob is visible to every repository here, so a mount
         succeeds exactly when the blob exists (``None``); otherwise a normal upload starts."""
         validate_repository(repository)
+        validate_digest(digest)
         if self.has_blob(digest):
             return None
-        return self.start_upload(repository)
+        return await self.start_upload(repository)
 
-    def purge_stale_uploads(self, max_age: float = STALE_UPLOAD_SECONDS) -> None:
-        cutoff = time.time() - max_age
-        for directory in self.uploads_dir.iterdir():
-            lock = self._locks.get(directory.name)
+    async def sweep_abandoned_uploads(self) -> list[str]:
+        """Remove every upload untouched for ``upload_max_age``; returns the removed ids.
+
+        An upload whose lock is held (a chunk being written) is never removed; one that is
+        removed under its lock makes a later request on it answer ``BLOB_UPLOAD_UNKNOWN``.
+        """
+        cutoff = time.time() - self.upload_max_age
+        removed = []
+        for upload_id in await asyncio.to_thread(self._untouched_since, cutoff):
+            lock = self._locks.get(upload_id)
             if lock is not None and lock.locked():
                 continue
+            async with self._locks.setdefault(upload_id, asyncio.Lock()):
+                # Looked at again under the lock: a chunk may have arrived since the scan.
+                if upload_id not in await asyncio.to_thread(self._untouched_since, cutoff, upload_id):
+                    continue
+                log.info("removing abandoned upload %s", upload_id)
+                await asyncio.to_thread(shutil.rmtree, self.uploads_dir / upload_id, True)
+                self._hashes.pop(upload_id, None)
+                removed.append(upload_id)
+            # Only a removed upload's lock goes: a request waiting on it finds the upload gone.
+            self._locks.pop(upload_id, None)
+        return removed
+
+    def _untouched_since(self, cutoff: float, only: str | None = None) -> list[str]:
+        """Upload ids whose directory and files were all last modified before ``cutoff`` (blocking)."""
+        directories = [self.uploads_dir / only] if only else list(self.uploads_dir.iterdir())
+        stale = []
+        for directory in directories:
             try:
                 touched = max(p.stat().st_mtime for p in [directory, *directory.iterdir()])
-            except (FileNotFoundError, ValueError):
+            except (FileNotFoundError, NotADirectoryError):
                 continue
             if touched < cutoff:
-                log.info("removing abandoned upload %s", directory.name)
-                shutil.rmtree(directory, ignore_errors=True)
-                self._locks.pop(directory.name, None)
-                self._hashes.pop(directory.name, None)
+                stale.append(directory.name)
+        return stale
 
     def _data_path(self, session: UploadSession) -> Path:
         return self.uploads_dir / session.id / "data"
 
-    def _discard(self, session: UploadSession) -> None:
+    async def _discard(self, session: UploadSession) -> None:
         self._hashes.pop(session.id, None)
-        shutil.rmtree(self.uploads_dir / session.id, ignore_errors=True)
+        await asyncio.to_thread(shutil.rmtree, self.uploads_dir / session.id, True)
 
     def _lock(self, session: UploadSession) -> asyncio.Lock:
         return self._locks.setdefault(session.id, asyncio.Lock())
 
     async def _append(self, session: UploadSession, chunk: Chunk) -> None:
+        offset = self.upload_size(session)
         path = self._data_path(session)
-        if not path.exists():
-            raise RegistryError(404, "BLOB_UPLOAD_UNKNOWN", f"blob upload unknown: {session.id}")
-        offset = path.stat().st_size
         expected: int | None = None
         if chunk.content_range is not None:
             start, end = chunk.content_range
@@ -341,34 +443,36 @@ class RegistryService:
 
     async def put_manifest(self, repository: str, reference: str, body: bytes,
                            content_type: str | None) -> ManifestRevision:
-        """Store a pushed manifest, point the tag at it and hand it to the image service."""
+        """Store a pushed manifest, hand it to the image service and point the tag at it.
+
+        Order matters: every check (names, the manifest's complete shape, the presence of what it
+        references) comes first, and the image service's import (which can still refuse, e.g. an
+        index without the host's platform) comes before this registry records the revision and
+        the tag, so a refused push leaves no tag that GET would serve.
+        """
         validate_repository(repository)
         digest = sha256_digest(body)
-        if is_digest(reference):
-            validate_digest(reference)
-            if reference != digest:
-                raise RegistryError(400, "DIGEST_INVALID",
-                                    f"manifest digest is {digest}, not {reference}", {"digest": reference})
-        elif not TAG_RE.fullmatch(reference):
-            raise RegistryError(400, "TAG_INVALID", f"invalid tag: {reference!r}", {"tag": reference})
+        validate_reference(repository, reference, digest)
         if len(body) > MAX_MANIFEST_BYTES:
             raise RegistryError(413, "SIZE_INVALID", f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
-        media_type = self._check_manifest(repository, body, content_type)
+        parsed = self._check_manifest(repository, body, content_type)
 
-        if not self.blobs.has(digest):
-            tmp = self.blobs.temp_path()
-            await asyncio.to_thread(write_atomic, tmp, body)
-            await asyncio.to_thread(self.blobs.commit_file, tmp, digest)
-        revision = ManifestRevision(digest=digest, media_type=media_type, size=len(body))
+        revision = ManifestRevision(digest=digest, media_type=parsed.media_type, size=len(body))
         repo_dir = self._repo_dir(repository)
         async with self._manifest_locks.setdefault(repository, asyncio.Lock()):
-            write_model_atomic(repo_dir / "revisions" / "sha256" / f"{digest[7:]}.json", revision)
-            if not is_digest(reference):
-                write_model_atomic(repo_dir / "tags" / f"{reference}.json", TagRecord(digest=digest))
             if self.importer is not None:
-                result = self.importer.import_manifest(repository, reference, body, media_type)
+                result = self.importer.import_manifest(repository, reference, body, parsed.media_type)
                 if inspect.isawaitable(result):
                     await result
+            if not self.blobs.has(digest):
+                tmp = self.blobs.temp_path()
+                await asyncio.to_thread(write_atomic, tmp, body)
+                await asyncio.to_thread(self.blobs.commit_file, tmp, digest)
+            await asyncio.to_thread(write_model_atomic,
+                                    repo_dir / "revisions" / "sha256" / f"{digest[7:]}.json", revision)
+            if not is_digest(reference):
+                await asyncio.to_thread(write_model_atomic, repo_dir / "tags" / f"{reference}.json",
+                                        TagRecord(digest=digest))
         return revision
 
     def get_manifest(self, repository: str, reference: str) -> tuple[ManifestRevision, Path]:
@@ -382,9 +486,9 @@ class RegistryService:
             if not TAG_RE.fullmatch(reference) or not tag_path.exists():
                 raise _manifest_unknown(repository, reference)
             digest = TagRecord.model_validate(read_json(tag_path)).digest
-        revision_path = repo_dir / "revisions" / "sha256" / f"{digest[7:]}.json"
-        if not revision_path.exists() or not self.blobs.has(digest):
+        if not self._has_revision(repository, digest):
             raise _manifest_unknown(repository, reference)
+        revision_path = repo_dir / "revisions" / "sha256" / f"{digest[7:]}.json"
         return ManifestRevision.model_validate(read_json(revision_path)), self.blobs.path(digest)
 
     def tags(self, repository: str) -> list[str]:
@@ -398,45 +502,41 @@ class RegistryService:
     def _repo_dir(self, repository: str) -> Path:
         return self.repositories_dir / repository / "_manifests"
 
-    def _check_manifest(self, repository: str, body: bytes, content_type: str | None) -> str:
-        """Return the manifest's media type after checking that everything it references is here."""
-        try:
-            doc = json.loads(body)
-        except ValueError as exc:
-            raise RegistryError(400, "MANIFEST_INVALID", f"manifest is not JSON: {exc}") from exc
-        if not isinstance(doc, dict) or doc.get("schemaVersion") != 2:
-            raise RegistryError(400, "MANIFEST_INVALID", "only schemaVersion 2 manifests are supported")
-        declared = doc.get("mediaType")
-        header_type = (content_type or "").split(";")[0].strip()
-        media_type = declared if isinstance(declared, str) and declared else header_type
-        if not media_type:
-            # OCI manifests may omit mediaType; the shape tells which kind it is.
-            media_type = OCI_INDEX if "manifests" in doc else OCI_MANIFEST
-        if media_type in MANIFEST_TYPES:
-            config = doc.get("config")
-            layers = doc.get("layers")
-            if not isinstance(config, dict) or not isinstance(layers, list):
-                raise RegistryError(400, "MANIFEST_INVALID", "image manifest needs config and layers")
-            for descriptor in [config, *layers]:
-                self._require_blob(descriptor, repository)
-        elif media_type in INDEX_TYPES:
-            manifests = doc.get("manifests")
-            if not isinstance(manifests, list):
-                raise RegistryError(400, "MANIFEST_INVALID", "index needs a manifests list")
-            for descriptor in manifests:
-                self._require_blob(descriptor, repository)
-        else:
-            raise RegistryError(400, "MANIFEST_INVALID", f"unsupported manifest media type: {media_type!r}")
-        return media_type
+    def _has_revision(self, repository: str, digest: str) -> bool:
+        """Was ``digest`` pushed to ``repository`` as a manifest (and are its bytes still here)?"""
+        revision = self._repo_dir(repository) / "revisions" / "sha256" / f"{digest[7:]}.json"
+        return revision.exists() and self.blobs.has(digest)
 
-    def _require_blob(self, descriptor: Any, repository: str) -> None:
-        digest = descriptor.get("digest") if isinstance(descriptor, dict) else None
-        if not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest):
-            raise RegistryError(400, "MANIFEST_INVALID", f"bad descriptor digest in manifest: {digest!r}")
-        if not self.blobs.has(digest):
-            raise RegistryError(400, "MANIFEST_BLOB_UNKNOWN",
-                                f"manifest references {digest}, which was not pushed to {repository}",
-                                {"digest": digest})
+    def _check_manifest(self, repository: str, body: bytes, content_type: str | None) -> ParsedManifest:
+        """The manifest's validated shape, after checking that everything it references is here:
+        an image manifest's config and layers as blobs, an index's manifests as manifests pushed
+        to this repository (as the distribution registry requires)."""
+        try:
+            parsed = parse_manifest(body, content_type)
+        except ManifestInvalid as exc:
+            raise RegistryError(400, "MANIFEST_INVALID", str(exc)) from exc
+        document = parsed.document
+        if isinstance(document, ImageIndex):
+            for entry in document.manifests:
+                if entry.media_type in MANIFEST_TYPES | INDEX_TYPES:
+                    if not self._has_revision(repository, entry.digest):
+                        raise _manifest_blob_unknown(entry, repository, "manifest")
+                elif not self.blobs.has(entry.digest):
+                    raise _manifest_blob_unknown(entry, repository, "blob")
+        else:
+            for descriptor in [document.config, *document.layers]:
+                if not self.blobs.has(descriptor.digest):
+                    raise _manifest_blob_unknown(descriptor, repository, "blob")
+        return parsed
+
+
+def _upload_unknown(upload_id: str) -> RegistryError:
+    return RegistryError(404, "BLOB_UPLOAD_UNKNOWN", f"blob upload unknown: {upload_id}")
+
+
+def _manifest_blob_unknown(descriptor: Descriptor, repository: str, kind: str) -> RegistryError:
+    message = f"manifest references {kind} {descriptor.digest}, which was not pushed to {repository}"
+    return RegistryError(400, "MANIFEST_BLOB_UNKNOWN", message, {"digest": descriptor.digest})
 
 
 def _manifest_unknown(repository: str, reference: str) -> RegistryError:
