@@ -1,4 +1,10 @@
-"""`python -m bench`: the headline benchmarks (see each module for its own options)."""
+"""`python -m bench`: the headline benchmarks (see each module for its own options).
+
+This runs bench.boot. The others run as modules of their own, each printing same-run ratios:
+bench.instances (create -> Running through the API, GET /instances), bench.snapshots (standby,
+restore, snapshots, fork, compression on ext4 and a loop-mounted XFS), bench.compression,
+bench.boot_path, bench.agent_roundtrip, bench.hypervisor_latency, bench.image_disk_formats.
+"""
 
 from __future__ import annotations
 

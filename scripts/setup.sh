@@ -11,7 +11,7 @@ want_tests=0
 
 RUNTIME_PACKAGES=(qemu-system-x86 qemu-utils e2fsprogs erofs-utils busybox-static kmod cpio zstd lz4
                   musl-tools gcc libc6-dev binutils make skopeo umoci ca-certificates curl)
-TEST_PACKAGES=(docker-registry nodejs npm)
+TEST_PACKAGES=(docker-registry nodejs npm tmux xfsprogs)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 die() { printf '\033[31merror:\033[0m %s\n' "$*" >&2; exit 1; }
@@ -37,14 +37,16 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found: apt-get install qemu-system-x86"
 
-# The virtual environment, reinstalled only when pyproject.toml changes.
+# The virtual environment, reinstalled only when pyproject.toml (or the extras below) change.
+# Extras: dev (tests, linters) and cli (the `hypeman` command: the official SDK, typer, rich).
+extras='.[dev,cli]'
 stamp=.venv/.pyproject.sha256
-sum=$(sha256sum pyproject.toml | cut -d' ' -f1)
+sum=$( { cat pyproject.toml; echo "$extras"; } | sha256sum | cut -d' ' -f1)
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$sum" ]; then
     say "preparing the virtual environment (.venv)"
     python3 -m venv .venv || die "python3 -m venv failed: apt-get install python3-venv"
     .venv/bin/pip install -q --upgrade pip >/dev/null
-    .venv/bin/pip install -q -e '.[dev]' || die "pip install failed"
+    .venv/bin/pip install -q -e "$extras" || die "pip install failed"
     echo "$sum" > "$stamp"
 fi
 

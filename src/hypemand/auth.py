@@ -6,7 +6,6 @@ created (mode 0600) the first time it is needed. ``hypemand token`` mints tokens
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from pathlib import Path
@@ -23,9 +22,10 @@ class InvalidToken(Exception):
     pass
 
 
-def load_secret(data_dir: Path) -> str:
-    if env := os.environ.get("JWT_SECRET"):
-        return env
+def load_secret(data_dir: Path, configured: str | None = None) -> str:
+    """``configured`` (the settings' JWT_SECRET) wins; else the data directory's secret file."""
+    if configured:
+        return configured
     path = data_dir / "jwt-secret"
     if not path.exists():
         write_atomic(path, secrets.token_hex(32).encode(), mode=0o600)

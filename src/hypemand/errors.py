@@ -44,3 +44,8 @@ class NotImplementedByBackend(DomainError):
 class DependencyMissing(DomainError):
     status = 500
     code = "dependency_missing"
+
+
+class InsufficientStorage(DomainError):
+    status = 507
+    code = "insufficient_storage"

@@ -12,9 +12,14 @@ import logging
 
 from hypemand.auth import load_secret
 from hypemand.config import Settings
+from hypemand.hypervisor.base import Accel
 from hypemand.hypervisor.qemu import QemuHypervisor
+from hypemand.images.disk import DiskFormat
 from hypemand.images.service import ImageService
-from hypemand.instances.supervisor import VMSupervisor
+from hypemand.instances.manager import InstanceManager
+from hypemand.layout import DataLayout
+from hypemand.snapshots.jobs import CompressionJobs
+from hypemand.snapshots.service import SnapshotService
 from hypemand.system.files import SystemFiles, ensure_system_files
 
 log = logging.getLogger(__name__)
@@ -26,31 +31,52 @@ def check_host(settings: Settings) -> SystemFiles:
     Raises a DomainError (DependencyMissing names the package to install) instead of letting a
     missing tool surface later as a stack trace in the middle of a request.
     """
-    QemuHypervisor().version()
+    QemuHypervisor(binary=settings.qemu_binary).version()
     return ensure_system_files(settings.system_dir)
 
 
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.layout = DataLayout(settings.data_dir)
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         # The data dir holds the token secret and private images' disks: only the server reads it.
         settings.data_dir.chmod(0o700)
-        self.jwt_secret = load_secret(settings.data_dir)
-        self.images = ImageService(settings.data_dir)
-        self.hypervisor = QemuHypervisor(state_dir=settings.data_dir / "hypervisor")
-        self.vms = VMSupervisor(self.hypervisor, settings.data_dir / "guests")
+        self.jwt_secret = load_secret(settings.data_dir, settings.jwt_secret)
+        self.images = ImageService(
+            settings.data_dir,
+            max_concurrent=settings.max_concurrent_pulls,
+            disk_format=DiskFormat(settings.image_format),
+        )
+        self.hypervisor = QemuHypervisor(
+            state_dir=self.layout.hypervisor_state,
+            binary=settings.qemu_binary,
+            forced_accel=Accel(settings.accel) if settings.accel else None,
+        )
+        self.compression = CompressionJobs()
+        self.instances = InstanceManager(
+            self.layout, self.hypervisor, self.images, self.system_files, self.compression
+        )
+        self.snapshots = SnapshotService(self.layout, self.instances, self.compression)
         self.system: SystemFiles | None = None
+
+    def system_files(self) -> SystemFiles:
+        if self.system is None:
+            raise RuntimeError("system files are not prepared yet")
+        return self.system
 
     async def start(self) -> None:
         log.info("hypemand starting with data dir %s", self.settings.data_dir)
-        # Startup order: system files, then the VMs that outlived the last server, then queues.
+        # Startup order: system files, then the instances (adopting VMs that outlived the last
+        # server), then the image queues.
         self.system = await asyncio.to_thread(ensure_system_files, self.settings.system_dir)
         log.info("guest kernel %s, initrd %s", self.system.kernel_version, self.system.initrd_version)
-        await self.vms.adopt_all()
+        await self.instances.take_charge()
+        await self.snapshots.start()
         await self.images.start()
 
     async def stop(self) -> None:
         """Stop the server's own work. VMs are never stopped here: they outlive the server."""
         await self.images.stop()
-        await self.vms.close()
+        await self.compression.close()
+        await self.instances.release_all()

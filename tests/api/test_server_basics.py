@@ -13,6 +13,7 @@ import pytest
 from hypeman import AuthenticationError, Hypeman, PermissionDeniedError
 
 from hypemand.auth import load_secret, mint_token
+from hypemand.config import Settings
 from tests.conftest import ServerProcess
 
 
@@ -76,3 +77,17 @@ def test_missing_qemu_stops_the_server_with_a_clear_message(tmp_path: Path) -> N
 def test_the_data_dir_is_private_to_the_server(server: ServerProcess) -> None:
     assert server.data_dir.stat().st_mode & 0o777 == 0o700
     assert (server.data_dir / "jwt-secret").stat().st_mode & 0o777 == 0o600
+
+
+def test_settings_read_the_environment_once(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Every knob comes from the environment through Settings, typed; a bad value is refused there."""
+    monkeypatch.setenv("HYPEMAND_IMAGE_FORMAT", "erofs")
+    monkeypatch.setenv("HYPEMAND_MAX_CONCURRENT_PULLS", "3")
+    monkeypatch.setenv("HYPEMAND_ACCEL", "TCG")
+    monkeypatch.setenv("JWT_SECRET", "s3cret")
+    settings = Settings.load(tmp_path)
+    assert (settings.image_format, settings.max_concurrent_pulls, settings.accel) == ("erofs", 3, "tcg")
+    assert load_secret(settings.data_dir, settings.jwt_secret) == "s3cret"
+    monkeypatch.setenv("HYPEMAND_IMAGE_FORMAT", "zip")
+    with pytest.raises(ValueError, match="image_format"):
+        Settings.load(tmp_path)

@@ -18,7 +18,7 @@ from hypemand.guest.config_disk import GuestConfig
 from hypemand.guest.markers import GuestBootTimeout, Marker, parse_markers
 from hypemand.hypervisor.base import ShutdownOutcome
 from hypemand.hypervisor.qemu import QemuHypervisor
-from hypemand.instances.boot import OVERLAY_DISK
+from hypemand.layout import OVERLAY_DISK
 from hypemand.system.files import SystemFiles
 from tests.support.guest import (
     booted_guest,

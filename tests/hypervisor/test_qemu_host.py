@@ -29,10 +29,9 @@ def test_qemu_binary_and_version() -> None:
     assert re.fullmatch(r"\d+\.\d+\.\d+", qemu_version(binary))
 
 
-def test_missing_binary_is_a_dependency_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("HYPEMAND_QEMU", str(tmp_path / "no-such-qemu"))
+def test_missing_binary_is_a_dependency_error(tmp_path: Path) -> None:
     with pytest.raises(DependencyMissing, match="HYPEMAND_QEMU"):
-        find_qemu_binary()
+        find_qemu_binary(tmp_path / "no-such-qemu")
 
 
 def test_unparsable_version_is_a_dependency_error(tmp_path: Path) -> None:
@@ -117,7 +116,6 @@ def assert_consistent_with_the_probe(decision: AccelDecision) -> None:
 async def test_acceleration_follows_the_probe_and_is_cached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("HYPEMAND_ACCEL", raising=False)
     binary = find_qemu_binary()
     decision = await probe_acceleration(binary, tmp_path)
     assert_consistent_with_the_probe(decision)
@@ -135,7 +133,6 @@ async def test_acceleration_follows_the_probe_and_is_cached(
 async def test_cache_for_another_qemu_version_is_ignored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("HYPEMAND_ACCEL", raising=False)
     binary = find_qemu_binary()
     actual = await probe_acceleration(binary, tmp_path)
     # The stale entry says the opposite of this host's answer, so using it would show.
@@ -147,8 +144,7 @@ async def test_cache_for_another_qemu_version_is_ignored(
     assert decided.qemu_version == qemu_version(binary)
 
 
-async def test_accel_can_be_forced(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HYPEMAND_ACCEL", "kvm")
-    decision = await probe_acceleration(find_qemu_binary(), None)
+async def test_accel_can_be_forced() -> None:
+    decision = await probe_acceleration(find_qemu_binary(), None, forced=Accel.KVM)
     assert decision.accel is Accel.KVM
     assert "forced" in decision.reason

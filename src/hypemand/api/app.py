@@ -9,9 +9,10 @@ from urllib.parse import unquote
 from fastapi import APIRouter, Depends, FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from hypemand.api import health, registry
-from hypemand.api.auth import require_scope
+from hypemand.api import health, registry, streams
+from hypemand.api.auth import require_scope, require_token
 from hypemand.api.errors import install_error_handlers
+from hypemand.api.openapi import install_openapi
 from hypemand.config import Settings
 from hypemand.runtime import Runtime
 
@@ -49,23 +50,37 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         finally:
             await runtime.stop()
 
-    app = FastAPI(title="hypemand", version="0.1.0", lifespan=lifespan)
+    # Response models omit unset optional fields (hypemand.wire); their documented schema is the
+    # model itself, so input and output schemas are one.
+    app = FastAPI(
+        title="hypemand", version="0.1.0", lifespan=lifespan, separate_input_output_schemas=False
+    )
     app.state.runtime = runtime
     app.state.jwt_secret = runtime.jwt_secret
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(health.router)
     # /v2 answers in the registry protocol's shape with its own auth (401 needs a challenge).
     for registry_router in registry.routers:
         app.include_router(registry_router)
     for router, resource in _domain_routers():
-        app.include_router(router, dependencies=[Depends(require_scope(resource))])
+        check = require_scope(resource) if resource else require_token
+        app.include_router(router, dependencies=[Depends(check)])
+    # Streams check their own scopes: a router dependency taking a Request breaks WebSockets.
+    app.include_router(streams.router)
     app.add_middleware(EncodedSlashRouting)
     return app
 
 
-def _domain_routers() -> list[tuple[APIRouter, str]]:
+def _domain_routers() -> list[tuple[APIRouter, str | None]]:
     """Routers that need a bearer token, with the scope resource each one's routes require
     (``image`` -> ``image:read`` for GET, ``image:delete`` for DELETE, ``image:write`` else)."""
-    from hypemand.api import images
+    from hypemand.api import images, instances, snapshots, system
 
-    return [(images.router, "image")]
+    return [
+        (images.router, "image"),
+        (instances.router, "instance"),
+        (snapshots.router, "snapshot"),
+        (system.router, "resource"),
+        (system.unbuilt_router, None),  # 501 for any valid token
+    ]

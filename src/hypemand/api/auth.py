@@ -49,6 +49,8 @@ def has_scope(claims: dict[str, Any], needed: str) -> bool:
     granted = claims.get("permissions")
     if granted is None:
         return True
+    if not isinstance(granted, list):
+        return False  # a malformed claim grants nothing (a string must not match by substring)
     return "*" in granted or needed in granted
 
 

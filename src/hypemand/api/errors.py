@@ -6,12 +6,18 @@ HTTP status codes so that the domain never needs to know about HTTP.
 
 from __future__ import annotations
 
+import errno
+import logging
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hypemand.errors import DomainError
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -52,6 +58,42 @@ def install_error_handlers(app: FastAPI) -> None:
         code = _HTTP_CODES.get(exc.status_code, "error")
         return error_response(exc.status_code, code, str(exc.detail))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+    app.add_middleware(UnexpectedErrors)
+
+
+class UnexpectedErrors:
+    """Answer an unexpected exception with a 500 in the error shape, and keep the connection.
+
+    Starlette's own handler for ``Exception`` answers and then re-raises, and uvicorn closes the
+    connection under a client that will reuse it: its next request fails as a reset. Here the
+    error is logged once and answered; a full disk (ENOSPC from anywhere below) is a 507 that
+    says so, without the host's paths.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise  # the answer is under way: nothing better can be sent
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                message = "no space left on the server's data disk"
+                response = error_response(507, "insufficient_storage", message)
+            else:
+                log.exception("unexpected error in %s %s", scope.get("method"), scope.get("path"))
+                response = error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
+            await response(scope, receive, send)

@@ -49,7 +49,7 @@ def token(
     from hypemand.auth import load_secret, mint_token
 
     settings = Settings.load(data_dir)
-    typer.echo(mint_token(load_secret(settings.data_dir), subject, ttl, scope))
+    typer.echo(mint_token(load_secret(settings.data_dir, settings.jwt_secret), subject, ttl, scope))
 
 
 @app.command("demo-image")
@@ -58,19 +58,19 @@ def demo_image(
     data_dir: Path | None = DataDirOption,
     name: str = typer.Option("demo/busybox:latest", help="Name to push the image as."),
     wait: float = typer.Option(600, help="Seconds to wait for the image to be ready (0: do not wait)."),
+    api_key: str | None = typer.Option(None, envvar="HYPEMAN_API_KEY", help="Token (else minted here)."),
 ) -> None:
     """Build a small busybox image (Debian busybox-static, no internet) and push it into the server.
 
     Needs the server running (the push goes through its /v2 registry). The token is minted with
     the data dir's secret unless HYPEMAN_API_KEY is set. Safe to run again: same image, same digest.
     """
-    import os
-
     from hypemand.auth import load_secret, mint_token
     from hypemand.images import demo
 
-    api_key = os.environ.get("HYPEMAN_API_KEY") or mint_token(
-        load_secret(Settings.load(data_dir).data_dir), "demo-image", ttl_seconds=3600)
+    settings = Settings.load(data_dir)
+    api_key = api_key or mint_token(
+        load_secret(settings.data_dir, settings.jwt_secret), "demo-image", ttl_seconds=3600)
     try:
         image = demo.install(url.rstrip("/"), api_key, name, wait)
     except demo.ServerUnreachable as exc:

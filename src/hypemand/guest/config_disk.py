@@ -25,7 +25,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
 
-from hypemand.errors import BadRequest, DependencyMissing
+from hypemand.errors import BadRequest, DependencyMissing, InsufficientStorage
 from hypemand.fsutil import write_atomic
 
 MAGIC = b"HYPEMANC"
@@ -143,5 +143,7 @@ def make_overlay_disk(path: Path, size_bytes: int) -> None:
     )
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"mke2fs {path}: {result.stderr.strip()}")
+        if "No space left" in result.stderr:
+            raise InsufficientStorage("no space left on the server's data disk for the overlay disk")
+        raise RuntimeError(f"mke2fs {path.name}: {result.stderr.strip()}")
     tmp.replace(path)

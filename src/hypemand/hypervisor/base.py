@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from enum import StrEnum
 from pathlib import Path
 from typing import ClassVar, Self
@@ -23,10 +24,12 @@ from hypemand.errors import DomainError, NotImplementedByBackend
 
 # File names inside a VM directory. Socket names stay short: a Unix socket path is limited to
 # 108 bytes, so VMMs are started with the VM directory as their working directory and given
-# relative socket paths (see ``hypemand.hypervisor.sockets`` for the host side).
+# relative socket paths (see ``hypemand.unixsock`` for the host side).
 CONSOLE_LOG = "logs/app.log"  # guest serial console
 VMM_LOG = "logs/vmm.log"  # the VMM process' own stdout/stderr
 PROCESS_RECORD = "vmm.json"  # identity of the running VMM process
+MEMORY_FILE = "memory.ram"  # guest RAM as a file (memory-backend-file): kept by standby
+LAUNCH_RECORD = "qemu-config.json"  # how the VMM was launched, to relaunch it identically
 DEFAULT_AGENT_SOCKET = "agent.sock"
 
 _VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -235,6 +238,14 @@ class VMPaths:
     def process_record(self) -> Path:
         return self.directory / PROCESS_RECORD
 
+    @property
+    def memory_file(self) -> Path:
+        return self.directory / MEMORY_FILE
+
+    @property
+    def launch_record(self) -> Path:
+        return self.directory / LAUNCH_RECORD
+
 
 class VMHandle(ABC):
     """Control of one running VMM process.
@@ -267,7 +278,7 @@ class VMHandle(ABC):
 
     @property
     def agent_socket_path(self) -> Path:
-        """May exceed the Unix socket path limit: connect with ``sockets.connect_unix``."""
+        """May exceed the Unix socket path limit: connect with ``hypemand.unixsock.connect_unix``."""
         return self.config.paths.agent_socket
 
     @abstractmethod
@@ -288,8 +299,9 @@ class VMHandle(ABC):
         """Ask the guest to power off; after ``timeout`` tell the VMM to quit; then SIGKILL."""
 
     @abstractmethod
-    async def kill(self) -> None:
-        """SIGKILL the VMM process and wait until it is gone."""
+    async def kill(self, keep_memory: bool = False) -> None:
+        """SIGKILL the VMM process and wait until it is gone. Its RAM file is removed unless
+        ``keep_memory`` (a failed restore must leave a standby VM restorable)."""
 
     @abstractmethod
     async def wait_exit(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
@@ -320,15 +332,42 @@ class Hypervisor(ABC):
     async def adopt(self, directory: Path) -> VMHandle | None:
         """Re-attach to the VMM recorded in ``directory``; None if it is not running any more."""
 
-    # Extension points for the standby/snapshot/fork issue. The VM directory already holds what
-    # they need: the recorded launch (``qemu-config.json`` for QEMU) and the RAM file.
+    async def reap_orphans(self, guests_root: Path) -> Sequence[object]:
+        """End VMM processes running a VM directory under ``guests_root`` that no record claims
+        (a server that died between spawning and recording them). Returns what it ended."""
+        return []
 
-    async def snapshot(self, handle: VMHandle, destination: Path) -> None:
-        raise NotImplementedByBackend(f"{self.name} does not support snapshots yet")
+    # Standby, snapshots and fork. A VM's RAM already lives in a file in its directory, so saving
+    # a VM writes its device state only; the RAM file is kept, copied or mapped as it is.
 
-    async def restore(self, directory: Path, snapshot: Path) -> VMHandle:
-        """Relaunch the recorded command line from a snapshot; returns a *paused* VM."""
-        raise NotImplementedByBackend(f"{self.name} does not support restore yet")
+    async def save_state(self, handle: VMHandle, state_file: Path) -> None:
+        """Pause the VM and write its device state to ``state_file`` (RAM stays in its file). The VM
+        is left paused: ``handle.resume()`` continues it (a snapshot), ``end_saved`` ends it
+        (standby). Only for a running VM; if saving fails, it is resumed before the error is raised."""
+        raise NotImplementedByBackend(f"{self.name} does not support snapshots")
 
-    async def prepare_fork(self, snapshot: Path, new_config: VMConfig) -> None:
-        raise NotImplementedByBackend(f"{self.name} does not support fork yet")
+    async def end_saved(self, handle: VMHandle) -> None:
+        """End a VMM whose state was saved, keeping its RAM file for the restore."""
+        raise NotImplementedByBackend(f"{self.name} does not support standby")
+
+    def check_restorable(self, directory: Path) -> None:
+        """Raise ``Conflict`` if the saved VM in ``directory`` cannot be restored by this backend
+        as it is now (another VMM version or board), before anything is started."""
+        raise NotImplementedByBackend(f"{self.name} does not support restore")
+
+    async def restore(self, directory: Path, state_file: Path) -> VMHandle:
+        """Relaunch the VM recorded in ``directory`` from ``state_file`` and its RAM file, and run it."""
+        raise NotImplementedByBackend(f"{self.name} does not support restore")
+
+    def prepare_fork(self, directory: Path, fork: ForkIdentity) -> None:
+        """Make the saved VM copied into ``directory`` a new VM: the fork's id, and its RAM file
+        mapped copy-on-write, so that many forks share one file and never write to it. Blocking."""
+        raise NotImplementedByBackend(f"{self.name} does not support fork")
+
+
+class ForkIdentity(BaseModel):
+    """What makes a copied VM a different VM."""
+
+    model_config = ConfigDict(frozen=True)
+
+    vm_id: str

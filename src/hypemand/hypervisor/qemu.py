@@ -21,6 +21,8 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
+import shlex
 import signal
 import subprocess
 import time
@@ -35,9 +37,12 @@ from qemu.qmp import ExecuteError, QMPClient, QMPError
 from hypemand.errors import Conflict, DependencyMissing, InvalidState
 from hypemand.fsutil import exclusive_lock, write_model_atomic
 from hypemand.hypervisor.base import (
+    LAUNCH_RECORD,
+    MEMORY_FILE,
     PROCESS_RECORD,
     Accel,
     Capabilities,
+    ForkIdentity,
     Hypervisor,
     ShutdownOutcome,
     VMConfig,
@@ -55,7 +60,7 @@ from hypemand.hypervisor.process import (
     process_exe,
     process_start_time,
 )
-from hypemand.hypervisor.qemu_cmdline import MEMORY_FILE, QMP_SOCKET, build_qemu_argv, machine_type
+from hypemand.hypervisor.qemu_cmdline import QMP_SOCKET, build_qemu_argv, guest_mac, machine_type
 from hypemand.hypervisor.qemu_host import (
     AccelDecision,
     find_qemu_binary,
@@ -67,10 +72,9 @@ from hypemand.unixsock import connect_unix
 
 log = logging.getLogger(__name__)
 
-LAUNCH_RECORD = "qemu-config.json"
 START_LOCK = ".vmm.lock"
 QMP_READY_TIMEOUT = 15.0  # process start -> QMP answering; ~40 ms when idle, more under load
-QMP_POLL_INTERVAL = 0.05
+QMP_POLL_INTERVAL = 0.005  # QMP is usually up ~40 ms after spawn: poll finely, it costs a connect()
 QUIT_TIMEOUT = 5.0
 # A power button press the guest cannot see yet (its ACPI button driver still loading) is lost,
 # so the button is pressed again at this interval until the guest powers off or time runs out.
@@ -171,6 +175,7 @@ class QemuVMHandle(VMHandle):
         self.record = record
         self._watch = watch
         self._qmp = _QmpChannel(self.directory / QMP_SOCKET, name=f"hypemand-{self.vm_id}")
+        self.migration_ready = False
 
     @property
     def pid(self) -> int:
@@ -212,6 +217,14 @@ class QemuVMHandle(VMHandle):
         value = reply.get("status") if isinstance(reply, dict) else None
         return VMStatus(value) if value in _KNOWN_STATUSES else VMStatus.UNKNOWN
 
+    async def prepare_migration(self) -> None:
+        """Migration settings every save and restore uses: RAM in the shared file is not sent
+        (x-ignore-shared), and no bandwidth limit (QEMU's default of 128 MiB/s applies to a
+        stopped VM too)."""
+        await self.qmp("migrate-set-capabilities", {"capabilities": [_IGNORE_SHARED]})
+        await self.qmp("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
+        self.migration_ready = True
+
     async def pause(self) -> None:
         await self.qmp("stop")
 
@@ -252,11 +265,12 @@ class QemuVMHandle(VMHandle):
             if loop.time() >= deadline:
                 return False
 
-    async def kill(self) -> None:
+    async def kill(self, keep_memory: bool = False) -> None:
         self._watch.send_signal(signal.SIGKILL)
         if not await self.wait_exit(KILL_TIMEOUT):
             raise VMMError(f"VM {self.vm_id}: QEMU (pid {self.pid}) survived SIGKILL for {KILL_TIMEOUT} s")
-        await self._discard_memory_file()
+        if not keep_memory:
+            await self._discard_memory_file()
 
     async def wait_exit(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         exited = await self._watch.wait(timeout)
@@ -276,17 +290,22 @@ class QemuVMHandle(VMHandle):
 class QemuHypervisor(Hypervisor):
     name: ClassVar[str] = "qemu"
 
-    def __init__(self, state_dir: Path | None = None, binary: Path | None = None) -> None:
-        """``state_dir`` holds host-wide caches (the acceleration decision); None: no caching."""
+    def __init__(
+        self, state_dir: Path | None = None, binary: Path | None = None, forced_accel: Accel | None = None
+    ) -> None:
+        """``state_dir`` holds host-wide caches (the acceleration decision); None: no caching.
+        ``binary`` and ``forced_accel`` come from the settings (HYPEMAND_QEMU, HYPEMAND_ACCEL)."""
         self._state_dir = state_dir
+        self._configured_binary = binary
         self._binary = binary
+        self._forced_accel = forced_accel
         self._accel: AccelDecision | None = None
         self._accel_lock = asyncio.Lock()
 
     @property
     def binary(self) -> Path:
         if self._binary is None:
-            self._binary = find_qemu_binary()
+            self._binary = find_qemu_binary(self._configured_binary)
         return self._binary
 
     def version(self) -> str:
@@ -295,14 +314,19 @@ class QemuHypervisor(Hypervisor):
         return qemu_version(self.binary)
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(pause=True, graceful_shutdown=True, user_networking=True, disk_io_limit=False)
+        return Capabilities(
+            pause=True, graceful_shutdown=True, user_networking=True, disk_io_limit=False,
+            snapshot=True, standby=True, live_snapshot=True, fork=True,
+        )
 
     async def acceleration(self) -> AccelDecision:
         async with self._accel_lock:
             # A decision is about one QEMU version: an upgraded binary is decided afresh.
             version = await asyncio.to_thread(self.version)
             if self._accel is None or self._accel.qemu_version != version:
-                self._accel = await probe_acceleration(self.binary, self._state_dir)
+                self._accel = await probe_acceleration(
+                    self.binary, self._state_dir, forced=self._forced_accel
+                )
             return self._accel
 
     async def start(self, config: VMConfig) -> QemuVMHandle:
@@ -391,11 +415,102 @@ class QemuHypervisor(Hypervisor):
                 )
             try:
                 await handle.qmp("query-status", timeout=max(0.1, min(2.0, deadline - time.monotonic())))
+                # Done now, at no one's expense, rather than on the standby's pause path.
+                await handle.prepare_migration()
                 return
             except (VMMError, InvalidState) as exc:
                 last_error = exc
             await asyncio.sleep(QMP_POLL_INTERVAL)
         raise VMMError(f"VM {handle.vm_id}: QMP did not answer within {QMP_READY_TIMEOUT} s: {last_error}")
+
+    # ---- standby, snapshots, fork --------------------------------------------------------------
+    # Guest RAM is a shared file mapping (memory-backend-file, share=on), so with QEMU's
+    # x-ignore-shared migration capability the migration stream holds device state only: saving
+    # costs the same for 256 MiB and 16 GiB. QEMU 7.2 has no file: URI; an exec: URI writes it.
+
+    async def save_state(self, handle: VMHandle, state_file: Path) -> None:
+        assert isinstance(handle, QemuVMHandle)
+        if not handle.migration_ready:  # a VM adopted from a server that did not prepare it
+            await handle.prepare_migration()
+        # Callers save running VMs (the instance layer checks): the pause below is ours to undo.
+        await handle.qmp("stop")
+        partial = state_file.with_name(f".{state_file.name}.partial")
+        try:
+            await asyncio.to_thread(partial.unlink, missing_ok=True)
+            await handle.qmp("migrate", {"uri": f"exec:cat > {shlex.quote(str(partial))}"})
+            await _wait_for_migration(handle, "saving the device state")
+            await asyncio.to_thread(_fsync_and_rename, partial, state_file)
+        except BaseException:
+            await asyncio.to_thread(partial.unlink, missing_ok=True)
+            if handle.is_alive():
+                with contextlib.suppress(VMMError, InvalidState):
+                    await handle.qmp("cont")
+            raise
+
+    async def end_saved(self, handle: VMHandle) -> None:
+        assert isinstance(handle, QemuVMHandle)
+        with contextlib.suppress(VMMError, InvalidState):
+            # QEMU may hang up before it answers; the exit wait decides.
+            await handle.qmp("quit", timeout=QUIT_TIMEOUT)
+        if not await handle.wait_exit(QUIT_TIMEOUT):
+            await handle.kill(keep_memory=True)
+        await handle.close()
+
+    def check_restorable(self, directory: Path) -> None:
+        launch = QemuLaunchRecord.load(directory)
+        if launch is None:
+            raise Conflict(f"{directory.name}: no launch record to restore from")
+        running = self.version()
+        if launch.qemu_version != running:
+            raise Conflict(
+                f"the saved VM was made by QEMU {launch.qemu_version}; this host runs QEMU {running}, "
+                "which cannot load its device state",
+                code="incompatible_snapshot",
+            )
+        if launch.machine != machine_type(launch.config.board):
+            raise Conflict(f"the saved VM's board {launch.machine} does not match its recorded board",
+                           code="incompatible_snapshot")
+
+    def prepare_fork(self, directory: Path, fork: ForkIdentity) -> None:
+        launch = QemuLaunchRecord.load(directory)
+        if launch is None:
+            raise Conflict(f"{directory.name}: no launch record to fork from")
+        argv = launch.argv[:-2] if launch.argv[-2:] == ["-incoming", "defer"] else list(launch.argv)
+        config = launch.config.model_copy(update={"vm_id": fork.vm_id, "directory": directory})
+        write_model_atomic(
+            directory / LAUNCH_RECORD,
+            launch.model_copy(update={"config": config, "argv": fork_argv(argv, fork.vm_id)}),
+        )
+
+    async def restore(self, directory: Path, state_file: Path) -> QemuVMHandle:
+        with exclusive_lock(directory / START_LOCK, f"another start of the VM in {directory} is in progress"):
+            existing = await self._adopt_unlocked(directory, connect=False)
+            if existing is not None:
+                await existing.close()
+                raise Conflict(f"VM in {directory}: QEMU is already running (pid {existing.pid})")
+            await asyncio.to_thread(self.check_restorable, directory)
+            launch = QemuLaunchRecord.load(directory)
+            assert launch is not None
+            argv = [arg for arg in launch.argv]
+            if argv[-2:] == ["-incoming", "defer"]:
+                argv = argv[:-2]
+            config = launch.config.model_copy(update={"directory": directory})
+            restored = launch.model_copy(update={
+                "config": config, "argv": [*argv, "-incoming", "defer"], "launched_at": datetime.now(UTC),
+            })
+            await asyncio.to_thread(_prepare_restore, restored)
+            handle = await self._launch(restored)
+        try:
+            # _launch prepared migration (x-ignore-shared), which the destination needs too.
+            await handle.qmp("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state_file))}"})
+            await _wait_for_incoming(handle)
+            await handle.qmp("cont")
+        except BaseException:
+            if handle.is_alive():
+                await handle.kill(keep_memory=True)
+            await handle.close()
+            raise
+        return handle
 
     async def adopt(self, directory: Path) -> QemuVMHandle | None:
         return await self._adopt_unlocked(directory, connect=True)
@@ -417,8 +532,8 @@ class QemuHypervisor(Hypervisor):
         return [orphan for pid in list_pids() if (orphan := self._as_orphan(pid, root)) is not None]
 
     async def reap_orphans(self, guests_root: Path) -> list[OrphanVMM]:
-        """SIGKILL (through a pidfd) every process ``find_orphans`` reports, and remove its RAM
-        file as ``QemuVMHandle.kill`` does. Returns the ones ended.
+        """SIGKILL (through a pidfd) every process ``find_orphans`` reports. Returns the ones
+        ended. Their RAM files are kept: an orphan may be a restore of a saved VM.
 
         Meant for server start, before VMs are adopted or started. Safe at any time: each orphan is
         re-checked after its pidfd is open, and a directory whose start lock is held (a start
@@ -455,11 +570,8 @@ class QemuHypervisor(Hypervisor):
                 return False
         finally:
             watch.close()
-        # The RAM file is the orphan's, unless a recorded VMM runs in the directory: then it is
-        # that one's (its start replaced the file).
-        record = ProcessRecord.load(orphan.directory / PROCESS_RECORD)
-        if record is None or record.mismatch() is not None:
-            await asyncio.to_thread(_remove_memory_file, orphan.directory)
+        # The RAM file stays: the orphan may be a restore that was being started from a saved
+        # VM, whose RAM it is. A later fresh boot of the directory replaces it anyway.
         return True
 
     def _as_orphan(self, pid: int, root: Path) -> OrphanVMM | None:
@@ -574,3 +686,84 @@ def _log_tail(path: Path, limit: int = 1500) -> str:
             return log_file.read().decode(errors="replace").strip() or "(vmm.log is empty)"
     except OSError:
         return "(no vmm.log)"
+
+
+_IGNORE_SHARED = {"capability": "x-ignore-shared", "state": True}
+MIGRATION_BANDWIDTH = 1 << 40
+MIGRATION_TIMEOUT = 120.0
+_MIGRATION_POLL = 0.002
+
+
+async def _wait_for_migration(handle: QemuVMHandle, what: str) -> None:
+    """Poll an outgoing migration until it completes; raise VMMError if it fails."""
+    deadline = time.monotonic() + MIGRATION_TIMEOUT
+    delay = _MIGRATION_POLL
+    while True:
+        info = await handle.qmp("query-migrate")
+        status = info.get("status") if isinstance(info, dict) else None
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise VMMError(f"VM {handle.vm_id}: {what} failed: {info.get('error-desc', status)}")
+        if time.monotonic() > deadline:
+            with contextlib.suppress(VMMError, InvalidState):
+                await handle.qmp("migrate_cancel")
+            raise VMMError(f"VM {handle.vm_id}: {what} did not finish within {MIGRATION_TIMEOUT:.0f} s")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+async def _wait_for_incoming(handle: QemuVMHandle) -> None:
+    """Wait until an incoming migration has loaded (the VM is then paused)."""
+    deadline = time.monotonic() + MIGRATION_TIMEOUT
+    delay = _MIGRATION_POLL
+    while True:
+        if not handle.is_alive():
+            raise VMMError(f"VM {handle.vm_id}: QEMU exited while loading the saved state: "
+                           f"{_log_tail(handle.vmm_log_path)}")
+        info = await handle.qmp("query-migrate")
+        status = info.get("status") if isinstance(info, dict) else None
+        if status == "completed":
+            return
+        if status == "failed":
+            detail = info.get("error-desc", status)
+            raise VMMError(f"VM {handle.vm_id}: loading the saved state failed: {detail}")
+        if time.monotonic() > deadline:
+            raise VMMError(f"VM {handle.vm_id}: loading the saved state took over {MIGRATION_TIMEOUT:.0f} s")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def fork_argv(argv: list[str], vm_id: str) -> list[str]:
+    """The command line of a fork: its own name and MAC, and the RAM file mapped privately
+    (share=off), so that the guest's writes stay in the fork's memory and never reach the file
+    that other forks map too."""
+    rewritten = list(argv)
+    for index, arg in enumerate(rewritten):
+        if index > 0 and rewritten[index - 1] == "-name":
+            rewritten[index] = vm_id
+        elif arg.startswith("memory-backend-file,"):
+            rewritten[index] = arg.replace(",share=on", ",share=off")
+        elif ",netdev=net0," in arg and ",mac=" in arg:
+            rewritten[index] = re.sub(r",mac=[0-9a-f:]+", f",mac={guest_mac(vm_id)}", arg)
+    return rewritten
+
+
+def _prepare_restore(launch: QemuLaunchRecord) -> None:
+    directory = launch.config.directory
+    for stale in (QMP_SOCKET, launch.config.agent_socket):
+        (directory / stale).unlink(missing_ok=True)
+    if not (directory / MEMORY_FILE).exists():
+        raise Conflict(f"{directory.name}: the saved VM's RAM file is missing", code="snapshot_corrupt")
+    write_model_atomic(directory / LAUNCH_RECORD, launch)
+
+
+def _fsync_and_rename(partial: Path, final: Path) -> None:
+    with open(partial, "rb") as state:
+        os.fsync(state.fileno())
+    os.replace(partial, final)
+    fd = os.open(final.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -11,11 +11,10 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from hypemand.hypervisor.base import CONSOLE_LOG, Accel, Board, VMConfig
+from hypemand.hypervisor.base import CONSOLE_LOG, MEMORY_FILE, Accel, Board, VMConfig
 from hypemand.hypervisor.qemu_host import KVM_CPU, TCG_CPU
 
 QMP_SOCKET = "qemu.sock"
-MEMORY_FILE = "memory.ram"  # guest RAM (memory-backend-file, share=on): standby saves device state only
 AGENT_PORT_NAME = "org.hypeman.agent"
 AGENT_MAX_PORTS = 2
 BASE_KERNEL_ARGS = ("console=ttyS0", "quiet", "panic=-1")

@@ -51,7 +51,6 @@ QEMU_BINARY_NAME = "qemu-system-x86_64"
 BINARY_SEARCH_DIRS = (Path("/usr/bin"), Path("/usr/local/bin"))
 _VERSION_RE = re.compile(r"QEMU emulator version (\d+\.\d+\.\d+)")
 
-ACCEL_ENV = "HYPEMAND_ACCEL"  # "kvm" or "tcg": skip the probe
 PROBE_TIMEOUT_SECONDS = 2.0
 PROBE_LOOP_ITERATIONS = 20_000_000
 PROBE_EXIT_VALUE = 0x2A
@@ -61,13 +60,12 @@ KVM_CPU = "host,-arch-capabilities"  # plain "host" aborts on PVM: "failed to se
 TCG_CPU = "max"
 
 
-def find_qemu_binary() -> Path:
-    """``$HYPEMAND_QEMU``, else /usr/bin, /usr/local/bin, then PATH."""
-    if override := os.environ.get("HYPEMAND_QEMU"):
-        path = Path(override)
-        if path.is_file() and os.access(path, os.X_OK):
-            return path
-        raise DependencyMissing(f"HYPEMAND_QEMU={override} is not an executable file")
+def find_qemu_binary(configured: Path | None = None) -> Path:
+    """``configured`` (the settings' HYPEMAND_QEMU), else /usr/bin, /usr/local/bin, then PATH."""
+    if configured is not None:
+        if configured.is_file() and os.access(configured, os.X_OK):
+            return configured
+        raise DependencyMissing(f"HYPEMAND_QEMU={configured} is not an executable file")
     for directory in BINARY_SEARCH_DIRS:
         candidate = directory / QEMU_BINARY_NAME
         if candidate.is_file() and os.access(candidate, os.X_OK):
@@ -297,18 +295,15 @@ def _kvm_openable() -> bool:
 
 
 async def probe_acceleration(
-    binary: Path, cache_dir: Path | None = None, *, use_cache: bool = True
+    binary: Path, cache_dir: Path | None = None, *, use_cache: bool = True, forced: Accel | None = None
 ) -> AccelDecision:
     """Decide kvm or tcg for this host. Cached in ``cache_dir`` (host kernel + QEMU version)."""
     version = await asyncio.to_thread(qemu_version, binary)
     host_kernel = os.uname().release
-    forced = os.environ.get(ACCEL_ENV, "").strip().lower()
-    if forced:
-        if forced not in (Accel.KVM.value, Accel.TCG.value):
-            raise DependencyMissing(f"{ACCEL_ENV} must be kvm or tcg, not {forced!r}")
+    if forced is not None:
         return AccelDecision(
-            accel=Accel(forced),
-            reason=f"forced by {ACCEL_ENV}",
+            accel=forced,
+            reason="forced by the settings (HYPEMAND_ACCEL)",
             host_kernel=host_kernel,
             qemu_version=version,
             probed_at=datetime.now(UTC),

@@ -1,0 +1,90 @@
+"""``/capabilities``, ``/resources``, and the official routes this server does not offer yet.
+
+Every route of the official clients that no part of this server implements answers 501
+``not_implemented`` in the error shape, so a client learns "not here yet" instead of a 404 that
+looks like a wrong URL. Routes move out of :data:`UNBUILT_ROUTES` as they are built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Request
+
+from hypemand.api.errors import ApiError
+from hypemand.instances.manager import InstanceManager
+from hypemand.instances.resources import Capabilities, Resources, capabilities, resources
+
+router = APIRouter()
+unbuilt_router = APIRouter()
+
+
+def _manager(request: Request) -> InstanceManager:
+    manager: InstanceManager = request.app.state.runtime.instances
+    return manager
+
+
+@router.get("/capabilities", response_model=Capabilities)
+async def get_capabilities(request: Request) -> Capabilities:
+    return capabilities(_manager(request))
+
+
+@router.get("/resources", response_model=Resources)
+async def get_resources(request: Request) -> Resources:
+    return await asyncio.to_thread(resources, _manager(request))
+
+
+# (method, path) of the official API (hypeman SDK 0.28.0) that nothing here serves yet.
+UNBUILT_ROUTES: list[tuple[str, str]] = [
+    ("POST", "/resources/memory/reclaim"),
+    ("GET", "/builders"),
+    ("POST", "/builders"),
+    ("GET", "/builders/{id}"),
+    ("DELETE", "/builders/{id}"),
+    ("POST", "/builders/{id}/prune"),
+    ("GET", "/builds"),
+    ("POST", "/builds"),
+    ("GET", "/builds/{id}"),
+    ("DELETE", "/builds/{id}"),
+    ("GET", "/builds/{id}/events"),
+    ("GET", "/devices"),
+    ("POST", "/devices"),
+    ("GET", "/devices/available"),
+    ("GET", "/devices/{id}"),
+    ("DELETE", "/devices/{id}"),
+    ("GET", "/ingresses"),
+    ("POST", "/ingresses"),
+    ("GET", "/ingresses/{id}"),
+    ("DELETE", "/ingresses/{id}"),
+    ("GET", "/pushes"),
+    ("POST", "/pushes"),
+    ("GET", "/pushes/{id}"),
+    ("GET", "/volumes"),
+    ("POST", "/volumes"),
+    ("POST", "/volumes/from-archive"),
+    ("GET", "/volumes/{id}"),
+    ("DELETE", "/volumes/{id}"),
+    ("GET", "/instances/{id}/snapshot-schedule"),
+    ("PUT", "/instances/{id}/snapshot-schedule"),
+    ("DELETE", "/instances/{id}/snapshot-schedule"),
+    ("GET", "/instances/{id}/auto-standby/status"),
+    ("POST", "/instances/{id}/auto-standby/hold"),
+    ("POST", "/instances/{id}/volumes/{volume_id}"),
+    ("DELETE", "/instances/{id}/volumes/{volume_id}"),
+]
+
+
+async def _not_implemented(request: Request) -> None:
+    raise ApiError(
+        501, "not_implemented", f"{request.method} {request.url.path} is not implemented by this server yet"
+    )
+
+
+for _method, _path in UNBUILT_ROUTES:
+    unbuilt_router.add_api_route(
+        _path,
+        _not_implemented,
+        methods=[_method],
+        include_in_schema=False,
+        name=f"unbuilt {_method} {_path}",
+    )

@@ -1,0 +1,345 @@
+"""The instance domain's models: the stored record, and the API's request and response shapes.
+
+Field names and enums follow the Hypeman API (``hypeman.types.Instance`` in the official SDK);
+the record holds what the server must remember, and nothing that can be read from the host.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from hypemand.hypervisor.base import Board
+from hypemand.snapshots.codec import Compression
+from hypemand.wire import WireModel
+
+NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+NAME_MAX = 63
+_TAG_KEY = re.compile(r"^[A-Za-z0-9 _.:/=+@-]{1,128}$")
+_TAG_VALUE = re.compile(r"^[A-Za-z0-9 _.:/=+@-]{0,256}$")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
+MAX_TAGS = 50
+MAX_ENV = 1024
+
+
+class InstanceState(StrEnum):
+    CREATED = "Created"
+    INITIALIZING = "Initializing"
+    RUNNING = "Running"
+    PAUSED = "Paused"
+    SHUTDOWN = "Shutdown"
+    STOPPED = "Stopped"
+    STANDBY = "Standby"
+    UNKNOWN = "Unknown"
+
+
+def validate_name(value: str) -> str:
+    if len(value) > NAME_MAX or not NAME_PATTERN.match(value):
+        raise ValueError(
+            f"must be 1-{NAME_MAX} lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit"
+        )
+    return value
+
+
+def validate_tags(value: dict[str, str] | None) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if len(value) > MAX_TAGS:
+        raise ValueError(f"at most {MAX_TAGS} tags")
+    for key, item in value.items():
+        if not _TAG_KEY.match(key):
+            raise ValueError(f"invalid tag key {key!r}")
+        if not _TAG_VALUE.match(item):
+            raise ValueError(f"invalid tag value for {key!r}")
+    return value
+
+
+def validate_env(value: dict[str, str] | None) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if len(value) > MAX_ENV:
+        raise ValueError(f"at most {MAX_ENV} variables")
+    for key, item in value.items():
+        if not _ENV_KEY.match(key):
+            raise ValueError(f"invalid environment variable name {key!r}")
+        if "\0" in item:
+            raise ValueError(f"environment variable {key!r} contains a NUL byte")
+    return value
+
+
+def _no_nul(value: list[str] | None) -> list[str] | None:
+    if value is not None and any("\0" in arg for arg in value):
+        raise ValueError("arguments must not contain NUL bytes")
+    return value
+
+
+class SnapshotCompressionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool
+    # Any case on the way in ("ZSTD"); stored and answered normalized (see snapshots.codec).
+    algorithm: str | None = None
+    level: int | None = None
+
+
+class SnapshotPolicy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    compression: SnapshotCompressionConfig | None = None
+    standby_compression_delay: str | None = None
+
+
+class NetworkRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    bandwidth_download: str | None = None
+    bandwidth_upload: str | None = None
+    egress: dict[str, Any] | None = None
+
+
+# Fields of the API that later work will build: accepted in the schema so that a request using
+# them gets a clear "not supported yet" instead of a generic unknown-field error.
+UNSUPPORTED_CREATE_FIELDS = (
+    "volumes",
+    "devices",
+    "gpu",
+    "health_check",
+    "restart_policy",
+    "auto_standby",
+    "credentials",
+    "disk_io_bps",
+)
+
+
+class CreateInstanceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    image: str = Field(min_length=1, max_length=512)
+    vcpus: int = Field(default=2, ge=1, le=256)
+    size: str = "1GB"
+    hotplug_size: str | None = None
+    overlay_size: str = "10GB"
+    env: dict[str, str] | None = None
+    entrypoint: list[str] | None = None
+    cmd: list[str] | None = None
+    tags: dict[str, str] | None = None
+    hypervisor: str | None = None
+    platform: str | None = None
+    network: NetworkRequest | None = None
+    skip_guest_agent: bool = False
+    skip_kernel_headers: bool = False
+    ttl: str | None = None
+    expires_at: datetime | None = None
+    snapshot_policy: SnapshotPolicy | None = None
+    volumes: list[Any] | None = None
+    devices: list[Any] | None = None
+    gpu: dict[str, Any] | None = None
+    health_check: dict[str, Any] | None = None
+    restart_policy: dict[str, Any] | None = None
+    auto_standby: dict[str, Any] | None = None
+    credentials: dict[str, Any] | None = None
+    disk_io_bps: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, value: str) -> str:
+        return validate_name(value)
+
+    @field_validator("tags")
+    @classmethod
+    def _tags_ok(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return validate_tags(value)
+
+    @field_validator("env")
+    @classmethod
+    def _env_ok(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return validate_env(value)
+
+    @field_validator("entrypoint", "cmd")
+    @classmethod
+    def _args_ok(cls, value: list[str] | None) -> list[str] | None:
+        return _no_nul(value)
+
+    @model_validator(mode="after")
+    def _one_expiry(self) -> CreateInstanceRequest:
+        if self.ttl is not None and self.expires_at is not None:
+            raise ValueError("give ttl or expires_at, not both")
+        return self
+
+
+class UpdateInstanceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    env: dict[str, str] | None = None
+    ttl: str | None = None
+    expires_at: datetime | None = None
+    auto_standby: dict[str, Any] | None = None
+    health_check: dict[str, Any] | None = None
+    restart_policy: dict[str, Any] | None = None
+
+    @field_validator("env")
+    @classmethod
+    def _env_ok(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return validate_env(value)
+
+    @model_validator(mode="after")
+    def _one_expiry(self) -> UpdateInstanceRequest:
+        if self.ttl is not None and self.expires_at is not None:
+            raise ValueError("give ttl or expires_at, not both")
+        return self
+
+
+class StartInstanceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    entrypoint: list[str] | None = None
+    cmd: list[str] | None = None
+
+    @field_validator("entrypoint", "cmd")
+    @classmethod
+    def _args_ok(cls, value: list[str] | None) -> list[str] | None:
+        return _no_nul(value)
+
+
+class InstanceNetwork(WireModel):
+    NULLABLE = frozenset({"ip", "mac"})
+
+    enabled: bool
+    name: str = "default"
+    ip: str | None = None
+    mac: str | None = None
+
+
+class Instance(WireModel):
+    """An instance as the API shows it: the record plus what was read from the host just now."""
+
+    NULLABLE = frozenset({"expires_at", "exit_code", "started_at", "state_error", "stopped_at"})
+
+    id: str
+    name: str
+    image: str
+    state: InstanceState
+    state_error: str | None = None
+    created_at: datetime
+    expires_at: datetime | None = None
+    platform: str
+    size: str
+    hotplug_size: str | None = None
+    overlay_size: str
+    vcpus: int
+    env: dict[str, str]
+    tags: dict[str, str]
+    network: InstanceNetwork
+    hypervisor: Literal["qemu", "qemu-microvm"]
+    started_at: datetime | None = None
+    stopped_at: datetime | None = None
+    exit_code: int | None = None
+    exit_message: str | None = None
+    has_snapshot: bool = False
+    snapshot_policy: SnapshotPolicy | None = None
+    current_phase: str
+    current_phase_since: datetime
+    phase_durations_ms: dict[str, int]
+    volumes: list[Any] = Field(default_factory=list)
+
+
+class WaitForStateResponse(WireModel):
+    state: InstanceState
+    timed_out: bool
+    state_error: str | None = None
+
+
+class InstanceStats(WireModel):
+    instance_id: str
+    instance_name: str
+    cpu_seconds: float
+    memory_rss_bytes: int
+    memory_vms_bytes: int
+    network_rx_bytes: int
+    network_tx_bytes: int
+    allocated_vcpus: int
+    allocated_memory_bytes: int
+    memory_utilization_ratio: float | None = None
+
+
+class GuestExitInfo(BaseModel):
+    code: int
+    message: str
+
+
+class InstanceRecord(BaseModel):
+    """``guests/<id>/instance.json``: what an instance is. Written atomically on every change;
+    its state is never stored here, it is read from the host."""
+
+    format_version: Literal[1] = 1
+    id: str
+    name: str
+    image: str  # as the user named it
+    image_digest: str  # the content it boots: re-tagging the name never changes the instance
+    platform: str
+    board: Board
+    vcpus: int
+    memory_bytes: int
+    hotplug_bytes: int = 0
+    overlay_bytes: int
+    env: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict)
+    entrypoint: list[str] | None = None
+    cmd: list[str] | None = None
+    network_enabled: bool = True
+    mac: str
+    skip_guest_agent: bool = False
+    stop_timeout: float = 5.0
+    snapshot_policy: SnapshotPolicy | None = None
+    expires_at: datetime | None = None
+    created_at: datetime
+    # False until the first boot launched: a server that died in between removes it at start.
+    provisioned: bool = False
+    started_at: datetime | None = None
+    stopped_at: datetime | None = None
+    # Where this boot's output starts in the console log (it is appended across boots).
+    console_offset: int = 0
+    # When the program started and the agent answered in this VM's life. A restore keeps them
+    # (the same processes continue); a fresh boot clears them; a fork sets them only once its
+    # new identity is in place, so it is not Running before.
+    program_started_at: datetime | None = None
+    agent_ready_at: datetime | None = None
+    exit: GuestExitInfo | None = None
+    # A fork resumes another VM's memory: until the agent has given it its own randomness, MAC
+    # and hostname, it must not be reported Running (set by the fork, cleared once done).
+    identity_pending: bool = False
+    phase: str = "created"
+    phase_since: datetime
+    phase_ms: dict[str, int] = Field(default_factory=dict)
+
+
+class StandbyInstanceRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    compression: SnapshotCompressionConfig | None = None
+    compression_delay: str | None = None
+
+
+class StandbyRecord(BaseModel):
+    """``standby.json``: written last by a standby, removed first by a restore, so its presence
+    is what makes an instance ``Standby``. It lets a restore check what it is about to load."""
+
+    created_at: datetime
+    state_digest: str
+    memory_size: int
+    qemu_version: str
+    compression: CompressionPlan | None = None
+
+
+class CompressionPlan(BaseModel):
+    """How and when to compress a saved VM's memory in the background."""
+
+    compression: Compression
+    delay_seconds: float = 0.0

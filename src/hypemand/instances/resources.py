@@ -1,0 +1,207 @@
+"""What this server offers (``GET /capabilities``) and what it has given out (``GET /resources``),
+answered from this host and its backends, never from constants that might not hold here."""
+
+from __future__ import annotations
+
+import platform as platform_module
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from hypemand.hypervisor.base import Capabilities as BackendCapabilities
+from hypemand.instances.host import (
+    CPU_OVERSUBSCRIPTION,
+    DISK_OVERSUBSCRIPTION,
+    MEMORY_OVERSUBSCRIPTION,
+    sparse_size,
+)
+from hypemand.instances.manager import InstanceManager
+
+API_VERSION = "0.28.0"  # the official clients' version whose wire contract this server serves
+SERVER_FEATURES = ["instances", "images", "exec", "logs"]
+
+
+class CapabilitiesServer(BaseModel):
+    version: str
+    api_version: str
+
+
+class CapabilitiesHost(BaseModel):
+    os: str
+    arch: str
+
+
+class CapabilitiesRuntime(BaseModel):
+    name: str
+    available: bool
+    features: list[str]
+
+
+class CapabilitiesDefaultRuntime(BaseModel):
+    name: str
+    available: bool
+
+
+class CapabilitiesNetwork(BaseModel):
+    model: Literal["bridge", "nat"]
+    guest_to_guest: bool
+    gateway: str | None = None
+    subnet: str | None = None
+
+
+class CapabilitiesImages(BaseModel):
+    platforms: list[str]
+    default_platform: str
+
+
+class Capabilities(BaseModel):
+    server: CapabilitiesServer
+    host: CapabilitiesHost
+    default_runtime: CapabilitiesDefaultRuntime
+    runtimes: list[CapabilitiesRuntime]
+    network: CapabilitiesNetwork
+    images: CapabilitiesImages
+    features: list[str]
+
+
+class ResourceStatus(BaseModel):
+    type: str
+    capacity: int
+    effective_limit: int
+    allocated: int
+    available: int
+    oversub_ratio: float
+    source: str | None = None
+
+
+class ResourceAllocation(BaseModel):
+    instance_id: str
+    instance_name: str
+    cpu: int
+    memory_bytes: int
+    disk_bytes: int
+
+
+class DiskBreakdown(BaseModel):
+    images_bytes: int
+    overlays_bytes: int
+    oci_cache_bytes: int = 0
+    volumes_bytes: int = 0
+
+
+class Resources(BaseModel):
+    cpu: ResourceStatus
+    memory: ResourceStatus
+    disk: ResourceStatus
+    network: ResourceStatus
+    disk_breakdown: DiskBreakdown
+    allocations: list[ResourceAllocation]
+
+
+def _features(capabilities: BackendCapabilities) -> list[str]:
+    names = {
+        "snapshots": capabilities.snapshot,
+        "standby": capabilities.standby,
+        "fork": capabilities.fork,
+        "pause": capabilities.pause,
+        "hotplug-memory": capabilities.hotplug_memory,
+        "balloon-control": capabilities.balloon,
+        "vsock": capabilities.vsock,
+        "gpu-passthrough": capabilities.gpu_passthrough,
+        "disk-io-limit": capabilities.disk_io_limit,
+    }
+    return [name for name, offered in names.items() if offered]
+
+
+def server_version() -> str:
+    try:
+        return version("hypemand")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def capabilities(manager: InstanceManager) -> Capabilities:
+    backend = manager.hypervisor.capabilities()
+    features = _features(backend)
+    runtimes = [
+        CapabilitiesRuntime(name=board.value, available=True, features=features)
+        for board in manager.available_boards()
+    ]
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform_module.machine(), platform_module.machine())
+    return Capabilities(
+        server=CapabilitiesServer(version=server_version(), api_version=API_VERSION),
+        host=CapabilitiesHost(os="linux", arch=arch),
+        default_runtime=CapabilitiesDefaultRuntime(name=runtimes[0].name, available=True),
+        runtimes=runtimes,
+        # QEMU user-mode networking: each guest is NATed alone, guests cannot reach each other.
+        network=CapabilitiesNetwork(
+            model="nat", guest_to_guest=False, gateway="10.0.2.2", subnet="10.0.2.0/24"
+        ),
+        images=CapabilitiesImages(platforms=[manager.platform], default_platform=manager.platform),
+        features=SERVER_FEATURES,
+    )
+
+
+def resources(manager: InstanceManager) -> Resources:
+    """Blocking (statvfs, file sizes): call it from a worker thread."""
+    capacity = manager.capacity()
+    allocations: list[ResourceAllocation] = []
+    cpu = memory = overlays = 0
+    for record, active in manager.allocations():
+        disk = sparse_size(manager.layout.instance(record.id).overlay_disk)
+        overlays += disk
+        if active:
+            cpu += record.vcpus
+            memory += record.memory_bytes + record.hotplug_bytes
+        allocations.append(
+            ResourceAllocation(
+                instance_id=record.id,
+                instance_name=record.name,
+                cpu=record.vcpus if active else 0,
+                memory_bytes=record.memory_bytes + record.hotplug_bytes if active else 0,
+                disk_bytes=disk,
+            )
+        )
+    images = _tree_size(manager.layout.images)
+    disk_used = images + overlays
+
+    def status(kind: str, total: int, ratio: float, used: int, source: str) -> ResourceStatus:
+        limit = int(total * ratio)
+        return ResourceStatus(
+            type=kind,
+            capacity=total,
+            effective_limit=limit,
+            allocated=used,
+            available=max(0, limit - used),
+            oversub_ratio=ratio,
+            source=source,
+        )
+
+    return Resources(
+        cpu=status("cpu", capacity.cpus, CPU_OVERSUBSCRIPTION, cpu, "os.cpu_count"),
+        memory=status(
+            "memory", capacity.memory_bytes, MEMORY_OVERSUBSCRIPTION, memory, "/proc/meminfo MemTotal"
+        ),
+        disk=status(
+            "disk", capacity.disk_bytes, DISK_OVERSUBSCRIPTION, disk_used, "statvfs of the data directory"
+        ),
+        # User-mode networking is not rate limited: there is no capacity to hand out.
+        network=status("network", 0, 1.0, 0, "not limited (user-mode networking)"),
+        disk_breakdown=DiskBreakdown(images_bytes=images, overlays_bytes=overlays),
+        allocations=allocations,
+    )
+
+
+def _tree_size(root: Path) -> int:
+    total = 0
+    if not root.exists():
+        return 0
+    for path in root.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink():
+                total += path.stat().st_blocks * 512
+        except OSError:
+            continue
+    return total

@@ -1,0 +1,31 @@
+"""Errors of the snapshot domain (see ``hypemand.errors`` for how they map to responses)."""
+
+from __future__ import annotations
+
+from hypemand.errors import DomainError
+
+
+class SnapshotCorrupt(DomainError):
+    """A snapshot file no longer matches the digest recorded when it was written."""
+
+    status = 409
+    code = "snapshot_corrupt"
+
+
+class SparseCopyUnsupported(DomainError):
+    """The filesystem cannot report holes, so a copy would silently become dense.
+
+    Guest RAM files are mostly holes (a 4 GiB guest may use 200 MB); a dense copy would fill
+    the disk, so there is deliberately no dense fallback.
+    """
+
+    status = 500
+    code = "sparse_copy_unsupported"
+
+
+class CompressionCancelled(Exception):
+    """A compression or expansion job stopped because its cancel event was set.
+
+    Not a ``DomainError``: cancelling is the caller's own decision (a restore preempting the
+    compressor), never something to report to an API client.
+    """

@@ -1,0 +1,404 @@
+"""Stored snapshots: immutable copies of an instance's disks (and, for kind Standby, its saved
+VM) that outlive their source, can be restored into it, and forked into new instances.
+
+The instance domain does everything that touches an instance (under the instance's lock); this
+service owns the snapshot directories, their records, digests and compression.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import shutil
+import string
+from datetime import UTC, datetime
+from pathlib import Path
+
+from hypemand.errors import BadRequest, Conflict, NotFound
+from hypemand.fsutil import write_model_atomic
+from hypemand.hypervisor.base import MEMORY_FILE, Board
+from hypemand.instances.manager import InstanceManager, SavedVM
+from hypemand.instances.models import Instance, InstanceState, SnapshotCompressionConfig
+from hypemand.layout import STATE_FILE, DataLayout
+from hypemand.snapshots.codec import CompressedMemory
+from hypemand.snapshots.digest import file_digest, verify_file
+from hypemand.snapshots.errors import SnapshotCorrupt
+from hypemand.snapshots.jobs import CompressionJobs, OnDone, ensure_raw_memory
+from hypemand.snapshots.models import (
+    CreateSnapshotRequest,
+    ForkInstanceRequest,
+    ForkSnapshotRequest,
+    RestoreSnapshotRequest,
+    Snapshot,
+    SnapshotKind,
+    SnapshotRecord,
+)
+from hypemand.snapshots.sparse import tree_allocated_bytes
+
+log = logging.getLogger(__name__)
+
+RECORD = "snapshot.json"
+PAYLOAD = "guest"
+STAGING_PREFIX = ".fork-"
+
+# Target states a restore or fork may ask for, by snapshot kind; the first is the default.
+TARGETS: dict[str, tuple[InstanceState, ...]] = {
+    "Standby": (InstanceState.RUNNING, InstanceState.STANDBY, InstanceState.STOPPED),
+    "Stopped": (InstanceState.STOPPED, InstanceState.RUNNING),
+}
+
+
+def new_snapshot_id() -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return secrets.choice(string.ascii_lowercase) + "".join(secrets.choice(alphabet) for _ in range(23))
+
+
+class SnapshotService:
+    def __init__(self, layout: DataLayout, instances: InstanceManager, jobs: CompressionJobs) -> None:
+        self.root = layout.snapshots
+        self.instances = instances
+        self.jobs = jobs
+        self._records: dict[str, SnapshotRecord] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._creating = asyncio.Lock()  # names are unique per source: decided one create at a time
+        self._reserved: set[tuple[str, str]] = set()
+        # Files already checked against their digest, by identity (see _identity).
+        self._verified: dict[Path, tuple[int, int, int]] = {}
+
+    # ---- start and stop -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.root.mkdir, parents=True, exist_ok=True)
+        for directory in await asyncio.to_thread(
+            lambda: sorted(p for p in self.root.iterdir() if p.is_dir())
+        ):
+            try:
+                record = await asyncio.to_thread(_load, directory / RECORD)
+            except ValueError as exc:
+                # Records are written atomically: this is damage from outside. Keep the files.
+                log.error("snapshot %s has an unreadable record, leaving it alone: %s", directory.name, exc)
+                continue
+            if record is None:
+                # Never finished (the server died while copying), or a fork's staging copy.
+                log.warning("removing unfinished snapshot directory %s", directory.name)
+                await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
+                continue
+            self._records[record.snapshot.id] = record
+            if record.snapshot.compression_state == "compressing":
+                await self._resume_compression(record)
+
+    async def _resume_compression(self, record: SnapshotRecord) -> None:
+        """A compression the last server did not finish: the raw file is still there (it goes only
+        after the compressed copy is durable), so start again; partial output is replaced."""
+        raw = self._payload(record.snapshot.id) / MEMORY_FILE
+        compression = self.jobs.resolve(record.snapshot.compression, None)
+        if compression is not None and raw.exists():
+            self.jobs.start_for_snapshot(
+                record.snapshot.id, raw, compression, self._on_compressed(record.snapshot.id)
+            )
+        else:
+            await self._set(record.snapshot.id, compression_state="none")
+
+    # ---- reads ------------------------------------------------------------------------------------
+
+    def list(
+        self,
+        kind: str | None = None,
+        name: str | None = None,
+        source_instance_id: str | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> list[Snapshot]:
+        found = []
+        for record in self._records.values():
+            snapshot = record.snapshot
+            if kind is not None and snapshot.kind != kind:
+                continue
+            if name is not None and snapshot.name != name:
+                continue
+            if source_instance_id is not None and snapshot.source_instance_id != source_instance_id:
+                continue
+            if any((snapshot.tags or {}).get(k) != v for k, v in (tags or {}).items()):
+                continue
+            found.append(snapshot)
+        return sorted(found, key=lambda s: (s.created_at, s.id))
+
+    def get(self, snapshot_id: str) -> Snapshot:
+        return self._record(snapshot_id).snapshot
+
+    def _record(self, snapshot_id: str) -> SnapshotRecord:
+        record = self._records.get(snapshot_id)
+        if record is None:
+            raise NotFound(f"snapshot {snapshot_id!r} not found")
+        return record
+
+    def _payload(self, snapshot_id: str) -> Path:
+        return self.root / snapshot_id / PAYLOAD
+
+    def _lock(self, snapshot_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(snapshot_id, asyncio.Lock())
+
+    # ---- create -----------------------------------------------------------------------------------
+
+    async def create(self, ref: str, request: CreateSnapshotRequest) -> Snapshot:
+        source = await self.instances.get(ref)
+        wants_compression = request.compression is not None and request.compression.enabled
+        if request.kind == "Stopped" and wants_compression:
+            raise BadRequest("compression is only supported for Standby snapshots", code="invalid_request")
+        record_policy = self.instances.record_of(source.id).snapshot_policy
+        compression = None
+        if request.kind == "Standby":
+            compression = self.jobs.resolve(
+                request.compression, record_policy.compression if record_policy else None
+            )
+        key = (source.id, request.name or "")
+        async with self._creating:
+            if request.name is not None and (
+                key in self._reserved
+                or any(
+                    s.snapshot.source_instance_id == source.id and s.snapshot.name == request.name
+                    for s in self._records.values()
+                )
+            ):
+                raise Conflict(
+                    f"instance {source.name} already has a snapshot named {request.name!r}",
+                    code="already_exists",
+                )
+            self._reserved.add(key)
+        snapshot_id = new_snapshot_id()
+        directory = self.root / snapshot_id
+        try:
+            instance = await self.instances.capture(source.id, request.kind, directory / PAYLOAD)
+            # Digests and sizes are computed now, after the source runs again: off its pause.
+            digests = await asyncio.to_thread(_digest_payload, directory / PAYLOAD)
+            size = await asyncio.to_thread(tree_allocated_bytes, directory / PAYLOAD)
+            snapshot = Snapshot(
+                id=snapshot_id,
+                name=request.name,
+                kind=request.kind,
+                created_at=datetime.now(UTC),
+                size_bytes=size,
+                source_instance_id=instance.id,
+                source_instance_name=instance.name,
+                source_hypervisor=instance.board.value,
+                tags=request.tags,
+                compression=SnapshotCompressionConfig(
+                    enabled=True, algorithm=compression.algorithm, level=compression.level
+                )
+                if compression
+                else None,
+                compression_state="compressing" if compression else "none",
+            )
+            record = SnapshotRecord(
+                snapshot=snapshot,
+                instance=instance,
+                digests=digests,
+                qemu_version=await asyncio.to_thread(self.instances.hypervisor.version),
+            )
+            await asyncio.to_thread(write_model_atomic, directory / RECORD, record)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
+            raise
+        finally:
+            self._reserved.discard(key)
+        self._records[snapshot_id] = record
+        if compression is not None:
+            self.jobs.start_for_snapshot(
+                snapshot_id, directory / PAYLOAD / MEMORY_FILE, compression, self._on_compressed(snapshot_id)
+            )
+        return snapshot
+
+    def _on_compressed(self, snapshot_id: str) -> OnDone:
+        async def done(result: CompressedMemory | None, error: str | None) -> None:
+            if snapshot_id not in self._records:
+                return
+            if error is not None:
+                await self._set(snapshot_id, compression_state="error", compression_error=error)
+            elif result is None:
+                await self._set(snapshot_id, compression_state="none")
+            else:
+                size = await asyncio.to_thread(tree_allocated_bytes, self._payload(snapshot_id))
+                await self._set(
+                    snapshot_id,
+                    compression_state="compressed",
+                    compression_error=None,
+                    compressed_size_bytes=result.compressed_size,
+                    uncompressed_size_bytes=result.uncompressed_size,
+                    size_bytes=size,
+                )
+
+        return done
+
+    async def _set(self, snapshot_id: str, **changes: object) -> None:
+        record = self._records[snapshot_id]
+        snapshot = record.snapshot.model_copy(update=changes)
+        updated = record.model_copy(update={"snapshot": snapshot})
+        await asyncio.to_thread(write_model_atomic, self.root / snapshot_id / RECORD, updated)
+        self._records[snapshot_id] = updated
+
+    # ---- delete -----------------------------------------------------------------------------------
+
+    async def delete(self, snapshot_id: str) -> None:
+        self._record(snapshot_id)
+        async with self._lock(snapshot_id):
+            if snapshot_id not in self._records:
+                raise NotFound(f"snapshot {snapshot_id!r} not found")
+            await self.jobs.cancel_for_snapshot(snapshot_id)
+            # The record goes first: a crash in the middle leaves an unfinished directory, which
+            # the next start removes, never a listed snapshot with half its files.
+            await asyncio.to_thread((self.root / snapshot_id / RECORD).unlink, missing_ok=True)
+            del self._records[snapshot_id]
+            await asyncio.to_thread(shutil.rmtree, self.root / snapshot_id, ignore_errors=True)
+        self._locks.pop(snapshot_id, None)
+
+    # ---- restore and fork -------------------------------------------------------------------------
+
+    async def restore(self, ref: str, snapshot_id: str, request: RestoreSnapshotRequest) -> Instance:
+        instance = await self.instances.get(ref)
+        record = self._record(snapshot_id)
+        if record.snapshot.source_instance_id != instance.id:
+            raise BadRequest(
+                f"snapshot {snapshot_id} belongs to instance "
+                f"{record.snapshot.source_instance_id}, not {instance.id}"
+            )
+        target, board = self._target(record.snapshot.kind, request.target_state, request.target_hypervisor)
+        async with self._lock(snapshot_id):
+            saved = await self._ready(snapshot_id)
+            return await self.instances.restore_snapshot(instance.id, saved, target, board)
+
+    async def fork(self, snapshot_id: str, request: ForkSnapshotRequest) -> Instance:
+        record = self._record(snapshot_id)
+        target, board = self._target(record.snapshot.kind, request.target_state, request.target_hypervisor)
+        async with self._lock(snapshot_id):
+            saved = await self._ready(snapshot_id)
+            return await self.instances.fork(saved, request.name, target, board)
+
+    async def fork_instance(self, ref: str, request: ForkInstanceRequest) -> Instance:
+        source = await self.instances.get(ref)
+        state = source.state
+        if state is InstanceState.RUNNING and not request.from_running:
+            raise Conflict(
+                f"instance {source.name} is Running: set from_running=true to fork a running instance",
+                code="invalid_state",
+            )
+        if state not in (InstanceState.RUNNING, InstanceState.STANDBY, InstanceState.STOPPED):
+            raise Conflict(
+                f"cannot fork instance {source.name} from state {state.value}", code="invalid_state"
+            )
+        target = request.target_state or state
+        if target not in (InstanceState.RUNNING, InstanceState.STANDBY, InstanceState.STOPPED):
+            raise BadRequest(f"target_state must be Running, Standby or Stopped, not {target.value}")
+        kind: SnapshotKind = "Stopped" if state is InstanceState.STOPPED else "Standby"
+        if kind == "Stopped" and target is InstanceState.STANDBY:
+            raise BadRequest("a Stopped instance forks into Stopped or Running, not Standby")
+        staging = self.root / f"{STAGING_PREFIX}{new_snapshot_id()}"
+        try:
+            instance = await self.instances.capture(source.id, kind, staging / PAYLOAD)
+            state_file = staging / PAYLOAD / STATE_FILE
+            saved = SavedVM(
+                snapshot_id=f"(fork of {source.name})",
+                kind=kind,
+                guest_dir=staging / PAYLOAD,
+                record=instance,
+                state_digest=await asyncio.to_thread(file_digest, state_file) if kind == "Standby" else None,
+                qemu_version=await asyncio.to_thread(self.instances.hypervisor.version),
+            )
+            return await self.instances.fork(saved, request.name, target, None)
+        finally:
+            # The fork holds its own copies and a link to the RAM file: the staging copy can go.
+            await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
+
+    def _target(
+        self, kind: str, requested: InstanceState | None, hypervisor: str | None
+    ) -> tuple[InstanceState, Board | None]:
+        allowed = TARGETS[kind]
+        target = requested or allowed[0]
+        if target not in allowed:
+            raise BadRequest(
+                f"target_state {target.value} is not allowed for a {kind} snapshot; use one of "
+                f"{', '.join(t.value for t in allowed)}"
+            )
+        board = None
+        if hypervisor is not None:
+            if kind != "Stopped":
+                raise BadRequest(
+                    "target_hypervisor is only allowed for Stopped snapshots: "
+                    "a Standby snapshot resumes on the hypervisor that saved it"
+                )
+            offered = {b.value: b for b in self.instances.available_boards()}
+            if hypervisor not in offered:
+                raise BadRequest(
+                    f"hypervisor {hypervisor!r} is not available on this host; "
+                    f"it offers: {', '.join(offered)}",
+                    code="invalid_hypervisor",
+                )
+            board = offered[hypervisor]
+        return target, board
+
+    async def _ready(self, snapshot_id: str) -> SavedVM:
+        """Stop any compression of the snapshot, make its RAM file raw again, and check every
+        file against its digest: a guest never starts on a truncated or altered file."""
+        await self.jobs.cancel_for_snapshot(snapshot_id)
+        record = self._record(snapshot_id)
+        payload = self._payload(snapshot_id)
+        if record.snapshot.kind == "Standby":
+            raw = payload / MEMORY_FILE
+            expanded = not await asyncio.to_thread(raw.exists)
+            checked = await asyncio.to_thread(ensure_raw_memory, raw)
+            if checked is not None and checked == record.digests.get(MEMORY_FILE):
+                # The expansion already checked the content against this very digest.
+                self._verified[raw] = _identity(await asyncio.to_thread(raw.stat))
+            if expanded or record.snapshot.compression_state == "compressing":
+                size = await asyncio.to_thread(tree_allocated_bytes, payload)
+                await self._set(
+                    snapshot_id,
+                    compression_state="none",
+                    compressed_size_bytes=None,
+                    uncompressed_size_bytes=None,
+                    size_bytes=size,
+                )
+        await asyncio.to_thread(self._verify, record, payload)
+        return SavedVM(
+            snapshot_id=snapshot_id,
+            kind=record.snapshot.kind,
+            guest_dir=payload,
+            record=record.instance,
+            state_digest=record.digests.get(STATE_FILE),
+            qemu_version=record.qemu_version,
+        )
+
+    def _verify(self, record: SnapshotRecord, payload: Path) -> None:
+        for name, digest in record.digests.items():
+            path = payload / name
+            try:
+                info = path.stat()
+            except FileNotFoundError:
+                raise SnapshotCorrupt(f"snapshot {record.snapshot.id}: {name} is missing") from None
+            identity = _identity(info)
+            if self._verified.get(path) == identity:
+                continue
+            try:
+                verify_file(path, digest)
+            except SnapshotCorrupt as exc:
+                raise SnapshotCorrupt(f"snapshot {record.snapshot.id}: {exc}") from None
+            self._verified[path] = identity
+
+
+def _digest_payload(payload: Path) -> dict[str, str]:
+    return {path.name: file_digest(path) for path in sorted(payload.iterdir()) if path.is_file()}
+
+
+def _load(path: Path) -> SnapshotRecord | None:
+    try:
+        return SnapshotRecord.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+def _identity(info: os.stat_result) -> tuple[int, int, int]:
+    """What must stay the same for an earlier digest check to hold: the inode, its size and its
+    modification time (every write moves it). Not the ctime: a fork's hard link to the RAM file
+    changes that without touching the content. A change that keeps the mtime (a deliberate
+    ``touch -d``, or media decay) is caught at the next server start, which checks afresh."""
+    return (info.st_ino, info.st_size, info.st_mtime_ns)

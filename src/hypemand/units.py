@@ -1,0 +1,61 @@
+"""Human-readable sizes and durations, as the Hypeman API spells them.
+
+Sizes use binary units whatever the suffix says ("1GB" is 1 GiB), as the reference does;
+durations use Go's syntax ("30s", "5m", "2m30s", "1h", "500ms").
+"""
+
+from __future__ import annotations
+
+import re
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(I?B?)\s*$", re.IGNORECASE)
+_POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_SIZE = 1 << 60
+
+
+class UnitError(ValueError):
+    pass
+
+
+def parse_size(text: str) -> int:
+    """``"512MB"`` -> 536870912. A bare number is bytes; suffixes K, M, G, T, P (with optional
+    B, iB) are powers of 1024."""
+    match = _SIZE.match(text)
+    if not match:
+        raise UnitError(
+            f"invalid size {text!r}: expected a number with an optional unit (e.g. 512MB, 1GB, 2GiB)"
+        )
+    number, prefix, suffix = match.groups()
+    if suffix.upper() == "I" or (suffix.upper() == "IB" and not prefix):
+        raise UnitError(f"invalid size {text!r}")
+    value = float(number) * (1024 ** _POWERS[prefix.upper()])
+    if value > MAX_SIZE:
+        raise UnitError(f"size {text!r} is too large")
+    return int(value)
+
+
+def format_size(size: int) -> str:
+    """The largest whole unit: 1073741824 -> "1GB", 536870912 -> "512MB", 1000 -> "1000B"."""
+    for unit, power in (("TB", 4), ("GB", 3), ("MB", 2), ("KB", 1)):
+        if size and size % (1024**power) == 0:
+            return f"{size // 1024**power}{unit}"
+    return f"{size}B"
+
+
+def parse_duration(text: str) -> float:
+    """Go duration syntax to seconds: ``"2m30s"`` -> 150.0; ``"0s"`` or ``"0"`` -> 0.0."""
+    stripped = text.strip()
+    if stripped == "0":
+        return 0.0
+    position = 0
+    total = 0.0
+    for match in _DURATION_PART.finditer(stripped):
+        if match.start() != position:
+            break
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        position = match.end()
+    if position != len(stripped) or position == 0:
+        raise UnitError(f"invalid duration {text!r}: expected Go syntax such as 30s, 5m, 2h30m")
+    return total
