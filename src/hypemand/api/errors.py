@@ -42,7 +42,11 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status, exc.code, exc.message)
 
     @app.exception_handler(DomainError)
-    async def _domain_error(_: Request, exc: DomainError) -> JSONResponse:
+    async def _domain_error(request: Request, exc: DomainError) -> JSONResponse:
+        if exc.status >= 500:
+            # The server's own failures are kept in its log, whole (the answer may be cut short
+            # by a client).
+            log.warning("%s %s failed: %s: %s", request.method, request.url.path, exc.code, exc)
         return error_response(exc.status, exc.code, str(exc))
 
     @app.exception_handler(RequestValidationError)

@@ -167,6 +167,13 @@ class ProcessWatch:
             return None
         return cls(pid, pidfd, child)
 
+    def exit_status(self) -> str:
+        """How our child ended, for error messages ("signal 9", "code 1"); "unknown" otherwise."""
+        code = self._child.poll() if self._child is not None else None
+        if code is None:
+            return "unknown"
+        return f"signal {-code}" if code < 0 else f"code {code}"
+
     def is_alive(self) -> bool:
         """True until the process has exited. A closed watch reports False."""
         if self._exited or self._pidfd is None:

@@ -188,6 +188,9 @@ class QemuVMHandle(VMHandle):
     def is_alive(self) -> bool:
         return self._watch.is_alive()
 
+    def exit_status(self) -> str:
+        return self._watch.exit_status()
+
     async def qmp(
         self,
         command: str,
@@ -385,7 +388,11 @@ class QemuHypervisor(Hypervisor):
             await asyncio.to_thread(record.save, config.paths.process_record)  # fsynced
             watch = ProcessWatch.open(record, child=child)
             if watch is None:
-                raise VMMError(f"VM {config.vm_id}: QEMU exited at once: {_log_tail(config.paths.vmm_log)}")
+                why = record.mismatch() or "gone"
+                raise VMMError(
+                    f"VM {config.vm_id}: QEMU (pid {child.pid}) is not the process just started ({why}), "
+                    f"exit status {child.poll()}: {_log_tail(config.paths.vmm_log)}"
+                )
         except BaseException:
             await _kill_child(child)
             raise
@@ -411,7 +418,8 @@ class QemuHypervisor(Hypervisor):
         while time.monotonic() < deadline:
             if not handle.is_alive():
                 raise VMMError(
-                    f"VM {handle.vm_id}: QEMU exited during startup: {_log_tail(handle.vmm_log_path)}"
+                    f"VM {handle.vm_id}: QEMU (pid {handle.pid}) exited during startup "
+                    f"(status {handle.exit_status()}): {_log_tail(handle.vmm_log_path)}"
                 )
             try:
                 await handle.qmp("query-status", timeout=max(0.1, min(2.0, deadline - time.monotonic())))
