@@ -13,9 +13,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -30,6 +28,7 @@ from hypemand.hypervisor.process import ProcessRecord, host_boot_id, process_cmd
 from hypemand.hypervisor.qemu import LAUNCH_RECORD, QemuHypervisor, QemuLaunchRecord
 from hypemand.system.files import SystemFiles
 from tests.hypervisor.conftest import kill_pid_if_ours, long_directory
+from tests.support.event_loop import LoopSpy
 from tests.support.guest import (
     console_text,
     guest_spec,
@@ -356,18 +355,7 @@ async def test_start_and_kill_do_their_blocking_work_off_the_event_loop(
 ) -> None:
     """The first TSC measurement sleeps 50 ms, ``qemu --version`` runs a process, the records are
     fsynced, a RAM file of GBs takes a while to unlink: none of it may stall the server's loop."""
-    loop_thread = threading.get_ident()
-    called: set[str] = set()
-    on_the_loop: list[str] = []
-
-    def observed(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            called.add(name)
-            if threading.get_ident() == loop_thread:
-                on_the_loop.append(name)
-            return function(*args, **kwargs)
-
-        return wrapper
+    spy = LoopSpy()
 
     blocking = [
         (qemu_module, "host_tsc_khz", "tsc"),
@@ -377,10 +365,10 @@ async def test_start_and_kill_do_their_blocking_work_off_the_event_loop(
         (qemu_module, "_remove_memory_file", "RAM file"),
     ]
     for module, attribute, name in blocking:
-        monkeypatch.setattr(module, attribute, observed(name, getattr(module, attribute)))
+        monkeypatch.setattr(module, attribute, spy.wrap(name, getattr(module, attribute)))
     # TCG explicitly: only TCG guests get the TSC rate.
     config = sleeper_vm(system_files, busybox_ext4, tmp_path / "vm").model_copy(update={"accel": Accel.TCG})
     async with launched_vm(hypervisor, config) as vm:
         await vm.kill()
-    assert called == {"tsc", "version", "qemu-config.json", "vmm.json", "RAM file"}
-    assert on_the_loop == []
+    assert spy.called == {"tsc", "version", "qemu-config.json", "vmm.json", "RAM file"}
+    assert spy.on_the_loop == []

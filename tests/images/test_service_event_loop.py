@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from hypemand.images.models import CreateImageRequest
 from hypemand.images.service import ImageService
 from tests.images.conftest import PushedRegistry
+from tests.support.event_loop import LoopSpy
 
 pytestmark = pytest.mark.registry
 
@@ -23,22 +21,11 @@ async def test_record_writes_and_removals_run_in_worker_threads(
     """Every one of these fsyncs (records, name pointers) or walks a whole image tree (removal):
     done on the loop under the service lock, they would stall every request meanwhile."""
     service = ImageService(tmp_path / "data")
-    loop_thread = threading.get_ident()
-    called: set[str] = set()
-    on_the_loop: list[str] = []
-
-    def observed(name: str, function: Callable[..., Any]) -> Callable[..., Any]:
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            called.add(name)
-            if threading.get_ident() == loop_thread:
-                on_the_loop.append(name)
-            return function(*args, **kwargs)
-
-        return wrapper
+    spy = LoopSpy()
 
     blocking = ("write_record", "write_pointer", "remove_content", "clean_deleted")
     for name in blocking:
-        monkeypatch.setattr(service.store, name, observed(name, getattr(service.store, name)))
+        monkeypatch.setattr(service.store, name, spy.wrap(name, getattr(service.store, name)))
     ref = local_registry.ref("test/single:1")
     alias = "example.com/alias/single:1"
     try:
@@ -53,5 +40,5 @@ async def test_record_writes_and_removals_run_in_worker_threads(
         assert service.store.read_record(image.digest) is None
     finally:
         await service.stop()
-    assert called == set(blocking)
-    assert on_the_loop == []
+    assert spy.called == set(blocking)
+    assert spy.on_the_loop == []
