@@ -145,6 +145,7 @@ class _Live:
     deleted: bool = False
     clock_stale: bool = False  # restored: set the guest's clock before the agent is handed out
     reconnect: asyncio.Task[None] | None = None  # the agent reconnect a restore started
+    exit_seen_at: datetime | None = None  # when a read first found the VMM gone, before the watcher
 
     def vmm_alive(self) -> bool:
         return self.handle is not None and self.handle.is_alive()
@@ -286,6 +287,10 @@ class InstanceManager:
 
     async def _state(self, live: _Live) -> tuple[InstanceState, str | None]:
         if not live.vmm_alive():
+            if live.handle is not None and live.exit_seen_at is None:
+                # Ended, and the watcher has not recorded it yet: remember when it was first seen,
+                # so this answer already has a stopped_at (and the record gets the same one).
+                live.exit_seen_at = utcnow()
             if live.paths.standby_record.exists():
                 return InstanceState.STANDBY, None
             return InstanceState.STOPPED, None
@@ -364,7 +369,7 @@ class InstanceManager:
             ),
             hypervisor=record.board.value,
             started_at=record.started_at,
-            stopped_at=record.stopped_at if state is InstanceState.STOPPED else None,
+            stopped_at=record.stopped_at or live.exit_seen_at if state is InstanceState.STOPPED else None,
             exit_code=exit_info.code if exit_info and state is InstanceState.STOPPED else None,
             exit_message=exit_info.message if exit_info and state is InstanceState.STOPPED else None,
             has_snapshot=state is InstanceState.STANDBY,
@@ -605,6 +610,7 @@ class InstanceManager:
             self.hypervisor, self._system(), self._spec(live.record, image, live.paths)
         )
         live.handle = launched.handle
+        live.exit_seen_at = None
         live.scanner = ConsoleScanner(live.paths.console_log, launched.console_offset)
         self._forget_status(live)
         now = utcnow()
@@ -650,6 +656,8 @@ class InstanceManager:
 
     async def _record_exit(self, live: _Live, at: datetime) -> None:
         """The VMM is gone: close what pointed at it and note how the program ended."""
+        at = live.exit_seen_at or at
+        live.exit_seen_at = None
         await self._close_agent(live)
         if live.handle is not None:
             await live.handle.close()
@@ -870,6 +878,7 @@ class InstanceManager:
         # Running again: the saved VM is used up. Remove the record first, so that a crash in
         # between leaves a running VM and a stale state file, never a second claim to Standby.
         live.handle = handle
+        live.exit_seen_at = None
         live.clock_stale = True
         self._forget_status(live)
         await asyncio.to_thread(_remove_standby_files, paths)
