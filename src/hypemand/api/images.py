@@ -11,6 +11,7 @@ from urllib.parse import unquote
 
 from fastapi import APIRouter, Request, Response
 
+from hypemand.api.query import tag_filter
 from hypemand.images.models import CreateImageRequest, Image, TagImageRequest
 from hypemand.images.service import ImageService
 
@@ -22,15 +23,6 @@ def _service(request: Request) -> ImageService:
     return service
 
 
-def _tag_filter(request: Request) -> dict[str, str]:
-    """``?tags[team]=backend&tags[env]=prod`` (deepObject style) -> {"team": "backend", ...}."""
-    wanted: dict[str, str] = {}
-    for key, value in request.query_params.multi_items():
-        if key.startswith("tags[") and key.endswith("]"):
-            wanted[key[5:-1]] = value
-    return wanted
-
-
 @router.post("/images", status_code=202, response_model=Image)
 async def create_image(body: CreateImageRequest, request: Request) -> Image:
     return await _service(request).create(body)
@@ -38,7 +30,7 @@ async def create_image(body: CreateImageRequest, request: Request) -> Image:
 
 @router.get("/images", response_model=list[Image])
 async def list_images(request: Request) -> list[Image]:
-    return await _service(request).list_images(_tag_filter(request))
+    return await _service(request).list_images(tag_filter(request))
 
 
 @router.post("/images/{name:path}/tag", response_model=Image)

@@ -7,7 +7,7 @@ from typing import TypeVar
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel
 
-from hypemand.api.images import _tag_filter
+from hypemand.api.query import tag_filter
 from hypemand.errors import BadRequest
 from hypemand.instances.manager import InstanceManager
 from hypemand.instances.models import (
@@ -50,7 +50,7 @@ async def create_instance(body: CreateInstanceRequest, request: Request) -> Inst
 
 @router.get("/instances", response_model=list[Instance])
 async def list_instances(request: Request, state: InstanceState | None = None) -> list[Instance]:
-    return await _manager(request).list_instances(state=state, tags=_tag_filter(request))
+    return await _manager(request).list_instances(state=state, tags=tag_filter(request))
 
 
 @router.get("/instances/{instance_id}", response_model=Instance)

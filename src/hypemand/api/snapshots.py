@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request, Response
 
-from hypemand.api.images import _tag_filter
+from hypemand.api.query import tag_filter
 from hypemand.instances.models import Instance
 from hypemand.snapshots.models import (
     CreateSnapshotRequest,
@@ -49,7 +49,7 @@ async def list_snapshots(
     source_instance_id: str | None = None,
 ) -> list[Snapshot]:
     return _service(request).list(
-        kind=kind, name=name, source_instance_id=source_instance_id, tags=_tag_filter(request)
+        kind=kind, name=name, source_instance_id=source_instance_id, tags=tag_filter(request)
     )
 
 
