@@ -656,8 +656,8 @@ class InstanceManager:
 
     async def _record_exit(self, live: _Live, at: datetime) -> None:
         """The VMM is gone: close what pointed at it and note how the program ended."""
-        at = live.exit_seen_at or at
-        live.exit_seen_at = None
+        # Readers see this moment as stopped_at from now on, until the record holds it.
+        at = live.exit_seen_at = live.exit_seen_at or at
         await self._close_agent(live)
         if live.handle is not None:
             await live.handle.close()
@@ -668,6 +668,7 @@ class InstanceManager:
             GuestExitInfo(code=markers.exit.code, message=markers.exit.message) if markers.exit else None
         )
         await self._update(live, stopped_at=at, exit=exit_info, **_phase_change(live.record, "stopped", at))
+        live.exit_seen_at = None
         detail = f"exit code {exit_info.code} ({exit_info.message})" if exit_info else "no exit recorded"
         self._oplog(live, f"stopped: {detail}")
 
