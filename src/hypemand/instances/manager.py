@@ -729,8 +729,9 @@ class InstanceManager:
             live.handle = None
             if live.watcher is not None and live.watcher is not asyncio.current_task():
                 live.watcher.cancel()
-            self._live.pop(live.record.id, None)
+            # Files first: an instance leaves the list only once nothing of it is left on disk.
             await asyncio.to_thread(shutil.rmtree, live.paths.directory, ignore_errors=True)
+            self._live.pop(live.record.id, None)
         log.info("instance %s (%s) deleted", live.record.name, live.record.id)
         await self.images.release(live.record.image_digest)
 
