@@ -1,6 +1,6 @@
-"""Helpers for the streams tests: the streams router in a small app, served by uvicorn on the
-test's own event loop (so a guest AgentClient created on that loop can be used by the handlers),
-and an instance manager stand-in implementing ``InstanceStreams``."""
+"""Helpers for the streams tests: the logs, exec and cp routers in a small app, served by
+uvicorn on the test's own event loop (so a guest AgentClient created on that loop can be used by
+the handlers), and an instance manager stand-in implementing ``InstanceStreams``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import uvicorn
 from fastapi import FastAPI
 
-from hypemand.api import streams
+from hypemand.api import cp, logs
+from hypemand.api import exec as exec_routes
 from hypemand.api.errors import install_error_handlers
 from hypemand.errors import InvalidState, NotFound
 from hypemand.guest.client import AgentClient
@@ -56,7 +57,8 @@ def build_app(instances: FakeInstances, secret: str = SECRET) -> FastAPI:
     app.state.runtime = SimpleNamespace(instances=instances)
     app.state.jwt_secret = secret
     install_error_handlers(app)
-    app.include_router(streams.router)
+    for router in (logs.router, exec_routes.router, cp.router):
+        app.include_router(router)
     return app
 
 

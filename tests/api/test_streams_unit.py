@@ -1,29 +1,42 @@
 """Streams without a VM: tail reading, line splitting, following across truncation and rotation,
-the SSE route, and every refusal that happens before a WebSocket upgrade (over real uvicorn and
-a real WebSocket client, as the SDK sees them)."""
+the SSE route, every refusal that happens before a WebSocket upgrade (over real uvicorn and a
+real WebSocket client, as the SDK sees them), and that a WebSocket takes exactly the credentials
+an HTTP route takes (starlette's TestClient)."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, cast
 
 import httpx
+import jwt
 import pytest
+from fastapi import Depends
 from hypeman import BadRequestError, ConflictError, Hypeman, NotFoundError
 from hypeman.lib.exec import exec as sdk_exec
+from starlette.testclient import TestClient, WebSocketDenialResponse
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from hypemand.api import streams
-from hypemand.api.streams import LineSplitter, LogFollower, decode_log_line, read_tail
+from hypemand.api import logs
+from hypemand.api.auth import require_scope
 from hypemand.auth import mint_token
 from hypemand.errors import InvalidState
 from hypemand.guest.client import AgentClient
+from hypemand.instances.logtail import (
+    LineSplitter,
+    LogFollower,
+    LogTail,
+    decode_log_line,
+    open_log,
+    read_tail,
+)
 from tests.api.streams_support import SECRET, FakeInstances, build_app, serve_app
 
 # --- line splitting ---------------------------------------------------------------------------
@@ -55,7 +68,7 @@ def test_invalid_utf8_is_replaced_not_fatal() -> None:
 # --- tail -------------------------------------------------------------------------------------
 
 
-def _tail(path: Path, count: int, **kwargs: int) -> streams.LogTail:
+def _tail(path: Path, count: int, **kwargs: int) -> LogTail:
     with path.open("rb", buffering=0) as file:
         return read_tail(file, count, **kwargs)
 
@@ -88,10 +101,10 @@ def test_tail_reports_an_unterminated_last_line(tmp_path: Path) -> None:
 def test_tail_of_empty_and_newline_free_files(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.write_bytes(b"")
-    assert _tail(empty, 10) == streams.LogTail([], b"", 0)
+    assert _tail(empty, 10) == LogTail([], b"", 0)
     single = tmp_path / "single"
     single.write_bytes(b"no newline")
-    assert _tail(single, 10) == streams.LogTail([], b"no newline", 0)
+    assert _tail(single, 10) == LogTail([], b"no newline", 0)
 
 
 def test_tail_reads_only_the_end_of_a_big_file(tmp_path: Path) -> None:
@@ -217,14 +230,14 @@ def test_close_during_a_read_is_done_by_the_reader(tmp_path: Path) -> None:
 def test_open_log_without_follow_includes_the_partial_line(tmp_path: Path) -> None:
     path = tmp_path / "log"
     path.write_bytes(b"1\n2\n3\npartial")
-    assert streams._open_log(path, 2, follow=False) == (["3", "partial"], None)
-    assert streams._open_log(path, 0, follow=False) == ([], None)
+    assert open_log(path, 2, follow=False) == (["3", "partial"], None)
+    assert open_log(path, 0, follow=False) == ([], None)
 
 
 def test_open_log_with_follow_holds_the_partial_line_until_complete(tmp_path: Path) -> None:
     path = tmp_path / "log"
     path.write_bytes(b"1\n2\npart")
-    lines, follower = streams._open_log(path, 5, follow=True)
+    lines, follower = open_log(path, 5, follow=True)
     assert follower is not None
     try:
         assert lines == ["1", "2"]
@@ -277,7 +290,7 @@ async def test_logs_tail_over_sse(server: Server) -> None:
 async def test_logs_follow_streams_appends_and_keepalives(
     server: Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(streams, "KEEPALIVE_SECONDS", 0.3)
+    monkeypatch.setattr(logs, "KEEPALIVE_SECONDS", 0.3)
     closed: list[LogFollower] = []
     real_close = LogFollower.close
 
@@ -432,3 +445,71 @@ async def test_bad_first_frames_get_protocol_errors(server: Server) -> None:
         await ws.send(json.dumps({"direction": "sideways", "guest_path": "/x"}))
         reply = json.loads(await ws.recv())
         assert reply["type"] == "error" and "direction" in reply["message"]
+
+
+# --- one credential check for HTTP routes and WebSockets (starlette's TestClient, no VM) -------
+
+
+def _basic(password: str) -> str:
+    """Docker-style: the API token is the Basic password, the user name is ignored."""
+    return "Basic " + base64.b64encode(f"someone:{password}".encode()).decode()
+
+
+def _credentials() -> list[Any]:
+    registry_token = jwt.encode({"sub": "builder", "repos": ["app"], "scope": "push"}, SECRET, "HS256")
+    string_permissions = mint_token(SECRET, permissions=cast(Any, "instance:write"))
+    cases = {
+        "bearer": f"Bearer {mint_token(SECRET)}",
+        "basic": _basic(mint_token(SECRET)),
+        "basic-with-write-scope": _basic(mint_token(SECRET, permissions=["instance:write"])),
+        "bearer-star-scope": f"Bearer {mint_token(SECRET, permissions=['*'])}",
+        "none": None,
+        "bearer-garbage": "Bearer not-a-jwt",
+        "bearer-other-secret": f"Bearer {mint_token('another-secret-of-at-least-32-bytes!!')}",
+        "basic-garbage": _basic("not-a-jwt"),
+        "basic-not-base64": "Basic %%%",
+        "basic-without-password": "Basic " + base64.b64encode(b"someone:").decode(),
+        "unknown-scheme": f"Token {mint_token(SECRET)}",
+        "bearer-read-only": f"Bearer {mint_token(SECRET, permissions=['instance:read'])}",
+        "basic-read-only": _basic(mint_token(SECRET, permissions=["instance:read"])),
+        "bearer-string-permissions": f"Bearer {string_permissions}",
+        "bearer-registry-token": f"Bearer {registry_token}",
+    }
+    return [pytest.param(header, id=name) for name, header in cases.items()]
+
+
+@pytest.fixture
+def probe_client() -> Iterator[TestClient]:
+    """The stream routers plus an HTTP route guarded by ``require_scope("instance")``: a POST,
+    so it needs ``instance:write``, the scope the WebSockets need."""
+    app = build_app(FakeInstances(agents={"inst-1": cast(AgentClient, _LostAgent())}))
+
+    @app.post("/probe", dependencies=[Depends(require_scope("instance"))])
+    async def probe() -> dict[str, bool]:
+        return {"admitted": True}
+
+    with TestClient(app) as client:
+        yield client
+
+
+def _websocket_answer(client: TestClient, headers: dict[str, str]) -> tuple[int, Any]:
+    """(200, None) once the upgrade is accepted and the route answers; else the refusal."""
+    try:
+        with client.websocket_connect("/instances/inst-1/cp", headers=headers) as ws:
+            ws.send_text(json.dumps({"direction": "sideways", "guest_path": "/x"}))
+            assert ws.receive_json()["type"] == "error"  # the cp protocol's answer: admitted
+            return 200, None
+    except WebSocketDenialResponse as refusal:
+        return refusal.status_code, refusal.json()
+
+
+@pytest.mark.parametrize("authorization", _credentials())
+def test_websockets_accept_and_refuse_credentials_as_http_does(
+    probe_client: TestClient, authorization: str | None
+) -> None:
+    headers = {"Authorization": authorization} if authorization else {}
+    http = probe_client.post("/probe", headers=headers)
+    http_answer = (200, None) if http.status_code == 200 else (http.status_code, http.json())
+    assert _websocket_answer(probe_client, headers) == http_answer
+    if http.status_code != 200:
+        assert http.status_code in (401, 403) and set(http.json()) == {"code", "message"}

@@ -9,7 +9,8 @@ from urllib.parse import unquote
 from fastapi import APIRouter, Depends, FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from hypemand.api import health, registry, streams
+from hypemand.api import cp, health, logs, registry
+from hypemand.api import exec as exec_routes  # the module's name would hide the builtin
 from hypemand.api.auth import require_scope, require_token
 from hypemand.api.errors import install_error_handlers
 from hypemand.api.openapi import install_openapi
@@ -67,7 +68,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         check = require_scope(resource) if resource else require_token
         app.include_router(router, dependencies=[Depends(check)])
     # Streams check their own scopes: a router dependency taking a Request breaks WebSockets.
-    app.include_router(streams.router)
+    for stream_router in (logs.router, exec_routes.router, cp.router):
+        app.include_router(stream_router)
     app.add_middleware(EncodedSlashRouting)
     return app
 
