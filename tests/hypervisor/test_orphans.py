@@ -18,9 +18,9 @@ import pytest
 
 from hypemand.fsutil import exclusive_lock
 from hypemand.guest.config_disk import GuestConfig
-from hypemand.hypervisor.base import VMConfig, VMStatus
+from hypemand.hypervisor.base import VMConfig, VMPaths, VMStatus
 from hypemand.hypervisor.process import ProcessRecord, process_start_time
-from hypemand.hypervisor.qemu import LAUNCH_RECORD, START_LOCK, QemuHypervisor
+from hypemand.hypervisor.qemu import QemuHypervisor
 from hypemand.system.files import SystemFiles
 from tests.support.guest import guest_spec, launched_vm, prepared_vm_config
 
@@ -75,7 +75,7 @@ async def test_reaper_ends_a_qemu_without_vmm_json_and_nothing_else(
         impostor_dir.mkdir()
         impostor_argv = [orphan.launch.qemu_binary, "600"]
         impostor_launch = orphan.launch.model_copy(update={"argv": impostor_argv})
-        (impostor_dir / LAUNCH_RECORD).write_text(impostor_launch.model_dump_json())
+        VMPaths(impostor_dir).launch_record.write_text(impostor_launch.model_dump_json())
         with (
             running(bystander_argv, cwd=orphan.directory) as bystander,
             running(impostor_argv, cwd=impostor_dir, executable=sleep) as impostor,
@@ -86,7 +86,7 @@ async def test_reaper_ends_a_qemu_without_vmm_json_and_nothing_else(
             ]
 
             # A start in progress holds the start lock and looks just like an orphan: skipped.
-            with exclusive_lock(orphan.directory / START_LOCK, "held by the test"):
+            with exclusive_lock(VMPaths(orphan.directory).start_lock, "held by the test"):
                 assert await hypervisor.reap_orphans(guests) == []
             assert orphan.is_alive()
 

@@ -10,10 +10,9 @@ import pytest
 
 from hypemand.errors import DependencyMissing
 from hypemand.hypervisor import qemu_host
-from hypemand.hypervisor.base import Accel
+from hypemand.hypervisor.base import Accel, HypervisorStatePaths
 from hypemand.hypervisor.qemu import QemuHypervisor
 from hypemand.hypervisor.qemu_host import (
-    ACCEL_CACHE_NAME,
     AccelDecision,
     find_qemu_binary,
     host_tsc_khz,
@@ -117,9 +116,10 @@ async def test_acceleration_follows_the_probe_and_is_cached(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     binary = find_qemu_binary()
-    decision = await probe_acceleration(binary, tmp_path)
+    cache = HypervisorStatePaths(tmp_path).accel_decision
+    decision = await probe_acceleration(binary, cache)
     assert_consistent_with_the_probe(decision)
-    cached = AccelDecision.model_validate_json((tmp_path / ACCEL_CACHE_NAME).read_bytes())
+    cached = AccelDecision.model_validate_json(cache.read_bytes())
     assert cached == decision
     assert cached.qemu_version == qemu_version(binary)
 
@@ -127,19 +127,20 @@ async def test_acceleration_follows_the_probe_and_is_cached(
         raise AssertionError("the cached decision must be used")
 
     monkeypatch.setattr(qemu_host, "run_probe_guest", no_probe)
-    assert (await probe_acceleration(binary, tmp_path)).probed_at == decision.probed_at
+    assert (await probe_acceleration(binary, cache)).probed_at == decision.probed_at
 
 
 async def test_cache_for_another_qemu_version_is_ignored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     binary = find_qemu_binary()
-    actual = await probe_acceleration(binary, tmp_path)
+    cache = HypervisorStatePaths(tmp_path).accel_decision
+    actual = await probe_acceleration(binary, cache)
     # The stale entry says the opposite of this host's answer, so using it would show.
     opposite = Accel.TCG if actual.accel is Accel.KVM else Accel.KVM
     stale = actual.model_copy(update={"accel": opposite, "qemu_version": "0.0.1"})
-    (tmp_path / ACCEL_CACHE_NAME).write_text(stale.model_dump_json())
-    decided = await probe_acceleration(binary, tmp_path)
+    cache.write_text(stale.model_dump_json())
+    decided = await probe_acceleration(binary, cache)
     assert decided.accel is actual.accel
     assert decided.qemu_version == qemu_version(binary)
 

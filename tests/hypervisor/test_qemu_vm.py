@@ -19,13 +19,15 @@ import pytest
 
 import hypemand.hypervisor.process as process_module
 import hypemand.hypervisor.qemu as qemu_module
+import hypemand.hypervisor.qemu_launch as launch_module
+import hypemand.hypervisor.qemu_vm as vm_module
 from hypemand.errors import Conflict, InvalidState
 from hypemand.guest.client import AgentClient
 from hypemand.guest.config_disk import GuestConfig
 from hypemand.guest.markers import Marker, parse_markers
 from hypemand.hypervisor.base import Accel, Board, PortForward, ShutdownOutcome, VMConfig, VMStatus
 from hypemand.hypervisor.process import ProcessRecord, host_boot_id, process_cmdline, process_start_time
-from hypemand.hypervisor.qemu import LAUNCH_RECORD, QemuHypervisor, QemuLaunchRecord
+from hypemand.hypervisor.qemu import QemuHypervisor, QemuLaunchRecord
 from hypemand.system.files import SystemFiles
 from tests.hypervisor.conftest import kill_pid_if_ours, long_directory
 from tests.support.event_loop import LoopSpy
@@ -240,7 +242,7 @@ async def test_adopt_refuses_a_record_that_names_another_process(
         assert await hypervisor.adopt(config.directory) is None
         # A command line that is not the recorded one.
         record_path.write_text(genuine.model_dump_json())
-        launch_path = config.directory / LAUNCH_RECORD
+        launch_path = config.paths.launch_record
         saved_launch = launch_path.read_bytes()
         tampered = QemuLaunchRecord.model_validate_json(saved_launch)
         launch_path.write_text(tampered.model_copy(update={"argv": [*tampered.argv, "-S"]}).model_dump_json())
@@ -360,9 +362,9 @@ async def test_start_and_kill_do_their_blocking_work_off_the_event_loop(
     blocking = [
         (qemu_module, "host_tsc_khz", "tsc"),
         (qemu_module, "qemu_version", "version"),
-        (qemu_module, "write_model_atomic", "qemu-config.json"),
+        (launch_module, "write_model_atomic", "qemu-config.json"),
         (process_module, "write_model_atomic", "vmm.json"),
-        (qemu_module, "_remove_memory_file", "RAM file"),
+        (vm_module, "_remove_memory_file", "RAM file"),
     ]
     for module, attribute, name in blocking:
         monkeypatch.setattr(module, attribute, spy.wrap(name, getattr(module, attribute)))

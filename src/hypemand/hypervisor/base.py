@@ -30,7 +30,11 @@ VMM_LOG = "logs/vmm.log"  # the VMM process' own stdout/stderr
 PROCESS_RECORD = "vmm.json"  # identity of the running VMM process
 MEMORY_FILE = "memory.ram"  # guest RAM as a file (memory-backend-file): kept by standby
 LAUNCH_RECORD = "qemu-config.json"  # how the VMM was launched, to relaunch it identically
+CONTROL_SOCKET = "qemu.sock"  # the VMM's control channel (QMP)
+START_LOCK = ".vmm.lock"  # flock held while a VMM is being started in the directory
 DEFAULT_AGENT_SOCKET = "agent.sock"
+# In the backend's host-wide state directory (not per VM):
+ACCEL_DECISION = "qemu-accel.json"  # the cached acceleration probe result
 
 _VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # virtio-blk serials are at most 20 bytes; keep them to characters that survive every layer.
@@ -245,6 +249,25 @@ class VMPaths:
     @property
     def launch_record(self) -> Path:
         return self.directory / LAUNCH_RECORD
+
+    @property
+    def control_socket(self) -> Path:
+        return self.directory / CONTROL_SOCKET
+
+    @property
+    def start_lock(self) -> Path:
+        return self.directory / START_LOCK
+
+
+class HypervisorStatePaths:
+    """The backend's host-wide state: caches shared by every VM of one data directory."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def accel_decision(self) -> Path:
+        return self.directory / ACCEL_DECISION
 
 
 class VMHandle(ABC):

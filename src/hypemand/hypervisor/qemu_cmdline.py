@@ -11,10 +11,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from hypemand.hypervisor.base import CONSOLE_LOG, MEMORY_FILE, Accel, Board, VMConfig
+from hypemand.hypervisor.base import CONSOLE_LOG, CONTROL_SOCKET, MEMORY_FILE, Accel, Board, VMConfig
 from hypemand.hypervisor.qemu_host import KVM_CPU, TCG_CPU
 
-QMP_SOCKET = "qemu.sock"
 AGENT_PORT_NAME = "org.hypeman.agent"
 AGENT_MAX_PORTS = 2
 BASE_KERNEL_ARGS = ("console=ttyS0", "quiet", "panic=-1")
@@ -86,7 +85,7 @@ def build_qemu_argv(config: VMConfig, *, binary: Path, accel: Accel, tsc_khz: in
 
     # Control channel and guest console.
     argv += [
-        "-chardev", f"socket,id=qmp,path={QMP_SOCKET},server=on,wait=off",
+        "-chardev", f"socket,id=qmp,path={CONTROL_SOCKET},server=on,wait=off",
         "-mon", "chardev=qmp,mode=control",
         "-chardev", f"file,id=serial0,path={_opt(CONSOLE_LOG)},append=on",
         "-serial", "chardev:serial0",

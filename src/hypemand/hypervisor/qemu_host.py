@@ -55,7 +55,6 @@ PROBE_TIMEOUT_SECONDS = 2.0
 PROBE_LOOP_ITERATIONS = 20_000_000
 PROBE_EXIT_VALUE = 0x2A
 PROBE_EXPECTED_STATUS = (PROBE_EXIT_VALUE << 1) | 1  # isa-debug-exit: (value << 1) | 1
-ACCEL_CACHE_NAME = "qemu-accel.json"
 KVM_CPU = "host,-arch-capabilities"  # plain "host" aborts on PVM: "failed to set MSR 0x10a"
 TCG_CPU = "max"
 
@@ -295,9 +294,10 @@ def _kvm_openable() -> bool:
 
 
 async def probe_acceleration(
-    binary: Path, cache_dir: Path | None = None, *, use_cache: bool = True, forced: Accel | None = None
+    binary: Path, cache_file: Path | None = None, *, use_cache: bool = True, forced: Accel | None = None
 ) -> AccelDecision:
-    """Decide kvm or tcg for this host. Cached in ``cache_dir`` (host kernel + QEMU version)."""
+    """Decide kvm or tcg for this host. Cached in ``cache_file`` (keyed by host kernel + QEMU
+    version; see ``HypervisorStatePaths.accel_decision``)."""
     version = await asyncio.to_thread(qemu_version, binary)
     host_kernel = os.uname().release
     if forced is not None:
@@ -308,10 +308,9 @@ async def probe_acceleration(
             qemu_version=version,
             probed_at=datetime.now(UTC),
         )
-    cache_path = cache_dir / ACCEL_CACHE_NAME if cache_dir is not None else None
-    if use_cache and cache_path is not None:
+    if use_cache and cache_file is not None:
         with contextlib.suppress(FileNotFoundError, ValueError):
-            cached = AccelDecision.model_validate_json(cache_path.read_bytes())
+            cached = AccelDecision.model_validate_json(await asyncio.to_thread(cache_file.read_bytes))
             if cached.host_kernel == host_kernel and cached.qemu_version == version:
                 return cached
 
@@ -334,6 +333,6 @@ async def probe_acceleration(
             probed_at=datetime.now(UTC),
         )
     log.info("acceleration: %s (%s)", decision.accel, decision.reason)
-    if cache_path is not None:
-        await asyncio.to_thread(write_model_atomic, cache_path, decision)
+    if cache_file is not None:
+        await asyncio.to_thread(write_model_atomic, cache_file, decision)
     return decision

@@ -1,0 +1,164 @@
+"""The handle of one running QEMU: QMP commands, run state, and the ways it ends.
+
+A handle holds the process through a pidfd (``process.ProcessWatch``), never by PID alone, and at
+most one QMP session. Dropping or closing it never stops the VM; only ``shutdown`` and ``kill``
+do, and they remove the RAM file of the VM that ended (a standby keeps it by never calling them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ExecuteError, QMPError
+
+from hypemand.errors import InvalidState
+from hypemand.hypervisor.base import ShutdownOutcome, VMHandle, VMMError, VMStatus
+from hypemand.hypervisor.process import ProcessRecord, ProcessWatch
+from hypemand.hypervisor.qemu_launch import QemuLaunchRecord
+from hypemand.hypervisor.qemu_qmp import QmpChannel
+
+QUIT_TIMEOUT = 5.0
+# A power button press the guest cannot see yet (its ACPI button driver still loading) is lost,
+# so the button is pressed again at this interval until the guest powers off or time runs out.
+POWER_BUTTON_REPEAT = 1.0
+KILL_TIMEOUT = 10.0
+
+_KNOWN_STATUSES = {status.value for status in VMStatus}
+
+
+class QemuVMHandle(VMHandle):
+    def __init__(self, launch: QemuLaunchRecord, record: ProcessRecord, watch: ProcessWatch) -> None:
+        self.config = launch.config
+        self.launch = launch
+        self.record = record
+        self._watch = watch
+        self._qmp = QmpChannel(self.config.paths.control_socket, name=f"hypemand-{self.vm_id}")
+        # Set once the migration settings every save and restore needs are in place
+        # (``qemu_migration.prepare_migration``).
+        self.migration_ready = False
+
+    @property
+    def pid(self) -> int:
+        return self.record.pid
+
+    @property
+    def memory_file(self) -> Path:
+        return self.config.paths.memory_file
+
+    def is_alive(self) -> bool:
+        return self._watch.is_alive()
+
+    def exit_status(self) -> str:
+        return self._watch.exit_status()
+
+    async def qmp(
+        self,
+        command: str,
+        arguments: dict[str, Any] | None = None,
+        timeout: float = 5.0,  # noqa: ASYNC109 - a per-command bound, callers rarely change it
+    ) -> Any:
+        """Run one QMP command. Public for QEMU-specific features (standby, snapshot, migration)."""
+        if not self.is_alive():
+            raise InvalidState(f"VM {self.vm_id}: the QEMU process has exited")
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._qmp.execute(command, arguments)
+        except ExecuteError as exc:
+            raise InvalidState(f"VM {self.vm_id}: QMP {command}: {exc}") from exc
+        except (TimeoutError, QMPError, OSError, EOFError) as exc:
+            if not self.is_alive():
+                raise InvalidState(f"VM {self.vm_id}: the QEMU process has exited") from exc
+            raise VMMError(f"VM {self.vm_id}: QMP {command} failed: {exc!r}") from exc
+
+    async def status(self, timeout: float = 2.0) -> VMStatus:  # noqa: ASYNC109
+        if not self.is_alive():
+            return VMStatus.EXITED
+        try:
+            reply = await self.qmp("query-status", timeout=timeout)
+        except (VMMError, InvalidState):
+            return VMStatus.UNKNOWN if self.is_alive() else VMStatus.EXITED
+        value = reply.get("status") if isinstance(reply, dict) else None
+        return VMStatus(value) if value in _KNOWN_STATUSES else VMStatus.UNKNOWN
+
+    async def pause(self) -> None:
+        await self.qmp("stop")
+
+    async def resume(self) -> None:
+        await self.qmp("cont")
+
+    async def shutdown(self, timeout: float = 10.0) -> ShutdownOutcome:  # noqa: ASYNC109
+        if not self.is_alive():
+            return ShutdownOutcome.ALREADY_EXITED
+        try:
+            # A paused guest cannot react to the power button; go straight to quit.
+            if await self.status() is VMStatus.RUNNING:
+                with contextlib.suppress(VMMError, InvalidState):
+                    if await self._press_power_button_until_exit(timeout):
+                        return ShutdownOutcome.GUEST_POWEROFF
+            if self.is_alive():
+                with contextlib.suppress(VMMError, InvalidState):
+                    # QEMU may hang up before the reply arrives; the exit wait below decides.
+                    await self.qmp("quit", timeout=QUIT_TIMEOUT)
+                if await self.wait_exit(QUIT_TIMEOUT):
+                    return ShutdownOutcome.VMM_QUIT
+            else:
+                return ShutdownOutcome.GUEST_POWEROFF
+            await self.kill()
+            return ShutdownOutcome.KILLED
+        finally:
+            if not self.is_alive():
+                await self._discard_memory_file()
+
+    async def _press_power_button_until_exit(self, timeout: float) -> bool:  # noqa: ASYNC109
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            await self.qmp("system_powerdown")
+            remaining = deadline - loop.time()
+            if await self.wait_exit(max(0.0, min(POWER_BUTTON_REPEAT, remaining))):
+                return True
+            if loop.time() >= deadline:
+                return False
+
+    async def kill(self, keep_memory: bool = False) -> None:
+        self._watch.send_signal(signal.SIGKILL)
+        if not await self.wait_exit(KILL_TIMEOUT):
+            raise VMMError(f"VM {self.vm_id}: QEMU (pid {self.pid}) survived SIGKILL for {KILL_TIMEOUT} s")
+        if not keep_memory:
+            await self._discard_memory_file()
+
+    async def wait_exit(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
+        exited = await self._watch.wait(timeout)
+        if exited:
+            await self._qmp.close()
+        return exited
+
+    async def close(self) -> None:
+        await self._qmp.close()
+        self._watch.close()
+
+    async def _discard_memory_file(self) -> None:
+        # The RAM of a VM that ended is garbage; a standby keeps it by never calling shutdown/kill.
+        await asyncio.to_thread(_remove_memory_file, self.memory_file)
+
+
+def _remove_memory_file(memory_file: Path) -> None:
+    """Blocking (freeing the guest RAM's blocks): run it in a thread from async code."""
+    memory_file.unlink(missing_ok=True)
+
+
+def vmm_log_tail(path: Path, limit: int = 1500) -> str:
+    """The end of a VMM's log, for an error message that says why QEMU failed."""
+    try:
+        with open(path, "rb") as log_file:
+            log_file.seek(0, os.SEEK_END)
+            size = log_file.tell()
+            log_file.seek(max(0, size - limit))
+            return log_file.read().decode(errors="replace").strip() or "(vmm.log is empty)"
+    except OSError:
+        return "(no vmm.log)"
