@@ -14,7 +14,7 @@ from hypemand.images.reference import (
     pushed_image_reference,
     validate_repository_path,
 )
-from hypemand.images.uploads import RegistryError, validate_repository
+from hypemand.images.uploads import DistributionError, validate_repository
 
 D = "sha256:" + "a" * 64
 
@@ -115,7 +115,7 @@ def test_repository_paths_invalid_for_pull_and_push(path: str) -> None:
     """The /v2 endpoints refuse exactly the names a push could not turn into an image."""
     with pytest.raises(InvalidName):
         validate_repository_path(path)
-    with pytest.raises(RegistryError) as info:
+    with pytest.raises(DistributionError) as info:
         validate_repository(path)
     assert info.value.code == "NAME_INVALID" and info.value.status == 400
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from hypemand.images import registry_client
 from hypemand.images.models import CreateImageRequest
 from hypemand.images.service import ImageService
 from tests.images.conftest import PushedRegistry
@@ -41,4 +42,26 @@ async def test_record_writes_and_removals_run_in_worker_threads(
     finally:
         await service.stop()
     assert spy.called == set(blocking)
+    assert spy.on_the_loop == []
+
+
+async def test_pulled_blobs_are_hashed_and_written_in_worker_threads(
+    tmp_path: Path, local_registry: PushedRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every 1 MiB piece of a layer is hashed and written: on the loop, a multi-MB pull would
+    stall every request for as long as that takes."""
+    service = ImageService(tmp_path / "data")
+    spy = LoopSpy()
+    monkeypatch.setattr(registry_client, "write_and_hash",
+                        spy.wrap("write_and_hash", registry_client.write_and_hash))
+    ref = local_registry.ref("restart/img0:1")  # a 6 MiB layer: several pieces
+    try:
+        await service.start()
+        await service.create(CreateImageRequest(name=ref))
+        async with asyncio.timeout(300):
+            image = await service.wait(ref)
+        assert image.status == "ready", image.error
+    finally:
+        await service.stop()
+    assert spy.called == {"write_and_hash"}
     assert spy.on_the_loop == []

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from hypemand.images.blobs import BlobStore
-from hypemand.images.uploads import Chunk, RegistryError, RegistryService, parse_content_range, range_header
+from hypemand.images.uploads import (
+    Chunk,
+    DistributionError,
+    RegistryService,
+    parse_content_range,
+    range_header,
+)
 
 
 @pytest.mark.parametrize(("header", "expected"), [
@@ -23,7 +29,7 @@ def test_content_range_forms(header: str, expected: tuple[int, int]) -> None:
 
 @pytest.mark.parametrize("header", ["", "abc", "9-5", "-5", "5-"])
 def test_malformed_content_range(header: str) -> None:
-    with pytest.raises(RegistryError) as info:
+    with pytest.raises(DistributionError) as info:
         parse_content_range(header)
     assert info.value.code == "BLOB_UPLOAD_INVALID"
 
@@ -54,7 +60,7 @@ async def test_abandoned_uploads_are_removed_at_start(tmp_path: Path) -> None:
     try:
         assert not (images / "uploads" / old.id).exists()
         assert (images / "uploads" / fresh.id).exists()
-        with pytest.raises(RegistryError) as info:
+        with pytest.raises(DistributionError) as info:
             service.get_upload("app/one", old.id)
         assert info.value.code == "BLOB_UPLOAD_UNKNOWN"
         assert service.get_upload("app/two", fresh.id) == fresh
@@ -75,7 +81,7 @@ async def test_abandoned_uploads_are_swept_while_running(tmp_path: Path) -> None
         while (images / "uploads" / session.id).exists():
             assert time.monotonic() < deadline, "the abandoned upload was not swept"
             await asyncio.sleep(0.05)
-        with pytest.raises(RegistryError) as info:
+        with pytest.raises(DistributionError) as info:
             await service.upload_status(session)
         assert info.value.code == "BLOB_UPLOAD_UNKNOWN"
     finally:

@@ -32,7 +32,7 @@ from hypemand.errors import DomainError
 from hypemand.images.media_types import MAX_MANIFEST_BYTES
 from hypemand.images.uploads import (
     Chunk,
-    RegistryError,
+    DistributionError,
     RegistryService,
     UploadRangeError,
     UploadSession,
@@ -71,7 +71,7 @@ class RegistryRoute(APIRoute):
             except UploadRangeError as exc:
                 return _oci_error(416, exc.code, str(exc), headers={
                     "Range": range_header(exc.size), "Location": request.url.path})
-            except RegistryError as exc:
+            except DistributionError as exc:
                 headers = _challenge(request) if exc.status == 401 else None
                 return _oci_error(exc.status, exc.code, str(exc), exc.detail, headers)
             except DomainError as exc:
@@ -90,18 +90,18 @@ def registry_service(request: Request) -> RegistryService:
     images = getattr(request.app.state.runtime, "images", None)
     service: RegistryService | None = getattr(images, "push_registry", None)
     if service is None:
-        raise RegistryError(503, "UNAVAILABLE", "the image store is not available")
+        raise DistributionError(503, "UNAVAILABLE", "the image store is not available")
     return service
 
 
 def _verified_claims(request: Request) -> dict[str, Any]:
     token = bearer_token(request)
     if token is None:
-        raise RegistryError(401, "UNAUTHORIZED", "authentication required")
+        raise DistributionError(401, "UNAUTHORIZED", "authentication required")
     try:
         return verify_token(request.app.state.jwt_secret, token)
     except InvalidToken as exc:
-        raise RegistryError(401, "UNAUTHORIZED", f"invalid token: {exc}") from exc
+        raise DistributionError(401, "UNAUTHORIZED", f"invalid token: {exc}") from exc
 
 
 Action = Literal["pull", "push"]
@@ -115,8 +115,8 @@ _REGISTRY_TOKEN_ACTIONS: dict[str, frozenset[Action]] = {
 }
 
 
-def _denied(message: str) -> RegistryError:
-    return RegistryError(403, "DENIED", message)
+def _denied(message: str) -> DistributionError:
+    return DistributionError(403, "DENIED", message)
 
 
 def _check_registry_token(claims: dict[str, Any], repository: str | None, action: Action | None) -> None:
@@ -264,7 +264,7 @@ async def finish_upload(name: str, upload_id: str, request: Request, digest: str
                         registry: RegistryService = Depends(registry_service)) -> Response:
     session = registry.get_upload(name, upload_id)
     if digest is None:
-        raise RegistryError(400, "DIGEST_INVALID", "the closing PUT needs ?digest=")
+        raise DistributionError(400, "DIGEST_INVALID", "the closing PUT needs ?digest=")
     await registry.complete_upload(session, digest, _chunk(request))
     return _blob_created(name, digest)
 
@@ -307,7 +307,7 @@ async def _read_limited(request: Request, limit: int) -> bytes:
     async for piece in request.stream():
         body += piece
         if len(body) > limit:
-            raise RegistryError(413, "SIZE_INVALID", f"manifest larger than {limit} bytes")
+            raise DistributionError(413, "SIZE_INVALID", f"manifest larger than {limit} bytes")
     return bytes(body)
 
 
@@ -340,7 +340,7 @@ def _page_size(n: str | None) -> int | None:
     if n is None:
         return None
     if not n.isascii() or not n.isdigit():
-        raise RegistryError(400, "PAGINATION_NUMBER_INVALID",
+        raise DistributionError(400, "PAGINATION_NUMBER_INVALID",
                             f"n must be a non-negative integer, not {n!r}", {"n": n})
     return int(n)
 

@@ -8,7 +8,8 @@
   over plain HTTP, everything else over HTTPS. ``docker.io`` means ``registry-1.docker.io``.
 * Integrity: manifests are hashed and compared with the digest they were asked by; blobs are
   hashed while streaming to a temp file and only committed to the BlobStore on a match, so
-  a dropped connection or a corrupt blob leaves nothing behind.
+  a dropped connection or a corrupt blob leaves nothing behind. Hashing and writing happen in
+  worker threads, overlapped with the download (``_OffLoopWriter``), never on the event loop.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, BinaryIO, Self
 
 import httpx
 
@@ -46,6 +48,8 @@ from hypemand.images.media_types import (
 from hypemand.images.models import RegistryCredentials
 from hypemand.images.reference import Platform, Reference
 
+# Blobs stream in pieces of this size; each is hashed and written in one worker-thread call.
+DOWNLOAD_CHUNK_BYTES = 1 << 20
 _CHALLENGE_PARAM = re.compile(r'(\w+)=(?:"([^"]*)"|([^,\s]*))')
 
 
@@ -135,6 +139,59 @@ def _parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     params = {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
               for m in _CHALLENGE_PARAM.finditer(rest)}
     return scheme.lower(), params
+
+
+def write_and_hash(handle: BinaryIO, hasher: hashlib._Hash, chunk: bytes) -> None:
+    """Append one downloaded chunk and add it to the running hash (blocking: a worker thread's)."""
+    hasher.update(chunk)
+    handle.write(chunk)
+
+
+class _OffLoopWriter:
+    """The temp file a blob downloads into. Each chunk is hashed and written in a worker thread
+    while the next one arrives from the network, so the event loop does neither, downloading and
+    writing overlap, and at most two chunks are held at once."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._handle: BinaryIO | None = None
+        self._hasher = hashlib.sha256()
+        self._pending: asyncio.Future[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        self._handle = await asyncio.to_thread(self._path.open, "wb")
+        return self
+
+    async def write(self, chunk: bytes) -> None:
+        await self._settle()  # chunks are appended in order, one at a time
+        assert self._handle is not None
+        writing = asyncio.to_thread(write_and_hash, self._handle, self._hasher, chunk)
+        self._pending = asyncio.ensure_future(writing)
+
+    async def digest(self) -> str:
+        """The ``sha256:`` digest of everything written."""
+        await self._settle()
+        return "sha256:" + self._hasher.hexdigest()
+
+    async def _settle(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await pending
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        try:
+            # A write still running must end before its file is closed, also when the download
+            # failed; its own error then only matters if nothing else went wrong.
+            if exc_type is None:
+                await self._settle()
+            else:
+                with contextlib.suppress(Exception):
+                    await self._settle()
+        finally:
+            if self._handle is not None:
+                await asyncio.to_thread(self._handle.close)
 
 
 class RegistryClient:
@@ -288,27 +345,25 @@ class RegistryClient:
         if blobs.has(digest):
             return blobs.path(digest)
         tmp = blobs.temp_path()
-        hasher = hashlib.sha256()
         written = 0
         try:
             response = await self._send("GET", ref, f"blobs/{digest}", credentials, stream=True)
             try:
-                with tmp.open("wb") as out:
-                    async for chunk in response.aiter_bytes(1 << 20):
+                async with _OffLoopWriter(tmp) as out:
+                    async for chunk in response.aiter_bytes(DOWNLOAD_CHUNK_BYTES):
                         written += len(chunk)
                         if expected_size is not None and written > expected_size:
                             # Stop reading: an endless or padded blob must not fill the disk.
                             raise DigestInvalid(f"blob {digest} is larger than the {expected_size} bytes "
                                                 "the manifest says")
-                        hasher.update(chunk)
-                        out.write(chunk)
+                        await out.write(chunk)
+                    computed = await out.digest()
             except httpx.HTTPError as exc:
                 raise RegistryError(f"download of {digest} from {ref.domain} broke off: {exc}") from exc
             finally:
                 await response.aclose()
             if expected_size is not None and written != expected_size:
                 raise DigestInvalid(f"blob {digest} has {written} bytes, the manifest says {expected_size}")
-            computed = "sha256:" + hasher.hexdigest()
             return await asyncio.to_thread(blobs.commit_file, tmp, digest, computed_digest=computed)
         finally:
             tmp.unlink(missing_ok=True)

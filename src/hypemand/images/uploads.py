@@ -1,7 +1,7 @@
 """What the server's own OCI registry (``/v2``) keeps: blob upload sessions and pushed manifests.
 
 Nothing here knows HTTP. ``api/registry.py`` turns requests into calls on :class:`RegistryService`
-and :class:`RegistryError` into the OCI distribution error shape.
+and :class:`DistributionError` into the OCI distribution error shape.
 
 On disk (all under ``<data_dir>/images/``, so an upload's data file can be renamed into the
 blob store without copying):
@@ -65,8 +65,10 @@ DEFAULT_SWEEP_INTERVAL_SECONDS = 3600.0
 WRITE_BUFFER_BYTES = 1024 * 1024
 
 
-class RegistryError(DomainError):
-    """An error of the registry protocol; ``code`` is the OCI error code (``BLOB_UNKNOWN`` ...)."""
+class DistributionError(DomainError):
+    """An error answered on ``/v2`` in the OCI distribution shape; ``code`` is the OCI error code
+    (``BLOB_UNKNOWN`` ...). Not to be confused with ``images.errors.RegistryError``: a remote
+    registry this server pulls from failed."""
 
     def __init__(self, status: int, code: str, message: str, detail: Any = None) -> None:
         super().__init__(message, code)
@@ -74,7 +76,7 @@ class RegistryError(DomainError):
         self.detail = detail
 
 
-class UploadRangeError(RegistryError):
+class UploadRangeError(DistributionError):
     """A chunk does not start where the upload currently ends (HTTP 416)."""
 
     def __init__(self, message: str, size: int) -> None:
@@ -82,8 +84,8 @@ class UploadRangeError(RegistryError):
         self.size = size
 
 
-def blob_unknown(digest: str) -> RegistryError:
-    return RegistryError(404, "BLOB_UNKNOWN", f"blob unknown to registry: {digest}", {"digest": digest})
+def blob_unknown(digest: str) -> DistributionError:
+    return DistributionError(404, "BLOB_UNKNOWN", f"blob unknown to registry: {digest}", {"digest": digest})
 
 
 class BlobStoreLike(Protocol):
@@ -109,7 +111,7 @@ def validate_repository(name: str) -> str:
     try:
         return validate_repository_path(name)
     except InvalidName as exc:
-        raise RegistryError(400, "NAME_INVALID", f"invalid repository name: {name!r} ({exc})",
+        raise DistributionError(400, "NAME_INVALID", f"invalid repository name: {name!r} ({exc})",
                             {"name": name}) from exc
 
 
@@ -123,18 +125,18 @@ def validate_reference(repository: str, reference: str, manifest_digest: str | N
         validate_digest(reference)
         if manifest_digest is not None and reference != manifest_digest:
             message = f"manifest digest is {manifest_digest}, not {reference}"
-            raise RegistryError(400, "DIGEST_INVALID", message, {"digest": reference})
+            raise DistributionError(400, "DIGEST_INVALID", message, {"digest": reference})
     elif not TAG_RE.fullmatch(reference):
-        raise RegistryError(400, "TAG_INVALID", f"invalid tag: {reference!r}", {"tag": reference})
+        raise DistributionError(400, "TAG_INVALID", f"invalid tag: {reference!r}", {"tag": reference})
     try:
         pushed_image_reference(repository, reference)
     except InvalidName as exc:
-        raise RegistryError(400, "NAME_INVALID", str(exc), {"name": repository}) from exc
+        raise DistributionError(400, "NAME_INVALID", str(exc), {"name": repository}) from exc
 
 
 def validate_digest(digest: str) -> str:
     if not SHA256_DIGEST_RE.fullmatch(digest):
-        raise RegistryError(400, "DIGEST_INVALID", f"unsupported or malformed digest: {digest!r}",
+        raise DistributionError(400, "DIGEST_INVALID", f"unsupported or malformed digest: {digest!r}",
                             {"digest": digest})
     return digest
 
@@ -147,10 +149,10 @@ def parse_content_range(value: str) -> tuple[int, int]:
     """``Content-Range`` of a chunk: ``<start>-<end>`` (inclusive); ``bytes`` prefixes are tolerated."""
     match = re.fullmatch(r"\s*(?:bytes[ =])?\s*(\d+)-(\d+)(?:/(?:\d+|\*))?\s*", value)
     if not match:
-        raise RegistryError(400, "BLOB_UPLOAD_INVALID", f"malformed Content-Range: {value!r}")
+        raise DistributionError(400, "BLOB_UPLOAD_INVALID", f"malformed Content-Range: {value!r}")
     start, end = int(match.group(1)), int(match.group(2))
     if end < start:
-        raise RegistryError(400, "BLOB_UPLOAD_INVALID", f"Content-Range ends before it starts: {value!r}")
+        raise DistributionError(400, "BLOB_UPLOAD_INVALID", f"Content-Range ends before it starts: {value!r}")
     return start, end
 
 
@@ -348,7 +350,7 @@ class RegistryService:
             except DomainError as exc:
                 await self._discard(session)
                 if exc.code.lower() == "digest_invalid":
-                    raise RegistryError(400, "DIGEST_INVALID", str(exc), {"digest": digest}) from exc
+                    raise DistributionError(400, "DIGEST_INVALID", str(exc), {"digest": digest}) from exc
                 raise
             await self._discard(session)
         self._locks.pop(session.id, None)
@@ -425,7 +427,7 @@ class RegistryService:
                 raise UploadRangeError(f"chunk starts at {start}, upload holds {offset} bytes", offset)
             expected = end - start + 1
             if chunk.content_length is not None and chunk.content_length != expected:
-                raise RegistryError(400, "BLOB_UPLOAD_INVALID",
+                raise DistributionError(400, "BLOB_UPLOAD_INVALID",
                                     f"Content-Length {chunk.content_length} does not match Content-Range")
         running = self._hashes.get(session.id)
         if running is not None and running.size != offset:
@@ -454,7 +456,7 @@ class RegistryService:
         digest = sha256_digest(body)
         validate_reference(repository, reference, digest)
         if len(body) > MAX_MANIFEST_BYTES:
-            raise RegistryError(413, "SIZE_INVALID", f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
+            raise DistributionError(413, "SIZE_INVALID", f"manifest larger than {MAX_MANIFEST_BYTES} bytes")
         parsed = self._check_manifest(repository, body, content_type)
 
         revision = ManifestRevision(digest=digest, media_type=parsed.media_type, size=len(body))
@@ -495,7 +497,7 @@ class RegistryService:
         validate_repository(repository)
         tags_dir = self._repo_dir(repository) / "tags"
         if not tags_dir.is_dir():
-            raise RegistryError(404, "NAME_UNKNOWN", f"repository not known: {repository}",
+            raise DistributionError(404, "NAME_UNKNOWN", f"repository not known: {repository}",
                                 {"name": repository})
         return sorted(p.name.removesuffix(".json") for p in tags_dir.glob("*.json"))
 
@@ -514,7 +516,7 @@ class RegistryService:
         try:
             parsed = parse_manifest(body, content_type)
         except ManifestInvalid as exc:
-            raise RegistryError(400, "MANIFEST_INVALID", str(exc)) from exc
+            raise DistributionError(400, "MANIFEST_INVALID", str(exc)) from exc
         document = parsed.document
         if isinstance(document, ImageIndex):
             for entry in document.manifests:
@@ -530,17 +532,17 @@ class RegistryService:
         return parsed
 
 
-def _upload_unknown(upload_id: str) -> RegistryError:
-    return RegistryError(404, "BLOB_UPLOAD_UNKNOWN", f"blob upload unknown: {upload_id}")
+def _upload_unknown(upload_id: str) -> DistributionError:
+    return DistributionError(404, "BLOB_UPLOAD_UNKNOWN", f"blob upload unknown: {upload_id}")
 
 
-def _manifest_blob_unknown(descriptor: Descriptor, repository: str, kind: str) -> RegistryError:
+def _manifest_blob_unknown(descriptor: Descriptor, repository: str, kind: str) -> DistributionError:
     message = f"manifest references {kind} {descriptor.digest}, which was not pushed to {repository}"
-    return RegistryError(400, "MANIFEST_BLOB_UNKNOWN", message, {"digest": descriptor.digest})
+    return DistributionError(400, "MANIFEST_BLOB_UNKNOWN", message, {"digest": descriptor.digest})
 
 
-def _manifest_unknown(repository: str, reference: str) -> RegistryError:
-    return RegistryError(404, "MANIFEST_UNKNOWN", f"manifest unknown: {repository}:{reference}",
+def _manifest_unknown(repository: str, reference: str) -> DistributionError:
+    return DistributionError(404, "MANIFEST_UNKNOWN", f"manifest unknown: {repository}:{reference}",
                          {"name": repository, "reference": reference})
 
 
