@@ -29,9 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hypemand.snapshots.codec import Compression, compress_memory, expand_memory
-from hypemand.snapshots.digest import PageDigest, digest_with, file_digest
-from hypemand.snapshots.sparse import PAGE_SIZE, NonZeroPages, allocated_bytes
+from hypemand.savedvm.codec import Compression, compress_memory, expand_memory
+from hypemand.savedvm.digest import PageDigest, digest_with, file_digest
+from hypemand.savedvm.sparse import PAGE_SIZE, NonZeroPages, allocated_bytes
 
 MB = 1_000_000
 GIB = 1 << 30

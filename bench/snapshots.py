@@ -74,7 +74,7 @@ from hypeman.lib.exec import exec as sdk_exec
 from bench.instances import Server, kill_pids, median, qemu_pids, terminate_as_exit, timed, vmm_pid
 from hypemand.fsutil import write_atomic
 from hypemand.images import demo
-from hypemand.snapshots.digest import file_digest, verify_file
+from hypemand.savedvm.digest import file_digest, verify_file
 
 MB = 1_000_000
 MIB = 1 << 20

@@ -276,24 +276,35 @@ def test_delete_with_graceful_shutdown_lets_the_program_end(sdk: Hypeman, api: S
 
 
 def test_list_reads_do_not_wait_for_a_slow_mutation(sdk: Hypeman, api: ServerProcess) -> None:
-    """A stop holds the instance's lock for the guest's grace period; reads go on meanwhile."""
+    """A stop holds the instance's lock for the guest's grace period; reads go on meanwhile. The
+    stop writes "stop requested" to the operations log after taking the lock and "stop: <how>"
+    before releasing it: a list that answers between the two ran while the lock was held."""
     created = sdk.instances.create(
         name="stubborn", image=demo.DEMO_NAME, entrypoint=["/bin/sh", "-c"],
         cmd=["trap '' TERM; while true; do sleep 1; done"], **SMALL,  # type: ignore[arg-type]
     )
     assert sdk.instances.wait(created.id, state="Running", api_timeout="90s").state == "Running"
+
+    def operations() -> list[str]:
+        return [line for line in sdk.instances.logs(created.id, source="hypeman", tail=20) if "stop" in line]
+
     stopping = threading.Thread(target=lambda: sdk.instances.stop(created.id))
     stopping.start()
     try:
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while not any("stop requested" in line for line in operations()):
+            assert time.monotonic() < deadline, "the stop never began"
         listed = httpx.get(f"{api.base_url}/instances", headers={"Authorization": f"Bearer {api.token}"},
                            timeout=30)
         assert listed.status_code == 200
         assert created.id in [item["id"] for item in json.loads(listed.text)]
-        # The list answered while the stop still waits out the guest's grace period.
-        assert stopping.is_alive(), "the list should not have waited for the stop"
+        still_locked = operations()
+        assert not any("stop: " in line for line in still_locked), (
+            f"the stop finished before the list answered, so this proves nothing: {still_locked}"
+        )
     finally:
         stopping.join(60)
+    assert any("stop: " in line for line in operations())
     assert sdk.instances.get(created.id).state == "Stopped"
     sdk.instances.delete(created.id)
 

@@ -34,7 +34,7 @@ from hypeman import APIStatusError, ConflictError, Hypeman
 from hypeman.lib.exec import exec as sdk_exec
 
 from hypemand.images import demo
-from hypemand.snapshots.sparse import copy_sparse
+from hypemand.savedvm.sparse import copy_sparse
 from tests.conftest import ServerProcess, start_server, strict_client
 
 pytestmark = pytest.mark.vm

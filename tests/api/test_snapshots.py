@@ -218,7 +218,7 @@ def test_fork_an_instance_directly(sdk: Hypeman) -> None:
         sdk.instances.delete(item)
 
 
-# zstd 19 is a few MB/s: its round trip is tested on a small file in tests/snapshots; here it
+# zstd 19 is a few MB/s: its round trip is tested on a small file in tests/savedvm; here it
 # meets a real guest in the restore-preempts-compression test below.
 @pytest.mark.parametrize(("algorithm", "level"), [("zstd", 1), ("lz4", 0)])
 def test_compressed_snapshots_round_trip(sdk: Hypeman, algorithm: str, level: int) -> None:

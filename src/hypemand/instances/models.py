@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hypemand.hypervisor.base import Board
-from hypemand.snapshots.codec import Compression
+from hypemand.savedvm.models import SnapshotCompressionConfig
 from hypemand.wire import WireModel
 
 NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
@@ -76,15 +76,6 @@ def _no_nul(value: list[str] | None) -> list[str] | None:
     if value is not None and any("\0" in arg for arg in value):
         raise ValueError("arguments must not contain NUL bytes")
     return value
-
-
-class SnapshotCompressionConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool
-    # Any case on the way in ("ZSTD"); stored and answered normalized (see snapshots.codec).
-    algorithm: str | None = None
-    level: int | None = None
 
 
 class SnapshotPolicy(BaseModel):
@@ -325,21 +316,3 @@ class StandbyInstanceRequest(BaseModel):
 
     compression: SnapshotCompressionConfig | None = None
     compression_delay: str | None = None
-
-
-class StandbyRecord(BaseModel):
-    """``standby.json``: written last by a standby, removed first by a restore, so its presence
-    is what makes an instance ``Standby``. It lets a restore check what it is about to load."""
-
-    created_at: datetime
-    state_digest: str
-    memory_size: int
-    qemu_version: str
-    compression: CompressionPlan | None = None
-
-
-class CompressionPlan(BaseModel):
-    """How and when to compress a saved VM's memory in the background."""
-
-    compression: Compression
-    delay_seconds: float = 0.0

@@ -7,13 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
-from hypemand.instances.models import (
-    InstanceRecord,
-    InstanceState,
-    SnapshotCompressionConfig,
-    validate_name,
-    validate_tags,
-)
+from hypemand.instances.models import InstanceRecord, InstanceState, validate_name, validate_tags
+from hypemand.savedvm.models import SnapshotCompressionConfig
 from hypemand.wire import WireModel
 
 SnapshotKind = Literal["Standby", "Stopped"]
@@ -50,7 +45,7 @@ class SnapshotRecord(BaseModel):
     snapshot: Snapshot
     # The source instance as it was: restore and fork rebuild the VM's settings from it.
     instance: InstanceRecord
-    # Digest of every payload file's content, by file name (see hypemand.snapshots.digest);
+    # Digest of every payload file's content, by file name (see hypemand.savedvm.digest);
     # checked before a restore or fork uses the files.
     digests: dict[str, str]
     qemu_version: str

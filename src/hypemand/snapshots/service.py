@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import shutil
 import string
@@ -18,14 +17,16 @@ from pathlib import Path
 
 from hypemand.errors import BadRequest, Conflict, NotFound
 from hypemand.fsutil import write_model_atomic
-from hypemand.hypervisor.base import MEMORY_FILE, Board
-from hypemand.instances.manager import InstanceManager, SavedVM
-from hypemand.instances.models import Instance, InstanceState, SnapshotCompressionConfig
-from hypemand.layout import STATE_FILE, DataLayout
-from hypemand.snapshots.codec import CompressedMemory
-from hypemand.snapshots.digest import file_digest, verify_file
-from hypemand.snapshots.errors import SnapshotCorrupt
-from hypemand.snapshots.jobs import CompressionJobs, OnDone, ensure_raw_memory
+from hypemand.hypervisor.base import Board
+from hypemand.instances.manager import InstanceManager
+from hypemand.instances.models import Instance, InstanceState
+from hypemand.instances.saved import SavedVM
+from hypemand.layout import DataLayout, SnapshotPaths
+from hypemand.savedvm.codec import CompressedMemory
+from hypemand.savedvm.digest import file_digest
+from hypemand.savedvm.files import SavedVMFiles, VerifiedFiles
+from hypemand.savedvm.jobs import CompressionJobs, OnDone, ensure_raw_memory
+from hypemand.savedvm.models import SnapshotCompressionConfig
 from hypemand.snapshots.models import (
     CreateSnapshotRequest,
     ForkInstanceRequest,
@@ -35,13 +36,8 @@ from hypemand.snapshots.models import (
     SnapshotKind,
     SnapshotRecord,
 )
-from hypemand.snapshots.sparse import tree_allocated_bytes
 
 log = logging.getLogger(__name__)
-
-RECORD = "snapshot.json"
-PAYLOAD = "guest"
-STAGING_PREFIX = ".fork-"
 
 # Target states a restore or fork may ask for, by snapshot kind; the first is the default.
 TARGETS: dict[str, tuple[InstanceState, ...]] = {
@@ -57,6 +53,7 @@ def new_snapshot_id() -> str:
 
 class SnapshotService:
     def __init__(self, layout: DataLayout, instances: InstanceManager, jobs: CompressionJobs) -> None:
+        self.layout = layout
         self.root = layout.snapshots
         self.instances = instances
         self.jobs = jobs
@@ -64,8 +61,7 @@ class SnapshotService:
         self._locks: dict[str, asyncio.Lock] = {}
         self._creating = asyncio.Lock()  # names are unique per source: decided one create at a time
         self._reserved: set[tuple[str, str]] = set()
-        # Files already checked against their digest, by identity (see _identity).
-        self._verified: dict[Path, tuple[int, int, int]] = {}
+        self._verified = VerifiedFiles()
 
     # ---- start and stop -------------------------------------------------------------------------
 
@@ -75,7 +71,7 @@ class SnapshotService:
             lambda: sorted(p for p in self.root.iterdir() if p.is_dir())
         ):
             try:
-                record = await asyncio.to_thread(_load, directory / RECORD)
+                record = await asyncio.to_thread(_load, SnapshotPaths(directory).record)
             except ValueError as exc:
                 # Records are written atomically: this is damage from outside. Keep the files.
                 log.error("snapshot %s has an unreadable record, leaving it alone: %s", directory.name, exc)
@@ -92,7 +88,7 @@ class SnapshotService:
     async def _resume_compression(self, record: SnapshotRecord) -> None:
         """A compression the last server did not finish: the raw file is still there (it goes only
         after the compressed copy is durable), so start again; partial output is replaced."""
-        raw = self._payload(record.snapshot.id) / MEMORY_FILE
+        raw = self._saved(record.snapshot.id).memory
         compression = self.jobs.resolve(record.snapshot.compression, None)
         if compression is not None and raw.exists():
             self.jobs.start_for_snapshot(
@@ -133,8 +129,8 @@ class SnapshotService:
             raise NotFound(f"snapshot {snapshot_id!r} not found")
         return record
 
-    def _payload(self, snapshot_id: str) -> Path:
-        return self.root / snapshot_id / PAYLOAD
+    def _saved(self, snapshot_id: str) -> SavedVMFiles:
+        return SavedVMFiles(self.layout.snapshot(snapshot_id).payload)
 
     def _lock(self, snapshot_id: str) -> asyncio.Lock:
         return self._locks.setdefault(snapshot_id, asyncio.Lock())
@@ -167,12 +163,13 @@ class SnapshotService:
                 )
             self._reserved.add(key)
         snapshot_id = new_snapshot_id()
-        directory = self.root / snapshot_id
+        paths = self.layout.snapshot(snapshot_id)
+        saved = SavedVMFiles(paths.payload)
         try:
-            instance = await self.instances.capture(source.id, request.kind, directory / PAYLOAD)
+            instance = await self.instances.capture(source.id, request.kind, saved)
             # Digests and sizes are computed now, after the source runs again: off its pause.
-            digests = await asyncio.to_thread(_digest_payload, directory / PAYLOAD)
-            size = await asyncio.to_thread(tree_allocated_bytes, directory / PAYLOAD)
+            digests = await asyncio.to_thread(saved.digests)
+            size = await asyncio.to_thread(saved.allocated_bytes)
             snapshot = Snapshot(
                 id=snapshot_id,
                 name=request.name,
@@ -196,16 +193,16 @@ class SnapshotService:
                 digests=digests,
                 qemu_version=await asyncio.to_thread(self.instances.hypervisor.version),
             )
-            await asyncio.to_thread(write_model_atomic, directory / RECORD, record)
+            await asyncio.to_thread(write_model_atomic, paths.record, record)
         except BaseException:
-            await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, paths.directory, ignore_errors=True)
             raise
         finally:
             self._reserved.discard(key)
         self._records[snapshot_id] = record
         if compression is not None:
             self.jobs.start_for_snapshot(
-                snapshot_id, directory / PAYLOAD / MEMORY_FILE, compression, self._on_compressed(snapshot_id)
+                snapshot_id, saved.memory, compression, self._on_compressed(snapshot_id)
             )
         return snapshot
 
@@ -218,7 +215,7 @@ class SnapshotService:
             elif result is None:
                 await self._set(snapshot_id, compression_state="none")
             else:
-                size = await asyncio.to_thread(tree_allocated_bytes, self._payload(snapshot_id))
+                size = await asyncio.to_thread(self._saved(snapshot_id).allocated_bytes)
                 await self._set(
                     snapshot_id,
                     compression_state="compressed",
@@ -234,7 +231,7 @@ class SnapshotService:
         record = self._records[snapshot_id]
         snapshot = record.snapshot.model_copy(update=changes)
         updated = record.model_copy(update={"snapshot": snapshot})
-        await asyncio.to_thread(write_model_atomic, self.root / snapshot_id / RECORD, updated)
+        await asyncio.to_thread(write_model_atomic, self.layout.snapshot(snapshot_id).record, updated)
         self._records[snapshot_id] = updated
 
     # ---- delete -----------------------------------------------------------------------------------
@@ -247,9 +244,10 @@ class SnapshotService:
             await self.jobs.cancel_for_snapshot(snapshot_id)
             # The record goes first: a crash in the middle leaves an unfinished directory, which
             # the next start removes, never a listed snapshot with half its files.
-            await asyncio.to_thread((self.root / snapshot_id / RECORD).unlink, missing_ok=True)
+            paths = self.layout.snapshot(snapshot_id)
+            await asyncio.to_thread(paths.record.unlink, missing_ok=True)
             del self._records[snapshot_id]
-            await asyncio.to_thread(shutil.rmtree, self.root / snapshot_id, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, paths.directory, ignore_errors=True)
         self._locks.pop(snapshot_id, None)
 
     # ---- restore and fork -------------------------------------------------------------------------
@@ -292,22 +290,24 @@ class SnapshotService:
         kind: SnapshotKind = "Stopped" if state is InstanceState.STOPPED else "Standby"
         if kind == "Stopped" and target is InstanceState.STANDBY:
             raise BadRequest("a Stopped instance forks into Stopped or Running, not Standby")
-        staging = self.root / f"{STAGING_PREFIX}{new_snapshot_id()}"
+        staging = self.layout.fork_staging(new_snapshot_id())
+        files = SavedVMFiles(staging.payload)
         try:
-            instance = await self.instances.capture(source.id, kind, staging / PAYLOAD)
-            state_file = staging / PAYLOAD / STATE_FILE
+            instance = await self.instances.capture(source.id, kind, files)
             saved = SavedVM(
                 snapshot_id=f"(fork of {source.name})",
                 kind=kind,
-                guest_dir=staging / PAYLOAD,
+                files=files,
                 record=instance,
-                state_digest=await asyncio.to_thread(file_digest, state_file) if kind == "Standby" else None,
+                state_digest=(
+                    await asyncio.to_thread(file_digest, files.device_state) if kind == "Standby" else None
+                ),
                 qemu_version=await asyncio.to_thread(self.instances.hypervisor.version),
             )
             return await self.instances.fork(saved, request.name, target, None)
         finally:
             # The fork holds its own copies and a link to the RAM file: the staging copy can go.
-            await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
+            await asyncio.to_thread(shutil.rmtree, staging.directory, ignore_errors=True)
 
     def _target(
         self, kind: str, requested: InstanceState | None, hypervisor: str | None
@@ -341,16 +341,16 @@ class SnapshotService:
         file against its digest: a guest never starts on a truncated or altered file."""
         await self.jobs.cancel_for_snapshot(snapshot_id)
         record = self._record(snapshot_id)
-        payload = self._payload(snapshot_id)
+        files = self._saved(snapshot_id)
         if record.snapshot.kind == "Standby":
-            raw = payload / MEMORY_FILE
+            raw = files.memory
             expanded = not await asyncio.to_thread(raw.exists)
             checked = await asyncio.to_thread(ensure_raw_memory, raw)
-            if checked is not None and checked == record.digests.get(MEMORY_FILE):
+            if checked is not None and checked == record.digests.get(raw.name):
                 # The expansion already checked the content against this very digest.
-                self._verified[raw] = _identity(await asyncio.to_thread(raw.stat))
+                await asyncio.to_thread(self._verified.mark, raw)
             if expanded or record.snapshot.compression_state == "compressing":
-                size = await asyncio.to_thread(tree_allocated_bytes, payload)
+                size = await asyncio.to_thread(files.allocated_bytes)
                 await self._set(
                     snapshot_id,
                     compression_state="none",
@@ -358,35 +358,17 @@ class SnapshotService:
                     uncompressed_size_bytes=None,
                     size_bytes=size,
                 )
-        await asyncio.to_thread(self._verify, record, payload)
+        await asyncio.to_thread(
+            self._verified.verify, files.directory, record.digests, f"snapshot {record.snapshot.id}"
+        )
         return SavedVM(
             snapshot_id=snapshot_id,
             kind=record.snapshot.kind,
-            guest_dir=payload,
+            files=files,
             record=record.instance,
-            state_digest=record.digests.get(STATE_FILE),
+            state_digest=record.digests.get(files.device_state.name),
             qemu_version=record.qemu_version,
         )
-
-    def _verify(self, record: SnapshotRecord, payload: Path) -> None:
-        for name, digest in record.digests.items():
-            path = payload / name
-            try:
-                info = path.stat()
-            except FileNotFoundError:
-                raise SnapshotCorrupt(f"snapshot {record.snapshot.id}: {name} is missing") from None
-            identity = _identity(info)
-            if self._verified.get(path) == identity:
-                continue
-            try:
-                verify_file(path, digest)
-            except SnapshotCorrupt as exc:
-                raise SnapshotCorrupt(f"snapshot {record.snapshot.id}: {exc}") from None
-            self._verified[path] = identity
-
-
-def _digest_payload(payload: Path) -> dict[str, str]:
-    return {path.name: file_digest(path) for path in sorted(payload.iterdir()) if path.is_file()}
 
 
 def _load(path: Path) -> SnapshotRecord | None:
@@ -394,11 +376,3 @@ def _load(path: Path) -> SnapshotRecord | None:
         return SnapshotRecord.model_validate_json(path.read_bytes())
     except FileNotFoundError:
         return None
-
-
-def _identity(info: os.stat_result) -> tuple[int, int, int]:
-    """What must stay the same for an earlier digest check to hold: the inode, its size and its
-    modification time (every write moves it). Not the ctime: a fork's hard link to the RAM file
-    changes that without touching the content. A change that keeps the mtime (a deliberate
-    ``touch -d``, or media decay) is caught at the next server start, which checks afresh."""
-    return (info.st_ino, info.st_size, info.st_mtime_ns)

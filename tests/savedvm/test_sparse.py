@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hypemand.snapshots import sparse
-from hypemand.snapshots.errors import SparseCopyUnsupported
-from hypemand.snapshots.sparse import (
+from hypemand.savedvm.errors import SparseCopyUnsupported
+from hypemand.savedvm.sparse import (
     PAGE_SIZE,
     CopyMethod,
     NonZeroPages,
@@ -22,7 +21,8 @@ from hypemand.snapshots.sparse import (
     link_or_copy,
     tree_allocated_bytes,
 )
-from tests.snapshots.conftest import MIB
+from hypemand.savedvm import sparse
+from tests.savedvm.conftest import MIB
 
 
 def leftovers(directory: Path) -> list[str]:
@@ -115,7 +115,7 @@ def test_copy_sparse_of_empty_and_all_hole_files(tmp_path: Path) -> None:
 
 
 def test_reflink_on_xfs(xfs_mount: Path) -> None:
-    from tests.snapshots.conftest import write_guest_memory
+    from tests.savedvm.conftest import write_guest_memory
 
     src = write_guest_memory(xfs_mount / "memory.ram", size=16 * MIB)
     dst = xfs_mount / "clone.ram"
@@ -130,7 +130,7 @@ def test_reflink_on_xfs(xfs_mount: Path) -> None:
 
 
 def test_copy_from_xfs_to_another_filesystem_is_sparse(xfs_mount: Path, tmp_path: Path) -> None:
-    from tests.snapshots.conftest import write_guest_memory
+    from tests.savedvm.conftest import write_guest_memory
 
     src = write_guest_memory(xfs_mount / "cross.ram", size=16 * MIB)
     dst = tmp_path / "cross.ram"

@@ -1,12 +1,13 @@
-"""Errors of the snapshot domain (see ``hypemand.errors`` for how they map to responses)."""
+"""Errors of saved VMs on disk (see ``hypemand.errors`` for how they map to responses)."""
 
 from __future__ import annotations
 
 from hypemand.errors import DomainError
 
 
-class SnapshotCorrupt(DomainError):
-    """A snapshot file no longer matches the digest recorded when it was written."""
+class SavedVMCorrupt(DomainError):
+    """A saved VM's file (an instance's standby, or a stored snapshot's) is missing or no longer
+    matches what was recorded when it was written. The code stays the API's ``snapshot_corrupt``."""
 
     status = 409
     code = "snapshot_corrupt"

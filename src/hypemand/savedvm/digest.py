@@ -27,8 +27,8 @@ from typing import Protocol
 
 import xxhash
 
-from hypemand.snapshots.errors import SnapshotCorrupt
-from hypemand.snapshots.sparse import NonZeroPages
+from hypemand.savedvm.errors import SavedVMCorrupt
+from hypemand.savedvm.sparse import NonZeroPages
 
 DIGEST_ALGORITHM = "xxh3-128"
 _LAYOUT_TAG = b"hypemand-pages-v1"
@@ -82,23 +82,23 @@ def digest_with(path: Path, digest: PageDigest) -> str:
 
 
 def verify_file(path: Path, expected: str, expected_size: int | None = None) -> None:
-    """Raise :class:`SnapshotCorrupt` unless ``path`` still has digest ``expected``.
+    """Raise :class:`SavedVMCorrupt` unless ``path`` still has digest ``expected``.
 
     With ``expected_size`` (the size recorded with the digest) a truncated or extended file
     is reported as such, before any reading.
     """
     algorithm, _, _hex = expected.partition(":")
     if algorithm != DIGEST_ALGORITHM:
-        raise SnapshotCorrupt(f"{path}: recorded digest {expected!r} is not an {DIGEST_ALGORITHM} digest")
+        raise SavedVMCorrupt(f"{path}: recorded digest {expected!r} is not an {DIGEST_ALGORITHM} digest")
     try:
         size = path.stat().st_size
     except FileNotFoundError:
-        raise SnapshotCorrupt(f"{path} is missing") from None
+        raise SavedVMCorrupt(f"{path} is missing") from None
     if expected_size is not None and size != expected_size:
-        raise SnapshotCorrupt(f"{path}: size is {size} bytes, {expected_size} were recorded")
+        raise SavedVMCorrupt(f"{path}: size is {size} bytes, {expected_size} were recorded")
     actual = file_digest(path)
     if actual != expected:
-        raise SnapshotCorrupt(
+        raise SavedVMCorrupt(
             f"{path}: content differs from the recorded digest (size {size} bytes; "
             f"digest {actual}, recorded {expected})"
         )

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from hypemand.errors import DomainError
-from hypemand.snapshots.digest import file_digest, verify_file
-from hypemand.snapshots.errors import SnapshotCorrupt
-from hypemand.snapshots.sparse import PAGE_SIZE, copy_sparse, data_extents
-from tests.snapshots.conftest import MIB
+from hypemand.savedvm.digest import file_digest, verify_file
+from hypemand.savedvm.errors import SavedVMCorrupt
+from hypemand.savedvm.sparse import PAGE_SIZE, copy_sparse, data_extents
+from tests.savedvm.conftest import MIB
 
 
 def test_digest_format_and_stability(guest_memory: Path) -> None:
@@ -33,7 +33,7 @@ def test_one_changed_byte_is_detected(guest_memory: Path) -> None:
         handle.seek(position)
         handle.write(bytes([old[0] ^ 1]))
     assert file_digest(guest_memory) != digest
-    with pytest.raises(SnapshotCorrupt, match=f"{guest_memory}: content differs") as caught:
+    with pytest.raises(SavedVMCorrupt, match=f"{guest_memory}: content differs") as caught:
         verify_file(guest_memory, digest)
     assert isinstance(caught.value, DomainError)
     assert (caught.value.status, caught.value.code) == (409, "snapshot_corrupt")
@@ -53,9 +53,9 @@ def test_truncation_and_extension_are_detected(guest_memory: Path, change: int) 
     size = guest_memory.stat().st_size
     os.truncate(guest_memory, size + change)  # only holes cut off or added: the size tells
     assert file_digest(guest_memory) != digest
-    with pytest.raises(SnapshotCorrupt, match=f"size is {size + change} bytes, {size} were recorded"):
+    with pytest.raises(SavedVMCorrupt, match=f"size is {size + change} bytes, {size} were recorded"):
         verify_file(guest_memory, digest, expected_size=size)
-    with pytest.raises(SnapshotCorrupt, match="content differs"):
+    with pytest.raises(SavedVMCorrupt, match="content differs"):
         verify_file(guest_memory, digest)
 
 
@@ -92,10 +92,10 @@ def test_a_copy_has_the_same_digest(guest_memory: Path, tmp_path: Path) -> None:
 
 
 def test_missing_file_and_foreign_digest(tmp_path: Path) -> None:
-    with pytest.raises(SnapshotCorrupt, match="missing"):
+    with pytest.raises(SavedVMCorrupt, match="missing"):
         verify_file(tmp_path / "nope", "xxh3-128:" + "0" * 32)
     (tmp_path / "f").write_bytes(b"x")
-    with pytest.raises(SnapshotCorrupt, match="not an xxh3-128 digest"):
+    with pytest.raises(SavedVMCorrupt, match="not an xxh3-128 digest"):
         verify_file(tmp_path / "f", "sha256:abc")
 
 

@@ -26,7 +26,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from hypemand.fsutil import fsync_dir
-from hypemand.snapshots.errors import SparseCopyUnsupported
+from hypemand.savedvm.errors import SparseCopyUnsupported
 
 # linux/fs.h: _IOW(0x94, 9, int). Shares the source's blocks copy-on-write (XFS reflink, btrfs).
 FICLONE = 0x40049409

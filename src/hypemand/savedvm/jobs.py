@@ -16,11 +16,9 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from hypemand.errors import BadRequest
-from hypemand.instances.models import CompressionPlan
-from hypemand.snapshots.codec import (
+from hypemand.savedvm.codec import (
     COMPRESSED_SUFFIXES,
     CompressedMemory,
     Compression,
@@ -30,6 +28,7 @@ from hypemand.snapshots.codec import (
     expand_memory,
     normalize,
 )
+from hypemand.savedvm.models import CompressionPlan, SnapshotCompressionConfig
 from hypemand.units import UnitError, parse_duration
 
 log = logging.getLogger(__name__)
@@ -67,16 +66,17 @@ class CompressionJobs:
         self.default = default
         self._jobs: dict[str, _Job] = {}
 
-    def plan(self, requested: Any, requested_delay: str | None, record: Any) -> CompressionPlan | None:
+    def plan(
+        self,
+        requested: SnapshotCompressionConfig | None,
+        requested_delay: str | None,
+        policy: SnapshotCompressionConfig | None,
+        policy_delay: str | None,
+    ) -> CompressionPlan | None:
         """Resolve standby compression: the request, else the instance's snapshot policy, else the
         server default. The first one present wins, even when it says ``enabled: false``."""
-        policy = getattr(record, "snapshot_policy", None)
-        compression = self.resolve(requested, policy.compression if policy else None)
-        delay_text = (
-            requested_delay
-            if requested_delay is not None
-            else (policy.standby_compression_delay if policy else None)
-        )
+        compression = self.resolve(requested, policy)
+        delay_text = requested_delay if requested_delay is not None else policy_delay
         delay = 0.0
         if delay_text is not None:
             try:
@@ -87,7 +87,9 @@ class CompressionJobs:
             return None
         return CompressionPlan(compression=compression, delay_seconds=delay)
 
-    def resolve(self, requested: Any, policy: Any) -> Compression | None:
+    def resolve(
+        self, requested: SnapshotCompressionConfig | None, policy: SnapshotCompressionConfig | None
+    ) -> Compression | None:
         for candidate in (requested, policy):
             if candidate is not None:
                 return normalize(candidate)

@@ -14,8 +14,7 @@ import pytest
 from pydantic import ValidationError
 
 from hypemand.errors import BadRequest
-from hypemand.instances.models import SnapshotCompressionConfig
-from hypemand.snapshots.codec import (
+from hypemand.savedvm.codec import (
     Compression,
     CompressionCancelled,
     compress_memory,
@@ -24,10 +23,11 @@ from hypemand.snapshots.codec import (
     normalize,
     read_page_layout,
 )
-from hypemand.snapshots.digest import file_digest
-from hypemand.snapshots.errors import SnapshotCorrupt
-from hypemand.snapshots.sparse import PAGE_SIZE, allocated_bytes, data_extents
-from tests.snapshots.conftest import MIB, write_guest_memory
+from hypemand.savedvm.digest import file_digest
+from hypemand.savedvm.errors import SavedVMCorrupt
+from hypemand.savedvm.models import SnapshotCompressionConfig
+from hypemand.savedvm.sparse import PAGE_SIZE, allocated_bytes, data_extents
+from tests.savedvm.conftest import MIB, write_guest_memory
 
 SETTINGS = [
     Compression(algorithm="zstd", level=1),
@@ -149,7 +149,7 @@ def test_corrupt_compressed_data_is_refused(guest_memory: Path, tmp_path: Path) 
     blob = bytearray(result.path.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     result.path.write_bytes(bytes(blob))
-    with pytest.raises(SnapshotCorrupt):
+    with pytest.raises(SavedVMCorrupt):
         expand_memory(result.path, tmp_path / "out.ram", threading.Event())
     assert not (tmp_path / "out.ram").exists()
     assert not (tmp_path / "out.ram.tmp").exists()
@@ -163,13 +163,13 @@ def test_a_changed_extent_map_is_refused(guest_memory: Path, tmp_path: Path) -> 
     offset, length = runs[-1]
     runs[-1] = (offset + PAGE_SIZE, length)
     result.extent_map.write_bytes(type(layout)(size=layout.size, runs=runs, digest=layout.digest).encode())
-    with pytest.raises(SnapshotCorrupt, match="does not match its recorded digest"):
+    with pytest.raises(SavedVMCorrupt, match="does not match its recorded digest"):
         expand_memory(result.path, tmp_path / "out.ram", threading.Event())
     result.extent_map.write_bytes(b"garbage")
-    with pytest.raises(SnapshotCorrupt, match="extent map is unusable"):
+    with pytest.raises(SavedVMCorrupt, match="extent map is unusable"):
         expand_memory(result.path, tmp_path / "out.ram", threading.Event())
     result.extent_map.unlink()
-    with pytest.raises(SnapshotCorrupt, match="missing"):
+    with pytest.raises(SavedVMCorrupt, match="missing"):
         expand_memory(result.path, tmp_path / "out.ram", threading.Event())
 
 
@@ -177,7 +177,7 @@ def test_truncated_compressed_file_is_refused(guest_memory: Path, tmp_path: Path
     for algorithm in ("zstd", "lz4"):
         result = compress_memory(guest_memory, Compression(algorithm=algorithm), threading.Event())
         os.truncate(result.path, result.path.stat().st_size // 2)
-        with pytest.raises(SnapshotCorrupt):
+        with pytest.raises(SavedVMCorrupt):
             expand_memory(result.path, tmp_path / "out.ram", threading.Event())
         assert not (tmp_path / "out.ram.tmp").exists()
 

@@ -6,7 +6,7 @@
   4 KiB pages, concatenated in file order. Holes and zero pages are neither read twice nor
   compressed. ``zstd -d`` / ``lz4 -d`` still decompress it (to those pages).
 * ``memory.ram.extents``: where those pages go (see :class:`PageLayout`), the file's size and
-  its content digest (:mod:`hypemand.snapshots.digest`), which the expansion checks.
+  its content digest (:mod:`hypemand.savedvm.digest`), which the expansion checks.
 
 zstd runs with all cores and long-distance matching over a 128 MiB window: identical pages are
 scattered across guest RAM, beyond the reach of zstd's default window (qemu-on-these-machines
@@ -37,9 +37,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hypemand.errors import BadRequest
 from hypemand.fsutil import fsync_dir
-from hypemand.snapshots.digest import PageDigest
-from hypemand.snapshots.errors import CompressionCancelled, SnapshotCorrupt
-from hypemand.snapshots.sparse import CHUNK_SIZE, NonZeroPages
+from hypemand.savedvm.digest import PageDigest
+from hypemand.savedvm.errors import CompressionCancelled, SavedVMCorrupt
+from hypemand.savedvm.sparse import CHUNK_SIZE, NonZeroPages
 
 __all__ = [
     "COMPRESSED_SUFFIXES",
@@ -211,8 +211,8 @@ class PageLayout:
 
     @classmethod
     def decode(cls, blob: bytes, path: Path) -> PageLayout:
-        def corrupt(why: str) -> SnapshotCorrupt:
-            return SnapshotCorrupt(f"{path}: extent map is unusable: {why}")
+        def corrupt(why: str) -> SavedVMCorrupt:
+            return SavedVMCorrupt(f"{path}: extent map is unusable: {why}")
 
         start = len(cls.MAGIC) + cls._HEADER.size
         if len(blob) < start or not blob.startswith(cls.MAGIC):
@@ -246,7 +246,7 @@ def read_page_layout(path: Path) -> PageLayout:
     try:
         blob = path.read_bytes()
     except FileNotFoundError:
-        raise SnapshotCorrupt(f"{path} is missing") from None
+        raise SavedVMCorrupt(f"{path} is missing") from None
     return PageLayout.decode(blob, path)
 
 
@@ -387,7 +387,7 @@ class _RunWriter:
         position = 0
         while position < len(data):
             if self.index >= len(self.runs):
-                raise SnapshotCorrupt(f"{self.source} holds more data than its extent map describes")
+                raise SavedVMCorrupt(f"{self.source} holds more data than its extent map describes")
             offset, length = self.runs[self.index]
             take = min(length - self.done, len(data) - position)
             written = 0
@@ -437,7 +437,7 @@ def expand_memory(compressed: Path, raw: Path, cancelled: threading.Event) -> st
     """Recreate the sparse raw memory file from ``compressed`` and its extent map.
 
     Only the non-zero pages are written; everything else is a hole. The result is checked
-    against the digest recorded at compression time (:class:`SnapshotCorrupt` otherwise) and
+    against the digest recorded at compression time (:class:`SavedVMCorrupt` otherwise) and
     renamed from ``<raw>.tmp`` into place. It has the compressed file's mode. Returns the
     digest the expanded content was checked against (a caller need not hash it again).
     """
@@ -459,12 +459,12 @@ def expand_memory(compressed: Path, raw: Path, cancelled: threading.Event) -> st
                     digest.update(chunk)
                     writer.write(chunk)
             except (zstandard.ZstdError, RuntimeError, EOFError) as exc:
-                raise SnapshotCorrupt(f"{compressed}: cannot decompress: {exc}") from None
+                raise SavedVMCorrupt(f"{compressed}: cannot decompress: {exc}") from None
         if not writer.complete:
-            raise SnapshotCorrupt(f"{compressed} holds less data than its extent map describes")
+            raise SavedVMCorrupt(f"{compressed} holds less data than its extent map describes")
         actual = digest.finish(layout.runs, layout.size)
         if actual != layout.digest:
-            raise SnapshotCorrupt(
+            raise SavedVMCorrupt(
                 f"{compressed}: expanded content does not match its recorded digest "
                 f"({actual}, recorded {layout.digest})"
             )

@@ -1,0 +1,273 @@
+"""Boot, watch, stop, start and delete: an instance's VMM from launch to exit.
+
+A watcher task per VMM keeps the record's history: it notes when the program started and, when
+QEMU ends for whatever reason (program exit, stop, crash, kill from outside), records the exit.
+The caller of every method here holds the instance's lock, or owns the instance alone (a create
+or fork that has not answered yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from hypemand.errors import InvalidState, NotFound
+from hypemand.guest.config_disk import GuestConfig
+from hypemand.hypervisor.base import Hypervisor, VMHandle
+from hypemand.images.errors import ImageNotFound
+from hypemand.images.models import ReadyImage
+from hypemand.images.service import ImageService
+from hypemand.instances import records
+from hypemand.instances.admission import Admission
+from hypemand.instances.agents import AgentLinks
+from hypemand.instances.boot import GuestSpec, launch_guest
+from hypemand.instances.console import ConsoleScanner
+from hypemand.instances.live import InstanceTable, LiveInstance
+from hypemand.instances.models import GuestExitInfo, InstanceRecord, InstanceState, StartInstanceRequest
+from hypemand.instances.records import OperationsLog, phase_change, utcnow
+from hypemand.instances.state import StateReader, booted
+from hypemand.savedvm.jobs import CompressionJobs
+from hypemand.system.files import SystemFiles
+
+log = logging.getLogger(__name__)
+
+WATCH_INTERVAL = 0.2
+# The guest's own grace for the program after the power button (init: SIGTERM, 5 s, SIGKILL);
+# the host waits that long plus this before it tells QEMU to quit.
+POWEROFF_MARGIN = 2.0
+
+
+def guest_spec(record: InstanceRecord, image: ReadyImage, directory: Path) -> GuestSpec:
+    entrypoint = record.entrypoint if record.entrypoint is not None else (image.entrypoint or [])
+    # As in docker run: a new entrypoint drops the image's cmd unless a cmd is given too.
+    if record.cmd is not None:
+        cmd = record.cmd
+    elif record.entrypoint is not None:
+        cmd = []
+    else:
+        cmd = image.cmd or []
+    guest = GuestConfig(
+        entrypoint=entrypoint,
+        cmd=cmd,
+        env={**image.env, **record.env},
+        working_dir=image.working_dir or "/",
+        hostname=record.name,
+    )
+    return GuestSpec(
+        vm_id=record.id,
+        directory=directory,
+        root_disk=image.disk_path,
+        guest=guest,
+        board=record.board,
+        vcpus=record.vcpus,
+        memory_mib=record.memory_bytes >> 20,
+        overlay_size_bytes=record.overlay_bytes,
+        network=record.network_enabled,
+    )
+
+
+class Lifecycle:
+    def __init__(
+        self,
+        *,
+        table: InstanceTable,
+        hypervisor: Hypervisor,
+        images: ImageService,
+        system: Callable[[], SystemFiles],
+        admission: Admission,
+        reader: StateReader,
+        agents: AgentLinks,
+        oplog: OperationsLog,
+        compression: CompressionJobs,
+    ) -> None:
+        self.table = table
+        self.hypervisor = hypervisor
+        self.images = images
+        self.system = system
+        self.admission = admission
+        self.reader = reader
+        self.agents = agents
+        self.oplog = oplog
+        self.compression = compression
+
+    async def image_of(self, live: LiveInstance) -> ReadyImage:
+        """The content the instance was created from (pinned by digest), for a boot or restore."""
+        try:
+            return await self.images.get_ready_by_digest(live.record.image_digest)
+        except ImageNotFound as exc:
+            raise NotFound(f"the image of instance {live.name} is gone: {exc}") from exc
+
+    # ---- boot and watch ---------------------------------------------------------------------
+
+    async def boot(self, live: LiveInstance, image: ReadyImage) -> None:
+        """Launch the VMM and start watching it."""
+        spec = guest_spec(live.record, image, live.paths.directory)
+        launched = await launch_guest(self.hypervisor, self.system(), spec)
+        live.handle = launched.handle
+        live.exit_seen_at = None
+        live.scanner = ConsoleScanner(live.paths.console_log, launched.console_offset)
+        live.forget_status()
+        now = utcnow()
+        await records.update(
+            live,
+            provisioned=True,
+            started_at=now,
+            stopped_at=None,
+            console_offset=launched.console_offset,
+            program_started_at=None,
+            agent_ready_at=None,
+            identity_pending=False,  # a fresh boot has its own kernel and randomness
+            exit=None,
+            **phase_change(live.record, "initializing", now),
+        )
+        self.table.add(live)
+        self.oplog.write(live, f"boot: VMM pid {launched.handle.pid} started")
+        self.watch(live, launched.handle)
+
+    def watch(self, live: LiveInstance, handle: VMHandle) -> None:
+        live.watcher = asyncio.create_task(self._watch(live, handle), name=f"watch-{live.id}")
+
+    async def _watch(self, live: LiveInstance, handle: VMHandle) -> None:
+        """Keep the record's history while this VMM lives; record its end."""
+        try:
+            while handle.is_alive():
+                markers = await self.reader.markers(live)
+                if live.record.program_started_at is None and markers.program_start_ts is not None:
+                    await records.update(live, program_started_at=utcnow())
+                    self.oplog.write(live, "program started")
+                if live.record.agent_ready_at is None and markers.agent_ready_ts is not None:
+                    await records.update(live, agent_ready_at=utcnow())
+                if live.record.phase == "initializing" and booted(markers, live.record):
+                    await records.update(live, **phase_change(live.record, "running", utcnow()))
+                if markers.exit is not None:
+                    break
+                await handle.wait_exit(WATCH_INTERVAL)
+            await handle.wait_exit()
+            async with live.lock:
+                if live.handle is handle and not live.deleted:
+                    await self.record_exit(live, at=utcnow())
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("instance %s: watcher failed", live.id)
+
+    async def record_exit(self, live: LiveInstance, at: datetime) -> None:
+        """The VMM is gone: close what pointed at it and note how the program ended."""
+        # Readers see this moment as stopped_at from now on, until the record holds it.
+        at = live.exit_seen_at = live.exit_seen_at or at
+        await self.agents.close(live)
+        if live.handle is not None:
+            await live.handle.close()
+            live.handle = None
+        live.forget_status()
+        markers = await self.reader.markers(live)
+        exit_info = (
+            GuestExitInfo(code=markers.exit.code, message=markers.exit.message) if markers.exit else None
+        )
+        await records.update(live, stopped_at=at, exit=exit_info, **phase_change(live.record, "stopped", at))
+        live.exit_seen_at = None
+        detail = f"exit code {exit_info.code} ({exit_info.message})" if exit_info else "no exit recorded"
+        self.oplog.write(live, f"stopped: {detail}")
+
+    async def adopt(self, live: LiveInstance) -> None:
+        """At server start: watch a VMM that outlived the last server, or record the exit of one
+        that ended while no server watched."""
+        handle = await self.hypervisor.adopt(live.paths.directory)
+        live.scanner = ConsoleScanner(live.paths.console_log, live.record.console_offset)
+        if handle is not None:
+            log.info("instance %s (%s): adopted VMM pid %d", live.name, live.id, handle.pid)
+            live.handle = handle
+            self.oplog.write(live, f"server restarted: adopted running VMM pid {handle.pid}")
+            self.watch(live, handle)
+        elif live.record.phase not in ("stopped", "standby"):
+            await self.record_exit(live, at=await asyncio.to_thread(_mtime, live.paths.console_log))
+
+    # ---- operations ---------------------------------------------------------------------------
+
+    async def stop(self, live: LiveInstance) -> None:
+        observed = await self.reader.state(live)
+        if observed.state not in (InstanceState.RUNNING, InstanceState.INITIALIZING):
+            raise InvalidState(
+                f"instance {live.name} is {observed.state.value}; stop needs Running or Initializing"
+            )
+        handle = live.handle
+        assert handle is not None
+        self.oplog.write(live, "stop requested")
+        await self.agents.close(live)
+        outcome = await handle.shutdown(timeout=live.record.stop_timeout + POWEROFF_MARGIN)
+        self.oplog.write(live, f"stop: {outcome.value}")
+        await self.record_exit(live, at=utcnow())
+
+    async def start(self, live: LiveInstance, request: StartInstanceRequest) -> None:
+        observed = await self.reader.state(live)
+        if observed.state is not InstanceState.STOPPED:
+            raise InvalidState(f"instance {live.name} is {observed.state.value}; start needs Stopped")
+        image = await self.image_of(live)
+        async with self.admission.boot(live):
+            changes: dict[str, Any] = {}
+            if request.entrypoint is not None:
+                changes["entrypoint"] = request.entrypoint
+            if request.cmd is not None:
+                changes["cmd"] = request.cmd
+            if changes:
+                await records.update(live, **changes)
+            self.oplog.write(live, "start requested")
+            await self.boot(live, image)
+
+    async def boot_admitted(self, live: LiveInstance) -> None:
+        """Boot an existing instance from its disk (a Stopped snapshot brought to Running)."""
+        image = await self.image_of(live)
+        async with self.admission.boot(live):
+            await self.boot(live, image)
+
+    async def end_vmm(self, live: LiveInstance, *, graceful: bool = False) -> None:
+        """End whatever VMM the instance has (graceful: the guest's power button first)."""
+        handle, live.handle = live.handle, None
+        await self.agents.close(live)
+        if handle is None:
+            return
+        if handle.is_alive():
+            if graceful:
+                await handle.shutdown(timeout=live.record.stop_timeout + POWEROFF_MARGIN)
+            else:
+                await handle.kill()
+        await handle.close()
+
+    async def delete(self, live: LiveInstance, *, graceful: bool) -> None:
+        live.deleted = True
+        await self.compression.cancel_for_instance(live.id)
+        await self.end_vmm(live, graceful=graceful)
+        if live.watcher is not None and live.watcher is not asyncio.current_task():
+            live.watcher.cancel()
+        # Lines already written to the operations log land before the directory goes.
+        await self.oplog.flush()
+        # Files first: an instance leaves the list only once nothing of it is left on disk.
+        await asyncio.to_thread(shutil.rmtree, live.paths.directory, ignore_errors=True)
+        self.table.pop(live.id)
+        log.info("instance %s (%s) deleted", live.name, live.id)
+        await self.images.release(live.record.image_digest)
+
+    async def discard(self, instance_id: str, directory: Path) -> None:
+        """Remove everything a failed create or fork made (its VMM included, if one was launched)."""
+        live = self.table.pop(instance_id)
+        if live is not None:
+            live.deleted = True
+            if live.watcher is not None:
+                live.watcher.cancel()
+            with contextlib.suppress(Exception):
+                await self.end_vmm(live)  # best effort: the create or fork already failed
+        await self.oplog.flush()
+        await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
+
+
+def _mtime(path: Path) -> datetime:
+    try:
+        return datetime.fromtimestamp(path.stat().st_mtime, UTC)
+    except FileNotFoundError:
+        return utcnow()

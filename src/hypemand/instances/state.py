@@ -1,0 +1,175 @@
+"""State is never stored: every read derives it from what is real.
+
+- no live VMM process: ``Standby`` if a standby record exists, else ``Stopped``;
+- otherwise QEMU's run state (asked over QMP with a short bound, the answer shared by concurrent
+  readers for a moment), and for a running guest the boot markers on its console:
+  ``Initializing`` until the program started (and its agent answered, unless
+  ``skip_guest_agent``), then ``Running``; a QMP that does not answer in time: ``Unknown`` with
+  ``state_error``.
+
+:func:`derive_state` is the rule, pure; :class:`StateReader` gathers its inputs and builds the
+API's view of an instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+from hypemand.guest.markers import ConsoleMarkers
+from hypemand.hypervisor.base import VMStatus
+from hypemand.instances.live import LiveInstance
+from hypemand.instances.models import GuestExitInfo, Instance, InstanceNetwork, InstanceRecord, InstanceState
+from hypemand.instances.records import phase_change, utcnow
+from hypemand.units import format_size
+
+STATUS_TIMEOUT = 1.0  # a QMP query-status slower than this makes the state Unknown
+STATUS_TTL = 0.5  # readers within this window share one QMP answer
+USER_NETWORK_IP = "10.0.2.15"
+
+QEMU_TO_STATE = {
+    VMStatus.PAUSED: InstanceState.PAUSED,
+    VMStatus.INMIGRATE: InstanceState.PAUSED,
+    VMStatus.POSTMIGRATE: InstanceState.PAUSED,
+    VMStatus.FINISH_MIGRATE: InstanceState.PAUSED,
+    VMStatus.SAVE_VM: InstanceState.PAUSED,
+    VMStatus.RESTORE_VM: InstanceState.PAUSED,
+    VMStatus.SUSPENDED: InstanceState.PAUSED,
+    VMStatus.SHUTDOWN: InstanceState.SHUTDOWN,
+    VMStatus.PRELAUNCH: InstanceState.CREATED,
+    VMStatus.EXITED: InstanceState.STOPPED,
+}
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What a read found: the state and, when it could not be read, why."""
+
+    state: InstanceState
+    error: str | None = None
+
+
+def booted(markers: ConsoleMarkers, record: InstanceRecord) -> bool:
+    """The program started (and its agent answered, unless skipped) in this VM's life: seen on
+    this boot's console, or recorded (a restored VM continues a life whose markers were seen)."""
+    program = markers.program_start_ts is not None or record.program_started_at is not None
+    agent = markers.agent_ready_ts is not None or record.agent_ready_at is not None
+    return program and (record.skip_guest_agent or agent)
+
+
+def derive_state(
+    *,
+    vmm_alive: bool,
+    saved: bool,
+    status: VMStatus | None,
+    markers: ConsoleMarkers | None,
+    record: InstanceRecord,
+) -> Observed:
+    """The rule. ``status`` is QEMU's answer (None when no VMM runs); ``markers`` are needed only
+    for a running guest (None before they were read)."""
+    if not vmm_alive or status is VMStatus.EXITED:
+        return Observed(InstanceState.STANDBY if saved and not vmm_alive else InstanceState.STOPPED)
+    if status is None or status is VMStatus.UNKNOWN:
+        return Observed(
+            InstanceState.UNKNOWN, f"failed to query hypervisor: no answer within {STATUS_TIMEOUT:g} s"
+        )
+    if status in QEMU_TO_STATE:
+        return Observed(QEMU_TO_STATE[status])
+    # running, or an error state QEMU still runs in: the boot markers decide.
+    if markers is not None and booted(markers, record):
+        return Observed(InstanceState.RUNNING)
+    return Observed(InstanceState.INITIALIZING)
+
+
+def needs_markers(status: VMStatus) -> bool:
+    return status not in QEMU_TO_STATE and status not in (VMStatus.UNKNOWN, VMStatus.EXITED)
+
+
+class StateReader:
+    """Reads an instance's state from its VMM and console; never takes the instance's lock."""
+
+    async def state(self, live: LiveInstance) -> Observed:
+        if not live.vmm_alive():
+            if live.handle is not None and live.exit_seen_at is None:
+                # Ended, and the watcher has not recorded it yet: remember when it was first seen,
+                # so this answer already has a stopped_at (and the record gets the same one).
+                live.exit_seen_at = utcnow()
+            # One stat of a small local file: cheaper than a thread hop on every read of a list.
+            saved = live.paths.standby_record.exists()
+            return derive_state(vmm_alive=False, saved=saved, status=None, markers=None, record=live.record)
+        status = await self._vm_status(live)
+        if status is VMStatus.UNKNOWN and not live.vmm_alive():
+            status = VMStatus.EXITED
+        markers = await self.markers(live) if needs_markers(status) else None
+        return derive_state(vmm_alive=True, saved=False, status=status, markers=markers, record=live.record)
+
+    async def _vm_status(self, live: LiveInstance) -> VMStatus:
+        handle = live.handle
+        assert handle is not None
+        now = time.monotonic()
+        if live.status_value is not None and now - live.status_at < STATUS_TTL:
+            return live.status_value
+        if live.status_probe is None or live.status_probe.done():
+            live.status_probe = asyncio.ensure_future(handle.status(timeout=STATUS_TIMEOUT))
+        try:
+            async with asyncio.timeout(STATUS_TIMEOUT + 0.25):
+                status = await asyncio.shield(live.status_probe)
+        except TimeoutError:
+            return VMStatus.UNKNOWN
+        live.status_value, live.status_at = status, time.monotonic()
+        return status
+
+    async def markers(self, live: LiveInstance) -> ConsoleMarkers:
+        if live.scanner is None:
+            return ConsoleMarkers()
+        return await live.scanner.scan()
+
+    async def view(self, live: LiveInstance) -> Instance:
+        observed = await self.state(live)
+        state = observed.state
+        record = live.record
+        exit_info = record.exit
+        if exit_info is None and state is InstanceState.STOPPED and live.scanner is not None:
+            found = (await live.scanner.scan()).exit
+            if found is not None:
+                exit_info = GuestExitInfo(code=found.code, message=found.message)
+        now = utcnow()
+        # The watcher records a phase change within moments; until it has, show the state just
+        # read, so that the phase and the state never disagree in one answer.
+        phase = record
+        if state.value.lower() != record.phase and state is not InstanceState.UNKNOWN:
+            phase = record.model_copy(update=phase_change(record, state.value.lower(), now))
+        phases = phase_change(phase, phase.phase, now)["phase_ms"]
+        stopped = state is InstanceState.STOPPED
+        return Instance(
+            id=record.id,
+            name=record.name,
+            image=record.image,
+            state=state,
+            state_error=observed.error,
+            created_at=record.created_at,
+            expires_at=record.expires_at,
+            platform=record.platform,
+            size=format_size(record.memory_bytes),
+            hotplug_size=format_size(record.hotplug_bytes) if record.hotplug_bytes else None,
+            overlay_size=format_size(record.overlay_bytes),
+            vcpus=record.vcpus,
+            env=record.env,
+            tags=record.tags,
+            network=InstanceNetwork(
+                enabled=record.network_enabled,
+                ip=USER_NETWORK_IP if record.network_enabled else None,
+                mac=record.mac if record.network_enabled else None,
+            ),
+            hypervisor=record.board.value,
+            started_at=record.started_at,
+            stopped_at=record.stopped_at or live.exit_seen_at if stopped else None,
+            exit_code=exit_info.code if exit_info and stopped else None,
+            exit_message=exit_info.message if exit_info and stopped else None,
+            has_snapshot=state is InstanceState.STANDBY,
+            snapshot_policy=record.snapshot_policy,
+            current_phase=phase.phase,
+            current_phase_since=phase.phase_since,
+            phase_durations_ms=phases,
+        )

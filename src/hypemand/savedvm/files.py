@@ -1,0 +1,165 @@
+"""The files of a saved VM, wherever they lie: an instance's own directory (its standby), a
+stored snapshot's payload, or a fork's staging copy. The same names in each, so one set of
+operations moves a saved VM between them.
+
+Everything here is blocking (copies, hashing, fsync): callers run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from threading import Lock
+
+from hypemand.fsutil import write_model_atomic
+from hypemand.hypervisor.base import LAUNCH_RECORD, MEMORY_FILE
+from hypemand.layout import CONFIG_DISK, OVERLAY_DISK, STANDBY_RECORD, STATE_FILE
+from hypemand.savedvm.digest import file_digest, verify_file
+from hypemand.savedvm.errors import SavedVMCorrupt
+from hypemand.savedvm.models import StandbyRecord
+from hypemand.savedvm.sparse import copy_sparse, link_or_copy, make_durable, tree_allocated_bytes
+
+# The payload of a saved VM. Add a file here and every copy, replacement, fork and digest
+# carries it. Disks: what any saved VM holds (the writable root layer, the program's config disk
+# and the hypervisor's launch record). A Standby one adds the guest's RAM and device state.
+DISK_FILES = (OVERLAY_DISK, CONFIG_DISK, LAUNCH_RECORD)
+MEMORY = MEMORY_FILE
+DEVICE_STATE = STATE_FILE
+
+
+class SavedVMFiles:
+    """One directory holding a saved VM's files."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def memory(self) -> Path:
+        return self.directory / MEMORY
+
+    @property
+    def device_state(self) -> Path:
+        return self.directory / DEVICE_STATE
+
+    @property
+    def standby_record(self) -> Path:
+        return self.directory / STANDBY_RECORD
+
+    # ---- moving a saved VM ------------------------------------------------------------------
+
+    def copy_to(self, target: Path, *, with_memory: bool, with_state: bool, durable: bool = True) -> None:
+        """Sparse copies (reflinks where the filesystem can) of the disks, and of the RAM and
+        device state when asked. ``durable=False`` skips the fsyncs (see :func:`make_durable`)."""
+        target.mkdir(parents=True, exist_ok=True)
+        for name in DISK_FILES:
+            if (self.directory / name).exists():
+                copy_sparse(self.directory / name, target / name, durable=durable)
+        if with_memory:
+            copy_sparse(self.memory, target / MEMORY, durable=durable)
+        if with_state:
+            copy_sparse(self.device_state, target / DEVICE_STATE, durable=durable)
+
+    def replace_with(self, source: SavedVMFiles, *, with_memory: bool) -> None:
+        """This directory's saved VM becomes copies of ``source``'s. The instance will write to
+        them (its RAM file is mapped shared), so nothing is linked."""
+        for name in (*DISK_FILES, MEMORY, DEVICE_STATE, STANDBY_RECORD):
+            (self.directory / name).unlink(missing_ok=True)
+        source.copy_to(self.directory, with_memory=with_memory, with_state=with_memory)
+
+    def fork_from(self, source: SavedVMFiles, *, with_memory: bool) -> None:
+        """A new directory for a fork: its writable disks are copies; its RAM file is a hard link
+        to the source's, mapped privately (share=off) by the fork, so the file is never written
+        and ten forks share one copy on disk and in the page cache."""
+        self.directory.mkdir(parents=True)
+        for name in DISK_FILES:
+            if (source.directory / name).exists():
+                copy_sparse(source.directory / name, self.directory / name)
+        if with_memory:
+            link_or_copy(source.memory, self.memory)
+            copy_sparse(source.device_state, self.device_state)
+
+    def make_durable(self) -> None:
+        make_durable(self.directory)
+
+    # ---- the standby record -----------------------------------------------------------------
+
+    def load_standby(self) -> StandbyRecord:
+        try:
+            return StandbyRecord.model_validate_json(self.standby_record.read_bytes())
+        except FileNotFoundError:
+            raise SavedVMCorrupt(f"{self.directory.name}: the standby record is missing") from None
+        except ValueError as exc:
+            raise SavedVMCorrupt(f"{self.directory.name}: the standby record is unreadable: {exc}") from None
+
+    def write_standby(self, record: StandbyRecord) -> None:
+        write_model_atomic(self.standby_record, record)
+
+    def has_standby(self) -> bool:
+        return self.standby_record.exists()
+
+    def forget_standby(self) -> None:
+        """Forget the saved device state; the RAM file stays (it is the VM's RAM). The record goes
+        first, so a crash in between leaves a stale state file, never a claim to Standby."""
+        self.standby_record.unlink(missing_ok=True)
+        self.device_state.unlink(missing_ok=True)
+
+    def verify_standby(self, record: StandbyRecord) -> None:
+        """The device state matches its digest and the RAM file has the size that was saved."""
+        verify_file(self.device_state, record.state_digest)
+        size = self.memory.stat().st_size
+        if size != record.memory_size:
+            raise SavedVMCorrupt(
+                f"{self.directory.name}: the saved RAM file is {size} bytes, {record.memory_size} were saved"
+            )
+
+    # ---- contents ---------------------------------------------------------------------------
+
+    def digests(self) -> dict[str, str]:
+        """The content digest of every payload file present, by name."""
+        return {path.name: file_digest(path) for path in sorted(self.directory.iterdir()) if path.is_file()}
+
+    def allocated_bytes(self) -> int:
+        return tree_allocated_bytes(self.directory)
+
+
+@dataclass
+class VerifiedFiles:
+    """Files already checked against their digest, by identity, so a file that did not change is
+    not hashed again (a fork of a 1 GiB snapshot would otherwise re-read its RAM every time)."""
+
+    _seen: dict[Path, tuple[int, int, int]] = field(default_factory=dict)
+    _lock: Lock = field(default_factory=Lock)
+
+    def verify(self, directory: Path, digests: dict[str, str], label: str) -> None:
+        """Every file of ``digests`` exists in ``directory`` and has its recorded content."""
+        for name, digest in digests.items():
+            path = directory / name
+            try:
+                info = path.stat()
+            except FileNotFoundError:
+                raise SavedVMCorrupt(f"{label}: {name} is missing") from None
+            identity = _identity(info)
+            with self._lock:
+                if self._seen.get(path) == identity:
+                    continue
+            try:
+                verify_file(path, digest)
+            except SavedVMCorrupt as exc:
+                raise SavedVMCorrupt(f"{label}: {exc}") from None
+            with self._lock:
+                self._seen[path] = identity
+
+    def mark(self, path: Path) -> None:
+        """``path`` was just checked by other means (an expansion verifies while it writes)."""
+        identity = _identity(path.stat())
+        with self._lock:
+            self._seen[path] = identity
+
+
+def _identity(info: os.stat_result) -> tuple[int, int, int]:
+    """What must stay the same for an earlier digest check to hold: the inode, its size and its
+    modification time (every write moves it). Not the ctime: a fork's hard link to the RAM file
+    changes that without touching the content. A change that keeps the mtime (a deliberate
+    ``touch -d``, or media decay) is caught at the next server start, which checks afresh."""
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
