@@ -1,4 +1,17 @@
-"""Fixtures shared by the whole suite: a real `hypemand serve` process and a strict SDK client.
+"""Fixtures shared by the whole suite: real `hypemand serve` processes run by one harness
+(tests/support/harness.py), and strict SDK clients.
+
+* ``harness``: a :class:`Harness` for one test; ``harness.start(data_dir=None, port=None)``
+  starts a server (again on the same data directory: a restart). At the test's teardown every
+  instance is deleted, every server stopped, and the test fails if a server logged a traceback
+  or an ERROR, or left a process or a file behind.
+* ``server`` / ``sdk``: one server of the test's harness, and a strict client for it.
+* ``module_harness``: the same for a module's shared servers; its full check runs at the
+  module's teardown, and every test's teardown checks the logs for problems new since the
+  previous test (so the failing test is named).
+* ``@pytest.mark.server_log_allows(r"pattern", ...)``: the only opt-out. Each pattern accepts the
+  log records it matches (``re.search`` over the record with its traceback), for that test (or,
+  as a module's ``pytestmark``, for the module). Make each pattern name the one expected record.
 
 System files (kernel, initrd, guest binary) are prepared once into a shared system directory
 (``HYPEMAND_SYSTEM_DIR``, default ``/var/lib/hypemand/system``, the one `make run` uses) so that
@@ -8,91 +21,74 @@ each test's fresh data directory does not download the kernel again.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 from hypeman import Hypeman
 
-from tests.support.net import free_port
+from tests.support.harness import (
+    MARKER,
+    REPO,
+    SERVER_ARGV,
+    SHARED,
+    SHARED_SYSTEM_DIR,
+    Harness,
+    LogAllowance,
+    ServerProcess,
+    launch,
+    report,
+    shared_harness,
+    strict_client,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED_SYSTEM_DIR = Path(os.environ.get("HYPEMAND_SYSTEM_DIR", "/var/lib/hypemand/system"))
 os.environ.setdefault("HYPEMAND_SYSTEM_DIR", str(SHARED_SYSTEM_DIR))
 
+__all__ = ["REPO", "SHARED_SYSTEM_DIR", "ServerProcess", "start_server", "strict_client"]
 
-@dataclass
-class ServerProcess:
-    base_url: str
-    token: str
-    data_dir: Path
-    port: int
-    process: subprocess.Popen[bytes]
-    log_path: Path
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        """Stop the server the way a service manager would (SIGTERM, then SIGKILL)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", f"{MARKER}(*patterns): server log records (regular expressions) this test provokes on "
+        "purpose; the harness accepts those records and no others")
 
 
 def start_server(data_dir: Path, log_path: Path, port: int | None = None) -> ServerProcess:
-    port = port or free_port()
-    env = dict(os.environ, HYPEMAND_SYSTEM_DIR=str(SHARED_SYSTEM_DIR), PYTHONUNBUFFERED="1")
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "hypemand.cli.main", "serve", "--port", str(port),
-             "--data-dir", str(data_dir), "--log-level", "info"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-        )
-    base_url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{log_path.read_text(errors='replace')}")
-        try:
-            if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            process.kill()
-            process.wait()
-            raise RuntimeError(f"server did not answer /health:\n{log_path.read_text(errors='replace')}")
-        time.sleep(0.1)
-    token = subprocess.run(
-        [sys.executable, "-m", "hypemand.cli.main", "token", "--data-dir", str(data_dir)],
-        check=True, capture_output=True, text=True, env=env,
-    ).stdout.strip()
-    return ServerProcess(base_url, token, data_dir, port, process, log_path)
+    """A server nobody checks or stops: use the ``harness`` fixture instead (kept for the
+    callers not moved yet)."""
+    return launch(SERVER_ARGV, data_dir, log_path, port)
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[ServerProcess]:
-    data_dir = tmp_path / "data"
-    srv = start_server(data_dir, tmp_path / "server.log")
+def harness(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Harness]:
+    own = Harness(tmp_path / "harness", LogAllowance.of(request.node))
     try:
-        yield srv
+        yield own
     finally:
-        srv.stop()
+        problems = own.finish()
+    report(problems, "the servers of this test left problems")
 
 
-def strict_client(srv: ServerProcess, token: str | None = None) -> Hypeman:
-    return Hypeman(base_url=srv.base_url, api_key=token or srv.token, max_retries=0,
-                   _strict_response_validation=True)
+@pytest.fixture(scope="module")
+def module_harness(request: pytest.FixtureRequest,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
+    with shared_harness(tmp_path_factory.mktemp("module-harness"), request.node) as shared:
+        yield shared
+
+
+@pytest.fixture(autouse=True)
+def _shared_server_logs_checked(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After each test, the logs of shared servers hold no problem new since the last test."""
+    yield
+    if SHARED:
+        allowance = LogAllowance.of(request.node)
+        report([p for shared in SHARED for p in shared.check_new_log(allowance)],
+               "a shared server logged problems during this test")
+
+
+@pytest.fixture
+def server(harness: Harness) -> ServerProcess:
+    return harness.start()
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from fastapi import APIRouter, Request
 
 from hypemand.api.errors import ApiError
 from hypemand.instances.manager import InstanceManager
-from hypemand.instances.resources import Capabilities, Resources, capabilities, resources
+from hypemand.instances.resources import Capabilities, Resources, capabilities, resource_inputs, resources
 
 router = APIRouter()
 unbuilt_router = APIRouter()
@@ -31,7 +31,9 @@ async def get_capabilities(request: Request) -> Capabilities:
 
 @router.get("/resources", response_model=Resources)
 async def get_resources(request: Request) -> Resources:
-    return await asyncio.to_thread(resources, _manager(request))
+    # The manager's live instances change on the event loop: copy what is needed here, on the
+    # loop, and leave only the file system work (sizes, statvfs) to the worker thread.
+    return await asyncio.to_thread(resources, resource_inputs(_manager(request)))
 
 
 # (method, path) of the official API (hypeman SDK 0.28.0) that nothing here serves yet.

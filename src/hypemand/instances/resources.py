@@ -4,6 +4,8 @@ answered from this host and its backends, never from constants that might not ho
 from __future__ import annotations
 
 import platform as platform_module
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Literal
@@ -15,6 +17,7 @@ from hypemand.instances.host import (
     CPU_OVERSUBSCRIPTION,
     DISK_OVERSUBSCRIPTION,
     MEMORY_OVERSUBSCRIPTION,
+    HostCapacity,
     sparse_size,
 )
 from hypemand.instances.manager import InstanceManager
@@ -144,27 +147,66 @@ def capabilities(manager: InstanceManager) -> Capabilities:
     )
 
 
-def resources(manager: InstanceManager) -> Resources:
-    """Blocking (statvfs, file sizes): call it from a worker thread."""
-    capacity = manager.capacity()
+@dataclass(frozen=True)
+class Holding:
+    """What one instance holds, as taken from the manager on the event loop."""
+
+    instance_id: str
+    instance_name: str
+    active: bool  # a VMM runs: its vCPUs and memory are in use
+    vcpus: int
+    memory_bytes: int
+    overlay_disk: Path
+
+
+@dataclass(frozen=True)
+class ResourceInputs:
+    """Everything :func:`resources` needs, copied out of the manager's live state, so that the
+    blocking part can run in a worker thread while the event loop goes on changing that state."""
+
+    capacity: Callable[[], HostCapacity]  # the host's, read from the file system
+    images_dir: Path
+    holdings: tuple[Holding, ...]
+
+
+def resource_inputs(manager: InstanceManager) -> ResourceInputs:
+    """Call on the event loop (it reads the manager's live instances; no blocking I/O)."""
+    holdings = tuple(
+        Holding(
+            instance_id=record.id,
+            instance_name=record.name,
+            active=active,
+            vcpus=record.vcpus,
+            memory_bytes=record.memory_bytes + record.hotplug_bytes,
+            overlay_disk=manager.layout.instance(record.id).overlay_disk,
+        )
+        for record, active in manager.allocations()
+    )
+    return ResourceInputs(capacity=manager.capacity, images_dir=manager.layout.images, holdings=holdings)
+
+
+def resources(inputs: ResourceInputs) -> Resources:
+    """Blocking (statvfs, /proc/meminfo, file sizes): call it from a worker thread. It touches
+    nothing but ``inputs`` and the files they name."""
+    capacity = inputs.capacity()
     allocations: list[ResourceAllocation] = []
     cpu = memory = overlays = 0
-    for record, active in manager.allocations():
-        disk = sparse_size(manager.layout.instance(record.id).overlay_disk)
+    for holding in inputs.holdings:
+        disk = sparse_size(holding.overlay_disk)
         overlays += disk
-        if active:
-            cpu += record.vcpus
-            memory += record.memory_bytes + record.hotplug_bytes
+        if holding.active:
+            cpu += holding.vcpus
+            memory += holding.memory_bytes
         allocations.append(
             ResourceAllocation(
-                instance_id=record.id,
-                instance_name=record.name,
-                cpu=record.vcpus if active else 0,
-                memory_bytes=record.memory_bytes + record.hotplug_bytes if active else 0,
+                instance_id=holding.instance_id,
+                instance_name=holding.instance_name,
+                cpu=holding.vcpus if holding.active else 0,
+                memory_bytes=holding.memory_bytes if holding.active else 0,
                 disk_bytes=disk,
             )
         )
-    images = _tree_size(manager.layout.images)
+    images = _tree_size(inputs.images_dir)
     disk_used = images + overlays
 
     def status(kind: str, total: int, ratio: float, used: int, source: str) -> ResourceStatus:
