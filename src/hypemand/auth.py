@@ -1,19 +1,20 @@
 """API tokens: HS256 JWTs signed with the server's secret.
 
-The secret comes from ``JWT_SECRET`` or, failing that, from ``<data_dir>/jwt-secret``, which is
-created (mode 0600) the first time it is needed. ``hypemand token`` mints tokens with it.
+The secret comes from ``JWT_SECRET`` or, failing that, from the data directory's secret file
+(``DataLayout.jwt_secret``), which is created (mode 0600) the first time it is needed.
+``hypemand token`` mints tokens with it.
 """
 
 from __future__ import annotations
 
 import secrets
 import time
-from pathlib import Path
 from typing import Any
 
 import jwt
 
 from hypemand.fsutil import write_atomic
+from hypemand.layout import DataLayout
 
 ALGORITHM = "HS256"
 
@@ -22,11 +23,11 @@ class InvalidToken(Exception):
     pass
 
 
-def load_secret(data_dir: Path, configured: str | None = None) -> str:
+def load_secret(layout: DataLayout, configured: str | None = None) -> str:
     """``configured`` (the settings' JWT_SECRET) wins; else the data directory's secret file."""
     if configured:
         return configured
-    path = data_dir / "jwt-secret"
+    path = layout.jwt_secret
     if not path.exists():
         write_atomic(path, secrets.token_hex(32).encode(), mode=0o600)
     return path.read_text().strip()

@@ -20,6 +20,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from hypemand.layout import DataLayout
+
 DEFAULT_PORT = 4973
 DEFAULT_HOST = "127.0.0.1"
 
@@ -40,7 +42,7 @@ def default_system_dir(data_dir: Path) -> Path:
     """
     if env := os.environ.get("HYPEMAND_SYSTEM_DIR"):
         return Path(env)
-    return data_dir / "system"
+    return DataLayout(data_dir).system.root
 
 
 class Settings(BaseModel):
@@ -72,3 +74,7 @@ class Settings(BaseModel):
             "qemu_binary": env.get("HYPEMAND_QEMU") or None,
             "accel": accel,
         })
+
+    @property
+    def layout(self) -> DataLayout:
+        return DataLayout(self.data_dir)

@@ -2,15 +2,23 @@
 
     <data_dir>/
       jwt-secret                 token signing secret (0600), unless JWT_SECRET is set
-      images/                    the image domain (blobs, content, names, uploads, registry)
-      hypervisor/                host-wide hypervisor caches (acceleration probe)
+      images/                    the image domain (see ImageStorePaths)
+      system/                    kernel, initrd, guest binary (see SystemPaths), unless
+                                 HYPEMAND_SYSTEM_DIR puts them elsewhere
+      hypervisor/                host-wide hypervisor caches (see HypervisorStatePaths)
       guests/<instance id>/      one directory per instance (see InstancePaths)
       snapshots/<snapshot id>/   stored snapshots: snapshot.json and guest/ (see hypemand.snapshots)
 
 An instance directory is shared by two owners with a fixed split: the instance domain owns
 the record, the disks it writes and its operations log; the hypervisor owns the VM files
 described by :class:`hypemand.hypervisor.base.VMPaths` (console and VMM logs, process record,
-sockets, RAM file, launch record).
+sockets, RAM file, launch record, start lock). Likewise ``hypervisor/`` is described by
+:class:`hypemand.hypervisor.base.HypervisorStatePaths`: the hypervisor package does not depend
+on this module, so the names of its own files stay there.
+
+Modules receive the path object of their part (a ``DataLayout``, ``ImageStorePaths``,
+``SystemPaths``, ...) and never join a name to a root themselves; ``tests/test_layout.py``
+checks that.
 """
 
 from __future__ import annotations
@@ -80,6 +88,238 @@ class InstancePaths:
         return self.vm.vmm_log
 
 
+SNAPSHOT_RECORD = "snapshot.json"
+SNAPSHOT_PAYLOAD = "guest"  # the saved VM's files (see hypemand.savedvm)
+FORK_STAGING_PREFIX = ".fork-"
+
+
+class SnapshotPaths:
+    """The files of one stored snapshot (or of a fork's staging copy)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def record(self) -> Path:
+        return self.directory / SNAPSHOT_RECORD
+
+    @property
+    def payload(self) -> Path:
+        return self.directory / SNAPSHOT_PAYLOAD
+
+
+# ---- images/ -------------------------------------------------------------------------------------
+
+DELETING_PREFIX = ".deleting-"  # a content directory renamed away before its removal
+
+
+class BlobPaths:
+    """``images/blobs/``: the content-addressed blob store."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def committed(self) -> Path:
+        return self.directory / "sha256"
+
+    def blob(self, hex_digest: str) -> Path:
+        return self.committed / hex_digest
+
+    @property
+    def partials(self) -> Path:
+        """Transfers in progress: on the store's filesystem, so a commit is a rename."""
+        return self.directory / "tmp"
+
+    def partial(self, token: str) -> Path:
+        return self.partials / f"{token}.partial"
+
+
+class ImageContentPaths:
+    """``images/content/<hex>/``: one image's record and disk, by manifest digest."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def record(self) -> Path:
+        return self.directory / "record.json"
+
+    def disk(self, disk_format: str) -> Path:
+        """The read-only root disk: ``rootfs.ext4`` or ``rootfs.erofs``."""
+        return self.directory / f"rootfs.{disk_format}"
+
+    @property
+    def work(self) -> Path:
+        """Scratch space of a running conversion."""
+        return self.directory / "work"
+
+    @property
+    def unpacked(self) -> Path:
+        """The image's layers applied, the tree a disk is built from."""
+        return self.work / "rootfs"
+
+    def partial_disk(self, disk_format: str) -> Path:
+        return self.work / f"rootfs.{disk_format}"
+
+    @property
+    def doomed(self) -> Path:
+        """Where the directory is renamed before removal, so a crash never leaves half of it."""
+        return self.directory.with_name(f"{DELETING_PREFIX}{self.directory.name}")
+
+
+class UploadPaths:
+    """``images/uploads/<upload id>/``: one blob upload of the /v2 registry in progress."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def session(self) -> Path:
+        return self.directory / "session.json"
+
+    @property
+    def data(self) -> Path:
+        return self.directory / "data"
+
+
+class RepositoryPaths:
+    """``images/registry/<repository>/_manifests/``: what was pushed to one repository.
+
+    Repository path components never start with ``_``, so ``_manifests`` cannot collide with a
+    nested repository's name."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def revision(self, hex_digest: str) -> Path:
+        return self.directory / "revisions" / "sha256" / f"{hex_digest}.json"
+
+    @property
+    def tags(self) -> Path:
+        return self.directory / "tags"
+
+    def tag(self, tag: str) -> Path:
+        return self.tags / f"{tag}.json"
+
+
+class ImageStorePaths:
+    """``images/``: blobs, converted content, name pointers, and the /v2 registry's own state.
+    One tree, so that an upload's data file can be renamed into the blob store."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.blobs = BlobPaths(root / "blobs")
+
+    @property
+    def contents(self) -> Path:
+        return self.root / "content"
+
+    def content(self, hex_digest: str) -> ImageContentPaths:
+        return ImageContentPaths(self.contents / hex_digest)
+
+    @property
+    def names(self) -> Path:
+        return self.root / "names"
+
+    def name_pointer(self, key: str) -> Path:
+        return self.names / f"{key}.json"
+
+    @property
+    def uploads(self) -> Path:
+        return self.root / "uploads"
+
+    def upload(self, upload_id: str) -> UploadPaths:
+        return UploadPaths(self.uploads / upload_id)
+
+    @property
+    def repositories(self) -> Path:
+        return self.root / "registry"
+
+    def repository(self, repository: str) -> RepositoryPaths:
+        return RepositoryPaths(self.repositories / repository / "_manifests")
+
+
+# ---- system/ -------------------------------------------------------------------------------------
+
+KERNEL_INFO = "kernel.json"
+INITRD_ARCHIVE = "initrd"
+INITRD_INFO = "initrd.json"
+
+
+class KernelPaths:
+    """``system/kernel/<kernel version>/`` (or its staging copy while it is being installed)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def vmlinux(self) -> Path:
+        return self.directory / "vmlinux"
+
+    @property
+    def vmlinuz(self) -> Path:
+        return self.directory / "vmlinuz"
+
+    @property
+    def config(self) -> Path:
+        return self.directory / "config"
+
+    @property
+    def modules(self) -> Path:
+        return self.directory / "modules"
+
+    @property
+    def info(self) -> Path:
+        """Written last: its presence means the directory is complete."""
+        return self.directory / KERNEL_INFO
+
+
+class InitrdPaths:
+    """``system/initrd/<content hash>/``."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def archive(self) -> Path:
+        return self.directory / INITRD_ARCHIVE
+
+    @property
+    def info(self) -> Path:
+        return self.directory / INITRD_INFO
+
+
+class SystemPaths:
+    """The system files: content-versioned, so several data directories may share one set."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"
+
+    @property
+    def kernels(self) -> Path:
+        return self.root / "kernel"
+
+    def kernel(self, version: str) -> KernelPaths:
+        return KernelPaths(self.kernels / version)
+
+    @property
+    def initrds(self) -> Path:
+        return self.root / "initrd"
+
+    def initrd(self, version: str) -> InitrdPaths:
+        return InitrdPaths(self.initrds / version)
+
+    @property
+    def guest_binaries(self) -> Path:
+        """``guest/<source hash>/<binary>``: the guest init, built by ``hypemand.guest.build``."""
+        return self.root / "guest"
+
+
 class DataLayout:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -91,6 +331,15 @@ class DataLayout:
     @property
     def images(self) -> Path:
         return self.root / "images"
+
+    @property
+    def image_store(self) -> ImageStorePaths:
+        return ImageStorePaths(self.images)
+
+    @property
+    def system(self) -> SystemPaths:
+        """The default place of the system files (``Settings.system_dir`` may be elsewhere)."""
+        return SystemPaths(self.root / "system")
 
     @property
     def hypervisor_state(self) -> Path:
@@ -106,3 +355,10 @@ class DataLayout:
 
     def instance(self, instance_id: str) -> InstancePaths:
         return InstancePaths(self.guests / instance_id)
+
+    def snapshot(self, snapshot_id: str) -> SnapshotPaths:
+        return SnapshotPaths(self.snapshots / snapshot_id)
+
+    def fork_staging(self, token: str) -> SnapshotPaths:
+        """A fork of an instance copies its saved VM here first (removed after, or at start)."""
+        return SnapshotPaths(self.snapshots / f"{FORK_STAGING_PREFIX}{token}")

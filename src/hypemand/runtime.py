@@ -17,7 +17,6 @@ from hypemand.hypervisor.qemu import QemuHypervisor
 from hypemand.images.disk import DiskFormat
 from hypemand.images.service import ImageService
 from hypemand.instances.manager import InstanceManager
-from hypemand.layout import DataLayout
 from hypemand.snapshots.jobs import CompressionJobs
 from hypemand.snapshots.service import SnapshotService
 from hypemand.system.files import SystemFiles, ensure_system_files
@@ -38,13 +37,13 @@ def check_host(settings: Settings) -> SystemFiles:
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.layout = DataLayout(settings.data_dir)
+        self.layout = settings.layout
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         # The data dir holds the token secret and private images' disks: only the server reads it.
         settings.data_dir.chmod(0o700)
-        self.jwt_secret = load_secret(settings.data_dir, settings.jwt_secret)
+        self.jwt_secret = load_secret(self.layout, settings.jwt_secret)
         self.images = ImageService(
-            settings.data_dir,
+            self.layout,
             max_concurrent=settings.max_concurrent_pulls,
             disk_format=DiskFormat(settings.image_format),
         )

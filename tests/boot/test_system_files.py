@@ -10,6 +10,7 @@ import pytest
 
 import hypemand.guest.build as guest_build
 from hypemand.errors import DependencyMissing
+from hypemand.layout import SystemPaths
 from hypemand.system.files import SystemFiles, ensure_system_files
 from hypemand.system.initrd import CpioEntry, build_initrd, write_cpio_newc
 from hypemand.system.kernel import KernelError, KernelInfo, extract_vmlinux, install_kernel
@@ -54,7 +55,7 @@ def test_second_preparation_changes_nothing(system_files: SystemFiles) -> None:
     before = first.initrd_path.stat().st_mtime_ns
     again = ensure_system_files(shared_system_dir())
     assert again == first
-    assert install_kernel(shared_system_dir()).vmlinux == system_files.kernel_path
+    assert install_kernel(SystemPaths(shared_system_dir())).vmlinux == system_files.kernel_path
     assert again.initrd_path.stat().st_mtime_ns == before
 
 
@@ -98,9 +99,9 @@ def test_initrd_holds_init_modules_and_load_order(system_files: SystemFiles) -> 
 
 
 def test_initrd_is_reproducible(system_files: SystemFiles, tmp_path: Path) -> None:
-    kernel = install_kernel(shared_system_dir())
-    first = build_initrd(tmp_path / "a", kernel, system_files.guest_binary_path)
-    second = build_initrd(tmp_path / "b", kernel, system_files.guest_binary_path)
+    kernel = install_kernel(SystemPaths(shared_system_dir()))
+    first = build_initrd(SystemPaths(tmp_path / "a"), kernel, system_files.guest_binary_path)
+    second = build_initrd(SystemPaths(tmp_path / "b"), kernel, system_files.guest_binary_path)
     assert first.path.read_bytes() == second.path.read_bytes()
     assert first.info.version == second.info.version == system_files.initrd_version
 
@@ -108,19 +109,19 @@ def test_initrd_is_reproducible(system_files: SystemFiles, tmp_path: Path) -> No
 def test_initrd_is_rebuilt_when_init_source_changes(
     system_files: SystemFiles, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    kernel = install_kernel(shared_system_dir())
+    kernel = install_kernel(SystemPaths(shared_system_dir()))
     sources = tmp_path / "init-src"
     shutil.copytree(guest_build.SOURCE_DIR, sources)
     monkeypatch.setattr(guest_build, "SOURCE_DIR", sources)
     system_dir = tmp_path / "system"
     binary_before = guest_build.build_guest_binary(system_dir)
-    before = build_initrd(system_dir, kernel, binary_before)
+    before = build_initrd(SystemPaths(system_dir), kernel, binary_before)
 
     (sources / "zz_test_change.c").write_text(
         '__attribute__((used)) const char hm_test_change[] = "initrd must notice this";\n'
     )
     binary_after = guest_build.build_guest_binary(system_dir)
-    after = build_initrd(system_dir, kernel, binary_after)
+    after = build_initrd(SystemPaths(system_dir), kernel, binary_after)
 
     assert binary_after != binary_before
     assert after.info.version != before.info.version
@@ -150,4 +151,4 @@ def test_missing_tools_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     real_which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name: None if name == "dpkg-deb" else real_which(name))
     with pytest.raises(DependencyMissing, match="install dpkg"):
-        install_kernel(tmp_path / "empty-system")
+        install_kernel(SystemPaths(tmp_path / "empty-system"))

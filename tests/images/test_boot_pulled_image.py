@@ -13,6 +13,7 @@ from hypemand.guest.markers import Marker, wait_for_markers
 from hypemand.hypervisor.qemu import QemuHypervisor
 from hypemand.images.service import ImageService
 from hypemand.instances.boot import GuestSpec, boot_guest
+from hypemand.layout import DataLayout
 from hypemand.system.files import ensure_system_files
 from tests.conftest import SHARED_SYSTEM_DIR, start_server, strict_client
 from tests.images.conftest import PushedRegistry, wait_for_status
@@ -34,7 +35,7 @@ async def test_pulled_image_boots_and_runs_its_config(
         assert image.status == "ready", image.error
     finally:
         server.stop()
-    ready = await ImageService(server.data_dir).get_ready_by_digest(image.digest)
+    ready = await ImageService(DataLayout(server.data_dir)).get_ready_by_digest(image.digest)
     assert ready.disk_format == disk_format
     config = GuestConfig(entrypoint=ready.entrypoint or [], cmd=ready.cmd or [], env=ready.env,
                          working_dir=ready.working_dir or "/")

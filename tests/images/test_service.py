@@ -12,6 +12,7 @@ import pytest
 from hypemand.images.errors import CredentialConflict, ImageNotReady
 from hypemand.images.models import CreateImageRequest, RegistryCredentials
 from hypemand.images.service import ImageService
+from hypemand.layout import DataLayout
 from tests.images.conftest import PushedRegistry
 
 pytestmark = pytest.mark.registry
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.registry
 
 async def test_queue_positions_join_and_conflicting_credentials(tmp_path: Path,
                                                                 local_registry: PushedRegistry) -> None:
-    service = ImageService(tmp_path / "data")
+    service = ImageService(DataLayout(tmp_path / "data"))
     first_ref, second_ref = local_registry.ref("restart/img0:1"), local_registry.ref("restart/img1:1")
     try:
         # Workers are not started yet: everything stays queued.
@@ -68,7 +69,7 @@ async def test_unpacked_tree_is_private_while_the_disk_is_built(
 
     monkeypatch.setattr(service_module, "build_disk", observing_build_disk)
     previous_umask = os.umask(0o022)
-    service = ImageService(tmp_path / "data")
+    service = ImageService(DataLayout(tmp_path / "data"))
     try:
         await service.start()
         ref = local_registry.ref("test/layered:1")

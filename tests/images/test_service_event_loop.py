@@ -10,6 +10,7 @@ import pytest
 from hypemand.images import registry_client
 from hypemand.images.models import CreateImageRequest
 from hypemand.images.service import ImageService
+from hypemand.layout import DataLayout
 from tests.images.conftest import PushedRegistry
 from tests.support.event_loop import LoopSpy
 
@@ -21,7 +22,7 @@ async def test_record_writes_and_removals_run_in_worker_threads(
 ) -> None:
     """Every one of these fsyncs (records, name pointers) or walks a whole image tree (removal):
     done on the loop under the service lock, they would stall every request meanwhile."""
-    service = ImageService(tmp_path / "data")
+    service = ImageService(DataLayout(tmp_path / "data"))
     spy = LoopSpy()
 
     blocking = ("write_record", "write_pointer", "remove_content", "clean_deleted")
@@ -50,7 +51,7 @@ async def test_pulled_blobs_are_hashed_and_written_in_worker_threads(
 ) -> None:
     """Every 1 MiB piece of a layer is hashed and written: on the loop, a multi-MB pull would
     stall every request for as long as that takes."""
-    service = ImageService(tmp_path / "data")
+    service = ImageService(DataLayout(tmp_path / "data"))
     spy = LoopSpy()
     monkeypatch.setattr(registry_client, "write_and_hash",
                         spy.wrap("write_and_hash", registry_client.write_and_hash))

@@ -49,7 +49,7 @@ def token(
     from hypemand.auth import load_secret, mint_token
 
     settings = Settings.load(data_dir)
-    typer.echo(mint_token(load_secret(settings.data_dir, settings.jwt_secret), subject, ttl, scope))
+    typer.echo(mint_token(load_secret(settings.layout, settings.jwt_secret), subject, ttl, scope))
 
 
 @app.command("demo-image")
@@ -70,7 +70,7 @@ def demo_image(
 
     settings = Settings.load(data_dir)
     api_key = api_key or mint_token(
-        load_secret(settings.data_dir, settings.jwt_secret), "demo-image", ttl_seconds=3600)
+        load_secret(settings.layout, settings.jwt_secret), "demo-image", ttl_seconds=3600)
     try:
         image = demo.install(url.rstrip("/"), api_key, name, wait)
     except demo.ServerUnreachable as exc:

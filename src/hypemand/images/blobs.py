@@ -1,7 +1,7 @@
 """The content-addressed blob store shared by every image (layers, configs, manifests).
 
-Layout: ``<data_dir>/images/blobs/sha256/<hex>`` for committed blobs and
-``<data_dir>/images/blobs/tmp/`` for partial downloads and uploads. A blob only appears
+Layout (``hypemand.layout.BlobPaths``): ``<data_dir>/images/blobs/sha256/<hex>`` for committed
+blobs and ``<data_dir>/images/blobs/tmp/`` for partial downloads and uploads. A blob only appears
 under ``sha256/`` after its bytes were hashed and matched the expected digest, and it
 appears by an atomic rename, so a reader never sees a partial or corrupt blob. The
 ``/v2`` push endpoints and the pull path write through the same two steps:
@@ -19,6 +19,7 @@ from pathlib import Path
 from hypemand.fsutil import fsync_dir
 from hypemand.images.errors import DigestInvalid
 from hypemand.images.reference import validate_digest
+from hypemand.layout import BlobPaths
 
 _CHUNK = 1 << 20
 
@@ -36,10 +37,10 @@ def file_digest(path: Path) -> str:
 
 
 class BlobStore:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self._blobs = root / "sha256"
-        self._tmp = root / "tmp"
+    def __init__(self, paths: BlobPaths) -> None:
+        self.paths = paths
+        self._blobs = paths.committed
+        self._tmp = paths.partials
         self._blobs.mkdir(parents=True, exist_ok=True)
         self._tmp.mkdir(parents=True, exist_ok=True)
 
@@ -56,7 +57,7 @@ class BlobStore:
             validate_digest(digest)
         except Exception as exc:
             raise DigestInvalid(str(exc)) from exc
-        return self._blobs / digest.removeprefix("sha256:")
+        return self.paths.blob(digest.removeprefix("sha256:"))
 
     def has(self, digest: str) -> bool:
         return self.path(digest).is_file()
@@ -69,7 +70,7 @@ class BlobStore:
 
     def temp_path(self) -> Path:
         """A fresh path on the same filesystem as the store, for a partial transfer."""
-        return self._tmp / f"{uuid.uuid4().hex}.partial"
+        return self.paths.partial(uuid.uuid4().hex)
 
     def commit_file(self, tmp: Path, expected_digest: str, *, computed_digest: str | None = None) -> Path:
         """Verify ``tmp`` hashes to ``expected_digest`` and move it into the store.

@@ -28,10 +28,6 @@ class DiskFormat(enum.StrEnum):
     EXT4 = "ext4"
     EROFS = "erofs"
 
-    @property
-    def file_name(self) -> str:
-        return f"rootfs.{self.value}"
-
 
 def _blocks(nbytes: int) -> int:
     return (nbytes + BLOCK - 1) // BLOCK

@@ -1,6 +1,6 @@
 """On-disk image records. All writes are atomic (temp file + fsync + rename).
 
-Layout under ``<data_dir>/images/``::
+Layout under ``<data_dir>/images/`` (``hypemand.layout.ImageStorePaths``)::
 
     blobs/sha256/<hex>            layers, configs and manifests (BlobStore, shared)
     blobs/tmp/                    partial downloads and uploads
@@ -26,6 +26,7 @@ from pydantic import ValidationError
 from hypemand.fsutil import write_model_atomic
 from hypemand.images.blobs import BlobStore
 from hypemand.images.models import ContentRecord, NamePointer
+from hypemand.layout import DELETING_PREFIX, ImageContentPaths, ImageStorePaths
 
 log = logging.getLogger(__name__)
 
@@ -35,27 +36,24 @@ def _hex(digest: str) -> str:
 
 
 class ImageStore:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.blobs = BlobStore(root / "blobs")
-        self._content = root / "content"
-        self._names = root / "names"
+    def __init__(self, paths: ImageStorePaths) -> None:
+        self.paths = paths
+        self.blobs = BlobStore(paths.blobs)
+        self._content = paths.contents
+        self._names = paths.names
         self._content.mkdir(parents=True, exist_ok=True)
         self._names.mkdir(parents=True, exist_ok=True)
 
     # ---- content records -------------------------------------------------------------
 
-    def content_dir(self, digest: str) -> Path:
-        return self._content / _hex(digest)
-
-    def work_dir(self, digest: str) -> Path:
-        return self.content_dir(digest) / "work"
+    def content(self, digest: str) -> ImageContentPaths:
+        return self.paths.content(_hex(digest))
 
     def disk_path(self, record: ContentRecord) -> Path:
-        return self.content_dir(record.digest) / f"rootfs.{record.disk_format or 'ext4'}"
+        return self.content(record.digest).disk(record.disk_format or "ext4")
 
     def read_record(self, digest: str) -> ContentRecord | None:
-        path = self.content_dir(digest) / "record.json"
+        path = self.content(digest).record
         try:
             return ContentRecord.model_validate_json(path.read_bytes())
         except FileNotFoundError:
@@ -65,7 +63,7 @@ class ImageStore:
             return None
 
     def write_record(self, record: ContentRecord) -> None:
-        write_model_atomic(self.content_dir(record.digest) / "record.json", record)
+        write_model_atomic(self.content(record.digest).record, record)
 
     def list_records(self) -> list[ContentRecord]:
         records = []
@@ -77,20 +75,20 @@ class ImageStore:
 
     def remove_content(self, digest: str) -> None:
         # Rename first so a crash mid-delete never leaves a half-removed but valid record.
-        directory = self.content_dir(digest)
-        doomed = directory.with_name(f".deleting-{directory.name}")
+        content = self.content(digest)
+        doomed = content.doomed
         with contextlib.suppress(FileNotFoundError):
-            directory.rename(doomed)
+            content.directory.rename(doomed)
         shutil.rmtree(doomed, ignore_errors=True)
 
     def clean_deleted(self) -> None:
-        for leftover in self._content.glob(".deleting-*"):
+        for leftover in self._content.glob(f"{DELETING_PREFIX}*"):
             shutil.rmtree(leftover, ignore_errors=True)
 
     # ---- name pointers ---------------------------------------------------------------
 
     def _pointer_path(self, name: str) -> Path:
-        return self._names / (hashlib.sha256(name.encode()).hexdigest()[:40] + ".json")
+        return self.paths.name_pointer(hashlib.sha256(name.encode()).hexdigest()[:40])
 
     def read_pointer(self, name: str) -> NamePointer | None:
         try:

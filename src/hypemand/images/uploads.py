@@ -4,7 +4,7 @@ Nothing here knows HTTP. ``api/registry.py`` turns requests into calls on :class
 and :class:`DistributionError` into the OCI distribution error shape.
 
 On disk (all under ``<data_dir>/images/``, so an upload's data file can be renamed into the
-blob store without copying):
+blob store without copying; see ``hypemand.layout.ImageStorePaths``):
 
 - ``uploads/<uuid>/session.json`` and ``uploads/<uuid>/data``: one blob upload in progress. The
   data file grows with every PATCH; its size *is* the upload offset, so an upload survives a
@@ -55,6 +55,7 @@ from hypemand.images.reference import (
     pushed_image_reference,
     validate_repository_path,
 )
+from hypemand.layout import ImageStorePaths, RepositoryPaths, UploadPaths
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +213,12 @@ class RegistryService:
     the maximum age) until :meth:`stop`.
     """
 
-    def __init__(self, images_dir: Path, blobs: BlobStoreLike, importer: ManifestImporter | None, *,
+    def __init__(self, paths: ImageStorePaths, blobs: BlobStoreLike, importer: ManifestImporter | None, *,
                  upload_max_age: float = DEFAULT_UPLOAD_MAX_AGE_SECONDS,
                  sweep_interval: float | None = None) -> None:
-        self.uploads_dir = images_dir / "uploads"
-        self.repositories_dir = images_dir / "registry"
+        self.paths = paths
+        self.uploads_dir = paths.uploads
+        self.repositories_dir = paths.repositories
         self.blobs = blobs
         self.importer = importer
         self.upload_max_age = upload_max_age
@@ -275,10 +277,10 @@ class RegistryService:
         return session
 
     def _create_session_files(self, session: UploadSession) -> None:
-        directory = self.uploads_dir / session.id
-        directory.mkdir(parents=True)
-        (directory / "data").touch()
-        write_model_atomic(directory / "session.json", session)
+        upload = self._upload(session.id)
+        upload.directory.mkdir(parents=True)
+        upload.data.touch()
+        write_model_atomic(upload.session, session)
 
     async def upload_whole_blob(self, repository: str, digest: str, chunk: Chunk) -> str:
         """A monolithic upload (``POST ...?digest=`` with the blob as the body).
@@ -302,7 +304,7 @@ class RegistryService:
             parsed = uuid.UUID(upload_id)
         except ValueError:
             raise unknown from None
-        path = self.uploads_dir / str(parsed) / "session.json"
+        path = self._upload(str(parsed)).session
         try:
             session = UploadSession.model_validate(read_json(path))
         except FileNotFoundError:
@@ -387,7 +389,7 @@ class RegistryService:
                 if upload_id not in await asyncio.to_thread(self._untouched_since, cutoff, upload_id):
                     continue
                 log.info("removing abandoned upload %s", upload_id)
-                await asyncio.to_thread(shutil.rmtree, self.uploads_dir / upload_id, True)
+                await asyncio.to_thread(shutil.rmtree, self._upload(upload_id).directory, True)
                 self._hashes.pop(upload_id, None)
                 removed.append(upload_id)
             # Only a removed upload's lock goes: a request waiting on it finds the upload gone.
@@ -396,7 +398,7 @@ class RegistryService:
 
     def _untouched_since(self, cutoff: float, only: str | None = None) -> list[str]:
         """Upload ids whose directory and files were all last modified before ``cutoff`` (blocking)."""
-        directories = [self.uploads_dir / only] if only else list(self.uploads_dir.iterdir())
+        directories = [self._upload(only).directory] if only else list(self.uploads_dir.iterdir())
         stale = []
         for directory in directories:
             try:
@@ -408,11 +410,11 @@ class RegistryService:
         return stale
 
     def _data_path(self, session: UploadSession) -> Path:
-        return self.uploads_dir / session.id / "data"
+        return self._upload(session.id).data
 
     async def _discard(self, session: UploadSession) -> None:
         self._hashes.pop(session.id, None)
-        await asyncio.to_thread(shutil.rmtree, self.uploads_dir / session.id, True)
+        await asyncio.to_thread(shutil.rmtree, self._upload(session.id).directory, True)
 
     def _lock(self, session: UploadSession) -> asyncio.Lock:
         return self._locks.setdefault(session.id, asyncio.Lock())
@@ -471,9 +473,9 @@ class RegistryService:
                 await asyncio.to_thread(write_atomic, tmp, body)
                 await asyncio.to_thread(self.blobs.commit_file, tmp, digest)
             await asyncio.to_thread(write_model_atomic,
-                                    repo_dir / "revisions" / "sha256" / f"{digest[7:]}.json", revision)
+                                    repo_dir.revision(digest[7:]), revision)
             if not is_digest(reference):
-                await asyncio.to_thread(write_model_atomic, repo_dir / "tags" / f"{reference}.json",
+                await asyncio.to_thread(write_model_atomic, repo_dir.tag(reference),
                                         TagRecord(digest=digest))
         return revision
 
@@ -484,29 +486,32 @@ class RegistryService:
             validate_digest(reference)
             digest = reference
         else:
-            tag_path = repo_dir / "tags" / f"{reference}.json"
+            tag_path = repo_dir.tag(reference)
             if not TAG_RE.fullmatch(reference) or not tag_path.exists():
                 raise _manifest_unknown(repository, reference)
             digest = TagRecord.model_validate(read_json(tag_path)).digest
         if not self._has_revision(repository, digest):
             raise _manifest_unknown(repository, reference)
-        revision_path = repo_dir / "revisions" / "sha256" / f"{digest[7:]}.json"
+        revision_path = repo_dir.revision(digest[7:])
         return ManifestRevision.model_validate(read_json(revision_path)), self.blobs.path(digest)
 
     def tags(self, repository: str) -> list[str]:
         validate_repository(repository)
-        tags_dir = self._repo_dir(repository) / "tags"
+        tags_dir = self._repo_dir(repository).tags
         if not tags_dir.is_dir():
             raise DistributionError(404, "NAME_UNKNOWN", f"repository not known: {repository}",
                                 {"name": repository})
         return sorted(p.name.removesuffix(".json") for p in tags_dir.glob("*.json"))
 
-    def _repo_dir(self, repository: str) -> Path:
-        return self.repositories_dir / repository / "_manifests"
+    def _repo_dir(self, repository: str) -> RepositoryPaths:
+        return self.paths.repository(repository)
+
+    def _upload(self, upload_id: str) -> UploadPaths:
+        return self.paths.upload(upload_id)
 
     def _has_revision(self, repository: str, digest: str) -> bool:
         """Was ``digest`` pushed to ``repository`` as a manifest (and are its bytes still here)?"""
-        revision = self._repo_dir(repository) / "revisions" / "sha256" / f"{digest[7:]}.json"
+        revision = self._repo_dir(repository).revision(digest[7:])
         return revision.exists() and self.blobs.has(digest)
 
     def _check_manifest(self, repository: str, body: bytes, content_type: str | None) -> ParsedManifest:

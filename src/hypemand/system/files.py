@@ -11,6 +11,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from hypemand.guest.build import build_guest_binary
+from hypemand.layout import SystemPaths
 from hypemand.system.initrd import build_initrd
 from hypemand.system.kernel import FAST_BOOT_ARGS, install_kernel
 
@@ -29,10 +30,10 @@ class SystemFiles(BaseModel):
 
 
 @contextmanager
-def _system_lock(system_dir: Path) -> Iterator[None]:
+def _system_lock(system: SystemPaths) -> Iterator[None]:
     """Several processes (server, setup, test sessions) may prepare the same dir at once."""
-    system_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(system_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    system.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(system.lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
@@ -41,14 +42,16 @@ def _system_lock(system_dir: Path) -> Iterator[None]:
 
 
 def ensure_system_files(system_dir: Path) -> SystemFiles:
-    """Make sure kernel, guest binary and initrd exist; fast (tens of ms) when they do.
+    """Make sure kernel, guest binary and initrd exist in ``system_dir`` (the root of a
+    :class:`hypemand.layout.SystemPaths`); fast (tens of ms) when they do.
 
     Blocking: call it through ``asyncio.to_thread`` from async code.
     """
-    with _system_lock(system_dir):
-        kernel = install_kernel(system_dir)
-        guest_binary = build_guest_binary(system_dir)
-        initrd = build_initrd(system_dir, kernel, guest_binary)
+    system = SystemPaths(system_dir)
+    with _system_lock(system):
+        kernel = install_kernel(system)
+        guest_binary = build_guest_binary(system.root)
+        initrd = build_initrd(system, kernel, guest_binary)
     return SystemFiles(
         kernel_path=kernel.vmlinux,
         kernel_bzimage_path=kernel.vmlinuz,

@@ -29,11 +29,10 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from hypemand.fsutil import write_atomic, write_model_atomic
+from hypemand.layout import SystemPaths
 from hypemand.system.kernel import Kernel
 
 MODULE_LIST_PATH = "etc/hypeman/modules"
-INITRD_NAME = "initrd"
-INITRD_INFO_NAME = "initrd.json"
 FIXED_MTIME = 0
 
 
@@ -126,7 +125,7 @@ def initrd_entries(guest_binary: bytes, kernel: Kernel) -> tuple[list[CpioEntry]
     return _with_parent_dirs(entries), module_paths
 
 
-def build_initrd(system_dir: Path, kernel: Kernel, guest_binary: Path) -> Initrd:
+def build_initrd(system: SystemPaths, kernel: Kernel, guest_binary: Path) -> Initrd:
     """Return the initrd for this kernel and guest binary, writing it if it is new.
 
     Building the archive in memory costs a few milliseconds (about 1 MB of modules), so the
@@ -136,9 +135,9 @@ def build_initrd(system_dir: Path, kernel: Kernel, guest_binary: Path) -> Initrd
     entries, module_paths = initrd_entries(binary, kernel)
     archive = write_cpio_newc(entries)
     version = hashlib.sha256(archive).hexdigest()[:16]
-    directory = system_dir / "initrd" / version
-    path = directory / INITRD_NAME
-    info_path = directory / INITRD_INFO_NAME
+    files = system.initrd(version)
+    path = files.archive
+    info_path = files.info
     if info_path.exists() and path.exists():
         return Initrd(path=path, info=InitrdInfo.model_validate_json(info_path.read_bytes()))
     info = InitrdInfo(

@@ -29,9 +29,9 @@ from pydantic import BaseModel
 
 from hypemand.errors import DependencyMissing, DomainError
 from hypemand.fsutil import fsync_dir, write_model_atomic
+from hypemand.layout import KERNEL_INFO, KernelPaths, SystemPaths
 
 META_PACKAGE = "linux-image-cloud-amd64"
-KERNEL_INFO_NAME = "kernel.json"
 
 # Modules the guest init loads, by the name modprobe knows them under. Their dependencies
 # (including soft dependencies such as crc32c for erofs) are added automatically.
@@ -73,16 +73,20 @@ class Kernel(BaseModel):
     info: KernelInfo
 
     @property
+    def paths(self) -> KernelPaths:
+        return KernelPaths(self.directory)
+
+    @property
     def vmlinux(self) -> Path:
-        return self.directory / "vmlinux"
+        return self.paths.vmlinux
 
     @property
     def vmlinuz(self) -> Path:
-        return self.directory / "vmlinuz"
+        return self.paths.vmlinuz
 
     @property
     def modules_dir(self) -> Path:
-        return self.directory / "modules"
+        return self.paths.modules
 
 
 def _require_tools(*tools: str) -> None:
@@ -108,9 +112,9 @@ def _run(cmd: list[str], cwd: Path | None = None) -> str:
     return result.stdout
 
 
-def _installed_kernels(system_dir: Path) -> list[Kernel]:
+def _installed_kernels(system: SystemPaths) -> list[Kernel]:
     kernels = []
-    for info_path in sorted((system_dir / "kernel").glob(f"*/{KERNEL_INFO_NAME}")):
+    for info_path in sorted(system.kernels.glob(f"*/{KERNEL_INFO}")):
         try:
             info = KernelInfo.model_validate_json(info_path.read_bytes())
         except ValueError:
@@ -244,24 +248,24 @@ def _store_module(source: Path, target: Path) -> str:
     return name
 
 
-def install_kernel(system_dir: Path) -> Kernel:
+def install_kernel(system: SystemPaths) -> Kernel:
     """Return the installed guest kernel, downloading and unpacking it on first use."""
-    installed = _installed_kernels(system_dir)
+    installed = _installed_kernels(system)
     if installed:
         # Newest version first; a later apt upgrade does not replace a working kernel by
         # itself (snapshots need the kernel they were taken on), see upgrade_kernel().
         return max(installed, key=lambda k: _version_key(k.info.version))
-    return upgrade_kernel(system_dir)
+    return upgrade_kernel(system)
 
 
-def upgrade_kernel(system_dir: Path) -> Kernel:
+def upgrade_kernel(system: SystemPaths) -> Kernel:
     """Install the kernel the meta package currently points at (kept beside older ones)."""
     _require_tools("apt-get", "apt-cache", "dpkg-deb", "depmod", "modprobe")
     package = resolve_kernel_package()
-    for kernel in _installed_kernels(system_dir):
+    for kernel in _installed_kernels(system):
         if kernel.info.package == package:
             return kernel
-    kernels_root = system_dir / "kernel"
+    kernels_root = system.kernels
     kernels_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=kernels_root, prefix=".unpack-") as tmp_name:
         tmp = Path(tmp_name)
@@ -273,18 +277,19 @@ def upgrade_kernel(system_dir: Path) -> Kernel:
         if len(versions) != 1:
             raise KernelError(f"{deb.name} holds {len(versions)} module trees, expected one")
         version = versions[0]
-        staging = tmp / "staged"
-        (staging / "modules").mkdir(parents=True)
+        # Built beside its final place, then renamed into it: a kernel directory is never partial.
+        staging = KernelPaths(tmp / "staged")
+        staging.modules.mkdir(parents=True)
         bzimage = (tree / "boot" / f"vmlinuz-{version}").read_bytes()
-        (staging / "vmlinuz").write_bytes(bzimage)
-        (staging / "vmlinux").write_bytes(extract_vmlinux(bzimage))
-        shutil.copyfile(tree / "boot" / f"config-{version}", staging / "config")
+        staging.vmlinuz.write_bytes(bzimage)
+        staging.vmlinux.write_bytes(extract_vmlinux(bzimage))
+        shutil.copyfile(tree / "boot" / f"config-{version}", staging.config)
         modules_root = tree / "lib/modules" / version
         modules: dict[str, list[str]] = {}
         for name, sequence in _module_load_order(tree, version).items():
             stored_sequence = modules.setdefault(name, [])
             for relative in sequence:
-                stored = _store_module(modules_root / relative, staging / "modules" / relative)
+                stored = _store_module(modules_root / relative, staging.modules / relative)
                 stored_sequence.append(str(Path(relative).with_name(stored)))
         info = KernelInfo(
             version=version,
@@ -293,14 +298,14 @@ def upgrade_kernel(system_dir: Path) -> Kernel:
             layout_version=LAYOUT_VERSION,
             modules=modules,
         )
-        target = kernels_root / version
-        if target.exists():  # an incomplete earlier attempt (no kernel.json)
-            shutil.rmtree(target)
-        _fsync_tree(staging)
-        staging.rename(target)
+        target = system.kernel(version)
+        if target.directory.exists():  # an incomplete earlier attempt (no kernel.json)
+            shutil.rmtree(target.directory)
+        _fsync_tree(staging.directory)
+        staging.directory.rename(target.directory)
         fsync_dir(kernels_root)
-        write_model_atomic(target / KERNEL_INFO_NAME, info)
-    return Kernel(directory=target, info=info)
+        write_model_atomic(target.info, info)
+    return Kernel(directory=target.directory, info=info)
 
 
 def _fsync_tree(root: Path) -> None:
