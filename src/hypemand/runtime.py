@@ -17,7 +17,7 @@ from hypemand.hypervisor.qemu import QemuHypervisor
 from hypemand.images.disk import DiskFormat
 from hypemand.images.service import ImageService
 from hypemand.instances.manager import InstanceManager
-from hypemand.snapshots.jobs import CompressionJobs
+from hypemand.savedvm.jobs import CompressionJobs
 from hypemand.snapshots.service import SnapshotService
 from hypemand.system.files import SystemFiles, ensure_system_files
 
