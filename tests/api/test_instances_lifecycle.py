@@ -22,7 +22,7 @@ from hypeman.lib.exec import exec as sdk_exec
 
 from hypemand.images import demo
 from tests.api.conftest import SMALL
-from tests.conftest import ServerProcess, start_server, strict_client
+from tests.support.harness import Harness, ServerProcess, strict_client
 
 pytestmark = pytest.mark.vm
 
@@ -215,37 +215,36 @@ def test_an_image_in_use_keeps_its_content_until_the_instance_is_gone(api: Serve
         assert content.exists()
 
 
-def test_server_killed_and_started_again_finds_every_vm_in_its_true_state(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    server = start_server(data, tmp_path / "server1.log")
-    try:
-        demo.install(server.base_url, server.token, wait_seconds=300)
-        with strict_client(server) as sdk:
-            running = sdk.instances.create(name="keeps-running", image=demo.DEMO_NAME, **SMALL, **SERVICE)  # type: ignore[arg-type]
-            ending = sdk.instances.create(name="ends", image=demo.DEMO_NAME, entrypoint=["/bin/sh", "-c"],
-                                          cmd=["sleep 2; exit 9"], **SMALL)  # type: ignore[arg-type]
-            assert sdk.instances.wait(running.id, state="Running", api_timeout="90s").state == "Running"
-            sdk_exec(sdk, running.id, ["/bin/sh", "-c", "echo kept > /tmp/marker"])
-        pids_before = qemu_pids(data)
-        server.process.send_signal(signal.SIGKILL)
-        server.process.wait()
-        time.sleep(4)  # "ends" finishes while no server watches
-        server = start_server(data, tmp_path / "server2.log", port=server.port)
-        with strict_client(server) as sdk:
-            by_name = {i.name: i for i in sdk.instances.list()}
-            assert set(by_name) == {"keeps-running", "ends"}
-            assert by_name["keeps-running"].state == "Running"
-            assert by_name["ends"].state == "Stopped" and by_name["ends"].exit_code == 9
-            assert qemu_pids(data) == [p for p in pids_before if _cwd_name(p) == running.id]
-            marker = sdk_exec(sdk, running.id, ["/bin/cat", "/tmp/marker"])
-            assert marker.output == b"kept\n"
-            sdk.instances.delete(running.id)
-            sdk.instances.delete(ending.id)
-        assert qemu_pids(data) == []
-    finally:
-        server.stop()
-        for pid in qemu_pids(data):
-            os.kill(pid, signal.SIGKILL)
+def test_server_killed_and_started_again_finds_every_vm_in_its_true_state(harness: Harness) -> None:
+    server = harness.start()
+    data = server.data_dir
+    demo.install(server.base_url, server.token, wait_seconds=300)
+    with strict_client(server) as sdk:
+        running = sdk.instances.create(name="keeps-running", image=demo.DEMO_NAME, **SMALL, **SERVICE)  # type: ignore[arg-type]
+        ending = sdk.instances.create(name="ends", image=demo.DEMO_NAME, entrypoint=["/bin/sh", "-c"],
+                                      cmd=["sleep 2; exit 9"], **SMALL)  # type: ignore[arg-type]
+        assert sdk.instances.wait(running.id, state="Running", api_timeout="90s").state == "Running"
+        sdk_exec(sdk, running.id, ["/bin/sh", "-c", "echo kept > /tmp/marker"])
+    pids_before = qemu_pids(data)
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    # "ends" finishes while no server watches: its QEMU ends once the guest powers off.
+    deadline = time.monotonic() + 60
+    while any(_cwd_name(pid) == ending.id for pid in qemu_pids(data)):
+        assert time.monotonic() < deadline, "the guest of 'ends' did not power off"
+        time.sleep(0.1)
+    server = harness.start(data, port=server.port)
+    with strict_client(server) as sdk:
+        by_name = {i.name: i for i in sdk.instances.list()}
+        assert set(by_name) == {"keeps-running", "ends"}
+        assert by_name["keeps-running"].state == "Running"
+        assert by_name["ends"].state == "Stopped" and by_name["ends"].exit_code == 9
+        assert qemu_pids(data) == [p for p in pids_before if _cwd_name(p) == running.id]
+        marker = sdk_exec(sdk, running.id, ["/bin/cat", "/tmp/marker"])
+        assert marker.output == b"kept\n"
+        sdk.instances.delete(running.id)
+        sdk.instances.delete(ending.id)
+    assert qemu_pids(data) == []
 
 
 def test_ttl_expired_instances_are_deleted(sdk: Hypeman, api: ServerProcess) -> None:
@@ -309,26 +308,21 @@ def test_list_reads_do_not_wait_for_a_slow_mutation(sdk: Hypeman, api: ServerPro
     sdk.instances.delete(created.id)
 
 
-def test_a_vmm_the_last_server_never_recorded_is_ended_at_start(tmp_path: Path) -> None:
+def test_a_vmm_the_last_server_never_recorded_is_ended_at_start(harness: Harness) -> None:
     """The crash window between spawning QEMU and writing vmm.json: the next server finds the
     unrecorded QEMU, ends it, and shows the instance Stopped, never running twice."""
-    data = tmp_path / "data"
-    server = start_server(data, tmp_path / "server1.log")
-    try:
-        demo.install(server.base_url, server.token, wait_seconds=300)
-        with strict_client(server) as sdk:
-            created = sdk.instances.create(name="unrecorded", image=demo.DEMO_NAME, **SMALL, **SERVICE)  # type: ignore[arg-type]
-        (pid,) = [p for p in qemu_pids(data) if _cwd_name(p) == created.id]
-        server.process.send_signal(signal.SIGKILL)
-        server.process.wait()
-        (data / "guests" / created.id / "vmm.json").unlink()
-        server = start_server(data, tmp_path / "server2.log", port=server.port)
-        assert not process_alive(pid), "the unrecorded QEMU was ended"
-        assert "orphan" in server.log()
-        with strict_client(server) as sdk:
-            assert sdk.instances.get(created.id).state == "Stopped"
-            sdk.instances.delete(created.id)
-    finally:
-        server.stop()
-        for pid in qemu_pids(data):
-            os.kill(pid, signal.SIGKILL)
+    server = harness.start()
+    data = server.data_dir
+    demo.install(server.base_url, server.token, wait_seconds=300)
+    with strict_client(server) as sdk:
+        created = sdk.instances.create(name="unrecorded", image=demo.DEMO_NAME, **SMALL, **SERVICE)  # type: ignore[arg-type]
+    (pid,) = [p for p in qemu_pids(data) if _cwd_name(p) == created.id]
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    (data / "guests" / created.id / "vmm.json").unlink()
+    server = harness.start(data, port=server.port)
+    assert not process_alive(pid), "the unrecorded QEMU was ended"
+    assert "orphan" in server.log()
+    with strict_client(server) as sdk:
+        assert sdk.instances.get(created.id).state == "Stopped"
+        sdk.instances.delete(created.id)

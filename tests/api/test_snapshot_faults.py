@@ -35,7 +35,7 @@ from hypeman.lib.exec import exec as sdk_exec
 
 from hypemand.images import demo
 from hypemand.savedvm.sparse import copy_sparse
-from tests.conftest import ServerProcess, start_server, strict_client
+from tests.support.harness import Harness, ServerProcess, shared_harness, strict_client
 
 pytestmark = pytest.mark.vm
 
@@ -116,17 +116,6 @@ def instance_qemus(data: Path) -> dict[int, str]:
     return {pid: Path(cwd).name for pid, cwd in found if str(Path(cwd).parent) == guests}
 
 
-def kill_qemus(root: Path) -> None:
-    """SIGKILL, by PID, every QEMU whose working directory is under ``root``; wait until gone."""
-    pids = list(qemu_processes(root))
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 15
-    while any(Path(f"/proc/{pid}").exists() for pid in pids) and time.monotonic() < deadline:
-        time.sleep(0.05)
-
-
 def flip_byte_in_data(path: Path, start: int) -> tuple[int, int]:
     """Flip a non-zero byte of the first data page at or after ``start`` (found with SEEK_DATA,
     so a sparse file is never read through its holes). Returns (offset, original byte)."""
@@ -205,7 +194,7 @@ def _unmount(mountpoint: Path) -> None:
 
 
 @pytest.fixture(scope="class")
-def crowded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crowded]:
+def crowded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crowded]:
     root = tmp_path_factory.mktemp("crowded")
     image, mountpoint = root / "disk.img", root / "mnt"
     mountpoint.mkdir()
@@ -213,27 +202,21 @@ def crowded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crowded]:
     _run("mkfs.ext4", "-q", "-F", "-m", "0", image)
     _run("mount", "-o", "loop", image, mountpoint)
     data = mountpoint / "data"
-    server: ServerProcess | None = None
     try:
-        server = start_server(data, root / "server.log")
-        demo.install(server.base_url, server.token, wait_seconds=300)
-        with strict_client(server) as sdk:
-            # An idle program: nothing in the guest writes while the disk is full.
-            source = sdk.instances.create(
-                name="crowded", image=demo.DEMO_NAME, size="256MB", overlay_size="64MB", vcpus=1,
-                entrypoint=["/bin/sh", "-c"], cmd=["while true; do sleep 3600; done"],
-            )
-            assert sdk.instances.wait(source.id, state="Running", api_timeout="120s").state == "Running"
-            sh(sdk, source.id, fill_script(96))
-        yield Crowded(server, mountpoint, data, source.id)
+        # The harness deletes, stops and checks before the file system goes.
+        with shared_harness(root / "harness", request.node) as harness:
+            server = harness.start(data)
+            demo.install(server.base_url, server.token, wait_seconds=300)
+            with strict_client(server) as sdk:
+                # An idle program: nothing in the guest writes while the disk is full.
+                source = sdk.instances.create(
+                    name="crowded", image=demo.DEMO_NAME, size="256MB", overlay_size="64MB", vcpus=1,
+                    entrypoint=["/bin/sh", "-c"], cmd=["while true; do sleep 3600; done"],
+                )
+                assert sdk.instances.wait(source.id, state="Running", api_timeout="120s").state == "Running"
+                sh(sdk, source.id, fill_script(96))
+            yield Crowded(server, mountpoint, data, source.id)
     finally:
-        if server is not None:
-            if server.process.poll() is None:
-                with contextlib.suppress(Exception), strict_client(server) as sdk:
-                    for instance in sdk.instances.list():
-                        sdk.instances.delete(instance.id)
-            server.stop()
-        kill_qemus(mountpoint)
         _unmount(mountpoint)
 
 
@@ -301,7 +284,7 @@ class TestDiskFull:
             with socket.create_connection(("127.0.0.1", crowded.server.port), timeout=120) as conn:
                 status, headers, body = _http(conn, request)
                 assert status >= 500 and json.loads(body)["code"], (status, body)
-                time.sleep(0.5)
+                time.sleep(0.5)  # part of the test: a server that closes the connection has done so
                 if headers.get("connection", "").lower() != "close":
                     # Not announced as closing: the connection serves the next request.
                     again, _, _ = _http(conn, b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
@@ -318,7 +301,7 @@ class TestDiskFull:
 
 @dataclass
 class Rig:
-    root: Path
+    harness: Harness
     data: Path
     server: ServerProcess
     starts: int = 1
@@ -335,7 +318,7 @@ class Rig:
 
     def restart(self) -> None:
         self.starts += 1
-        self.server = start_server(self.data, self.root / f"server-{self.starts}.log")
+        self.server = self.harness.start(self.data)
 
     def note(self, line: str) -> None:
         self.journal.append(line)
@@ -351,35 +334,29 @@ class Rig:
 
 
 @pytest.fixture(scope="module")
-def module_rig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Rig]:
-    root = tmp_path_factory.mktemp("faults")
-    data = root / "data"
-    rig = Rig(root, data, start_server(data, root / "server-1.log"))
-    try:
-        demo.install(rig.server.base_url, rig.server.token, wait_seconds=300)
-        yield rig
-    finally:
-        if rig.server.process.poll() is None:
-            with contextlib.suppress(Exception), rig.client() as sdk:
-                for instance in sdk.instances.list():
-                    sdk.instances.delete(instance.id)
-            rig.server.stop()
-        kill_qemus(root)
+def module_rig(module_harness: Harness) -> Rig:
+    """The harness deletes every instance, stops the server and checks what is left at the end."""
+    server = module_harness.start()
+    demo.install(server.base_url, server.token, wait_seconds=300)
+    return Rig(module_harness, server.data_dir, server)
 
 
 @pytest.fixture
 def rig(module_rig: Rig) -> Iterator[Rig]:
-    """The module's rig; at the end of each test, every QEMU under its directory that the
-    server does not list (left by a killed server, or by a failed assertion) is killed by PID."""
+    """The module's rig. A QEMU in an instance directory that the (restarted) server does not
+    list is left behind: each test fails on one, and it is killed by PID so that failures do
+    not cascade."""
     yield module_rig
     listed: set[str] = set()
     with contextlib.suppress(Exception), module_rig.client() as sdk:
         listed = {i.id for i in sdk.instances.list()}
-    guests = str((module_rig.data / "guests").resolve())
-    for pid, cwd in qemu_processes(module_rig.root).items():
-        if str(Path(cwd).parent) != guests or Path(cwd).name not in listed:
+    left = []
+    for pid, cwd in qemu_processes(module_rig.data).items():
+        if Path(cwd).name not in listed:
+            left.append(f"pid {pid} in {cwd}")
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    assert not left, f"QEMUs the server does not list were left running (killed now): {left}"
 
 
 def ensure_source(rig: Rig) -> None:
@@ -418,7 +395,7 @@ Trigger = Callable[[threading.Thread], bool]
 
 def after(seconds: float) -> Trigger:
     def trigger(_: threading.Thread) -> bool:
-        time.sleep(seconds)
+        time.sleep(seconds)  # the fault's timing: this is when the server is killed
         return True
 
     return trigger
@@ -432,7 +409,7 @@ def when(predicate: Callable[[], bool], *, then: float = 0.0, only_while_running
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if predicate():
-                time.sleep(then)
+                time.sleep(then)  # the fault's timing: kill this long after the sign
                 return True
             if only_while_running and not thread.is_alive():
                 return predicate()
@@ -843,7 +820,7 @@ def test_corrupt_stored_snapshot_is_refused_at_restore_and_fork(rig: Rig) -> Non
     payload = rig.data / "snapshots" / snapshot.id / "guest"
     own = rig.data / "guests" / rig.source
     own_files = {name: identity(own / name) for name in ("vm.state", "memory.ram", "standby.json")}
-    backup = rig.root / "backup"
+    backup = rig.harness.root / "backup"
 
     def truncate(name: str) -> Callable[[], None]:
         path = payload / name
@@ -902,7 +879,7 @@ def test_corrupt_own_standby_is_refused_and_stays_standby(rig: Rig) -> None:
     ensure_source(rig)
     own = rig.data / "guests" / rig.source
     memory = own / "memory.ram"
-    backup = rig.root / "backup"
+    backup = rig.harness.root / "backup"
     with rig.client() as sdk:
         sdk.instances.standby(rig.source)
 
