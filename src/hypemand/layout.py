@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hypemand.hypervisor.base import VMPaths
+from hypemand.hypervisor.base import MEMORY_FILE, VMPaths
 
 INSTANCE_RECORD = "instance.json"
 OVERLAY_DISK = "overlay.raw"
@@ -34,6 +34,31 @@ BOOT_LOCK = ".boot.lock"
 OPERATIONS_LOG = "logs/hypeman.log"
 STATE_FILE = "vm.state"  # device state of a saved VM (its RAM stays in the hypervisor's RAM file)
 STANDBY_RECORD = "standby.json"  # present exactly while the instance is in Standby
+
+
+class SavedVMPaths:
+    """The files of a saved VM, named the same wherever it lies: an instance's own directory
+    (its standby), a stored snapshot's payload, a fork's staging copy. Which of them make up the
+    payload is :mod:`hypemand.savedvm`'s decision (``savedvm.files.PAYLOAD``)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def file(self, name: str) -> Path:
+        """One of the saved VM's files, by its name (one of the names above)."""
+        return self.directory / name
+
+    @property
+    def memory_file(self) -> Path:
+        return self.directory / MEMORY_FILE
+
+    @property
+    def state_file(self) -> Path:
+        return self.directory / STATE_FILE
+
+    @property
+    def standby_record(self) -> Path:
+        return self.directory / STANDBY_RECORD
 
 
 class InstancePaths:
@@ -87,6 +112,11 @@ class InstancePaths:
     def vmm_log(self) -> Path:
         return self.vm.vmm_log
 
+    @property
+    def saved(self) -> SavedVMPaths:
+        """The instance's own saved VM (its standby) and the disks a snapshot copies."""
+        return SavedVMPaths(self.directory)
+
 
 SNAPSHOT_RECORD = "snapshot.json"
 SNAPSHOT_PAYLOAD = "guest"  # the saved VM's files (see hypemand.savedvm)
@@ -104,8 +134,8 @@ class SnapshotPaths:
         return self.directory / SNAPSHOT_RECORD
 
     @property
-    def payload(self) -> Path:
-        return self.directory / SNAPSHOT_PAYLOAD
+    def payload(self) -> SavedVMPaths:
+        return SavedVMPaths(self.directory / SNAPSHOT_PAYLOAD)
 
 
 # ---- images/ -------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,6 +19,7 @@ from hypemand.images.uploads import (
     parse_content_range,
     range_header,
 )
+from hypemand.layout import ImageStorePaths
 
 
 @pytest.mark.parametrize(("header", "expected"), [
@@ -47,15 +49,20 @@ def _age(upload_dir: Path, seconds: float) -> None:
         os.utime(path, (then, then))
 
 
+def registry_service(images: Path, **options: Any) -> RegistryService:
+    store = ImageStorePaths(images)
+    return RegistryService(store, BlobStore(store.blobs), **options)
+
+
 async def test_abandoned_uploads_are_removed_at_start(tmp_path: Path) -> None:
     """Uploads abandoned while the server was down go when the service starts; fresh ones stay."""
     images = tmp_path / "images"
-    before_restart = RegistryService(images, BlobStore(images / "blobs"), importer=None)
+    before_restart = registry_service(images, importer=None)
     old = await before_restart.start_upload("app/one")
     fresh = await before_restart.start_upload("app/two")
     _age(images / "uploads" / old.id, 25 * 3600)  # the default maximum age is 24 h
 
-    service = RegistryService(images, BlobStore(images / "blobs"), importer=None)
+    service = registry_service(images, importer=None)
     await service.start()
     try:
         assert not (images / "uploads" / old.id).exists()
@@ -72,7 +79,7 @@ async def test_abandoned_uploads_are_swept_while_running(tmp_path: Path) -> None
     """With a short maximum age, the running service's periodic sweep removes an untouched upload,
     and a later request on it is an ordinary BLOB_UPLOAD_UNKNOWN."""
     images = tmp_path / "images"
-    service = RegistryService(images, BlobStore(images / "blobs"), importer=None,
+    service = registry_service(images, importer=None,
                               upload_max_age=0.5, sweep_interval=0.1)
     await service.start()
     try:
@@ -91,18 +98,20 @@ async def test_abandoned_uploads_are_swept_while_running(tmp_path: Path) -> None
 async def test_an_upload_being_written_is_not_swept(tmp_path: Path) -> None:
     """A chunk still arriving holds the upload's lock: the sweep leaves that upload alone."""
     images = tmp_path / "images"
-    service = RegistryService(images, BlobStore(images / "blobs"), importer=None, upload_max_age=60)
+    service = registry_service(images, importer=None, upload_max_age=60)
     session = await service.start_upload("app/one")
     _age(images / "uploads" / session.id, 3600)
     release = asyncio.Event()
+    first_taken = asyncio.Event()
 
     async def slow_body() -> AsyncIterator[bytes]:
         yield b"first"
+        first_taken.set()  # the service took the first part and asks for more: it is writing
         await release.wait()
         yield b"second"
 
     writing = asyncio.create_task(service.append_chunk(session, Chunk(body=slow_body())))
-    await asyncio.sleep(0.1)
+    await first_taken.wait()
     assert await service.sweep_abandoned_uploads() == []
     release.set()
     assert await writing == len(b"firstsecond")

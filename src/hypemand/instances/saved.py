@@ -58,7 +58,7 @@ class SavedVM:
 
 def own_files(live: LiveInstance) -> SavedVMFiles:
     """The saved VM in the instance's own directory (its standby)."""
-    return SavedVMFiles(live.paths.directory)
+    return SavedVMFiles(live.paths.saved)
 
 
 class SavedVMOperations:
@@ -174,7 +174,7 @@ class SavedVMOperations:
                 try:
                     # Not fsynced while the guest is paused: durability comes after it runs.
                     await asyncio.to_thread(
-                        files.copy_to, target.directory, with_memory=True, with_state=False, durable=False
+                        files.copy_to, target, with_memory=True, with_state=False, durable=False
                     )
                 finally:
                     # Always back to Running, whether the copy worked or not.
@@ -185,7 +185,7 @@ class SavedVMOperations:
             elif state is InstanceState.STANDBY:
                 await self.compression.cancel_for_instance(live.id)
                 await asyncio.to_thread(ensure_raw_memory, files.memory)
-                await asyncio.to_thread(files.copy_to, target.directory, with_memory=True, with_state=True)
+                await asyncio.to_thread(files.copy_to, target, with_memory=True, with_state=True)
                 self.oplog.write(live, "snapshot (Standby) taken from standby")
             else:
                 raise InvalidState(
@@ -196,7 +196,7 @@ class SavedVMOperations:
                 raise InvalidState(
                     f"a Stopped snapshot needs its source Stopped; {live.name} is {state.value}"
                 )
-            await asyncio.to_thread(files.copy_to, target.directory, with_memory=False, with_state=False)
+            await asyncio.to_thread(files.copy_to, target, with_memory=False, with_state=False)
             self.oplog.write(live, "snapshot (Stopped) taken")
         return live.record.model_copy(deep=True)
 
@@ -250,7 +250,7 @@ class SavedVMOperations:
         randomness before it is reported Running. The caller holds the name and discards the
         directory on failure."""
         instance_id = paths.directory.name
-        files = SavedVMFiles(paths.directory)
+        files = SavedVMFiles(paths.saved)
         await asyncio.to_thread(files.fork_from, source.files, with_memory=source.kind == "Standby")
         await asyncio.to_thread(paths.console_log.parent.mkdir, parents=True, exist_ok=True)
         if source.kind == "Standby":

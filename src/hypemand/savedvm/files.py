@@ -14,7 +14,7 @@ from threading import Lock
 
 from hypemand.fsutil import write_model_atomic
 from hypemand.hypervisor.base import LAUNCH_RECORD, MEMORY_FILE
-from hypemand.layout import CONFIG_DISK, OVERLAY_DISK, STANDBY_RECORD, STATE_FILE
+from hypemand.layout import CONFIG_DISK, OVERLAY_DISK, STANDBY_RECORD, STATE_FILE, SavedVMPaths
 from hypemand.savedvm.digest import file_digest, verify_file
 from hypemand.savedvm.errors import SavedVMCorrupt
 from hypemand.savedvm.models import StandbyRecord
@@ -26,46 +26,52 @@ from hypemand.savedvm.sparse import copy_sparse, link_or_copy, make_durable, tre
 DISK_FILES = (OVERLAY_DISK, CONFIG_DISK, LAUNCH_RECORD)
 MEMORY = MEMORY_FILE
 DEVICE_STATE = STATE_FILE
+PAYLOAD = (*DISK_FILES, MEMORY, DEVICE_STATE)
 
 
 class SavedVMFiles:
-    """One directory holding a saved VM's files."""
+    """One directory holding a saved VM's files (paths from :class:`SavedVMPaths`)."""
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
+    def __init__(self, paths: SavedVMPaths) -> None:
+        self.paths = paths
+
+    @property
+    def directory(self) -> Path:
+        return self.paths.directory
 
     @property
     def memory(self) -> Path:
-        return self.directory / MEMORY
+        return self.paths.memory_file
 
     @property
     def device_state(self) -> Path:
-        return self.directory / DEVICE_STATE
+        return self.paths.state_file
 
     @property
     def standby_record(self) -> Path:
-        return self.directory / STANDBY_RECORD
+        return self.paths.standby_record
 
     # ---- moving a saved VM ------------------------------------------------------------------
 
-    def copy_to(self, target: Path, *, with_memory: bool, with_state: bool, durable: bool = True) -> None:
+    def copy_to(
+        self, target: SavedVMFiles, *, with_memory: bool, with_state: bool, durable: bool = True
+    ) -> None:
         """Sparse copies (reflinks where the filesystem can) of the disks, and of the RAM and
         device state when asked. ``durable=False`` skips the fsyncs (see :func:`make_durable`)."""
-        target.mkdir(parents=True, exist_ok=True)
-        for name in DISK_FILES:
-            if (self.directory / name).exists():
-                copy_sparse(self.directory / name, target / name, durable=durable)
-        if with_memory:
-            copy_sparse(self.memory, target / MEMORY, durable=durable)
-        if with_state:
-            copy_sparse(self.device_state, target / DEVICE_STATE, durable=durable)
+        target.directory.mkdir(parents=True, exist_ok=True)
+        names = DISK_FILES + ((MEMORY,) if with_memory else ()) + ((DEVICE_STATE,) if with_state else ())
+        for name in names:
+            source = self.paths.file(name)
+            if name in DISK_FILES and not source.exists():
+                continue  # a saved VM without a config disk yet, say
+            copy_sparse(source, target.paths.file(name), durable=durable)
 
     def replace_with(self, source: SavedVMFiles, *, with_memory: bool) -> None:
         """This directory's saved VM becomes copies of ``source``'s. The instance will write to
         them (its RAM file is mapped shared), so nothing is linked."""
-        for name in (*DISK_FILES, MEMORY, DEVICE_STATE, STANDBY_RECORD):
-            (self.directory / name).unlink(missing_ok=True)
-        source.copy_to(self.directory, with_memory=with_memory, with_state=with_memory)
+        for name in (*PAYLOAD, STANDBY_RECORD):
+            self.paths.file(name).unlink(missing_ok=True)
+        source.copy_to(self, with_memory=with_memory, with_state=with_memory)
 
     def fork_from(self, source: SavedVMFiles, *, with_memory: bool) -> None:
         """A new directory for a fork: its writable disks are copies; its RAM file is a hard link
@@ -73,8 +79,8 @@ class SavedVMFiles:
         and ten forks share one copy on disk and in the page cache."""
         self.directory.mkdir(parents=True)
         for name in DISK_FILES:
-            if (source.directory / name).exists():
-                copy_sparse(source.directory / name, self.directory / name)
+            if source.paths.file(name).exists():
+                copy_sparse(source.paths.file(name), self.paths.file(name))
         if with_memory:
             link_or_copy(source.memory, self.memory)
             copy_sparse(source.device_state, self.device_state)
@@ -131,10 +137,10 @@ class VerifiedFiles:
     _seen: dict[Path, tuple[int, int, int]] = field(default_factory=dict)
     _lock: Lock = field(default_factory=Lock)
 
-    def verify(self, directory: Path, digests: dict[str, str], label: str) -> None:
-        """Every file of ``digests`` exists in ``directory`` and has its recorded content."""
+    def verify(self, files: SavedVMFiles, digests: dict[str, str], label: str) -> None:
+        """Every file of ``digests`` exists among ``files`` and has its recorded content."""
         for name, digest in digests.items():
-            path = directory / name
+            path = files.paths.file(name)
             try:
                 info = path.stat()
             except FileNotFoundError:

@@ -359,7 +359,7 @@ class SnapshotService:
                     size_bytes=size,
                 )
         await asyncio.to_thread(
-            self._verified.verify, files.directory, record.digests, f"snapshot {record.snapshot.id}"
+            self._verified.verify, files, record.digests, f"snapshot {record.snapshot.id}"
         )
         return SavedVM(
             snapshot_id=snapshot_id,
