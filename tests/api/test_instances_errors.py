@@ -50,7 +50,7 @@ from websockets.exceptions import InvalidStatus
 from hypemand.api.system import UNBUILT_ROUTES
 from hypemand.images import demo
 from hypemand.instances.models import InstanceRecord
-from tests.conftest import ServerProcess, start_server, strict_client
+from tests.support.harness import Harness, ServerProcess, shared_harness, strict_client
 
 pytestmark = pytest.mark.vm
 
@@ -76,22 +76,6 @@ def kill_vmms(data_dir: Path, instance_id: str | None = None) -> None:
         if cwd.parent == guests and instance_id in (None, cwd.name):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(int(proc.name), signal.SIGKILL)
-
-
-def stop_server_and_vms(srv: ServerProcess) -> None:
-    """Delete every instance through the API, stop the server, kill any VMM still running."""
-    try:
-        with httpx.Client(base_url=srv.base_url, timeout=30,
-                          headers={"Authorization": f"Bearer {srv.token}"}) as http:
-            listed = http.get("/instances")
-            if listed.status_code == 200:
-                for instance in listed.json():
-                    http.delete(f"/instances/{instance['id']}")
-    except (httpx.HTTPError, ValueError):
-        pass
-    finally:
-        srv.stop()
-        kill_vmms(srv.data_dir)
 
 
 def guest_dirs(data_dir: Path) -> set[str]:
@@ -152,16 +136,14 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    root = tmp_path_factory.mktemp("instances-errors")
-    srv = start_server(root / "data", root / "server.log")
+def env(module_harness: Harness) -> Iterator[Env]:
+    srv = module_harness.start()
     client = strict_client(srv)
     try:
         demo.install(srv.base_url, srv.token, wait_seconds=600)
         yield Env(srv, client)
     finally:
         client.close()
-        stop_server_and_vms(srv)
 
 
 @pytest.fixture(scope="module")
@@ -340,7 +322,7 @@ def test_unknown_instance_is_404_everywhere(env: Env) -> None:
         expect_error(call, NotFoundError, 404, "not_found", ref)
 
 
-def test_ambiguous_id_prefix_is_409(env: Env, stopped: Instance, tmp_path: Path) -> None:
+def test_ambiguous_id_prefix_is_409(env: Env, stopped: Instance, harness: Harness, tmp_path: Path) -> None:
     """Two instances whose ids share a prefix. Random ids share one rarely, so a second server
     starts on a data directory holding two copies of a real stopped instance's record, given
     ids ``ambig…1`` and ``ambig…2`` (the server adopts them at start as Stopped instances)."""
@@ -353,24 +335,21 @@ def test_ambiguous_id_prefix_is_409(env: Env, stopped: Instance, tmp_path: Path)
         directory.mkdir(parents=True)
         copy = record.model_copy(update={"id": instance_id, "name": f"ambig-{number}"})
         (directory / "instance.json").write_text(copy.model_dump_json(indent=2))
-    srv = start_server(data_dir, tmp_path / "server.log")
-    try:
-        with strict_client(srv) as client:
-            assert sorted(i.id for i in client.instances.list()) == ids
-            instances = client.instances
-            for call in [lambda: instances.get("ambig"), lambda: instances.delete("ambig"),
-                         lambda: instances.stop("ambig"), lambda: instances.start("ambig"),
-                         lambda: instances.update("ambig", env={"A": "b"}),
-                         lambda: instances.wait("ambig", state="Stopped", api_timeout="1s")]:
-                expect_error(call, ConflictError, 409, "ambiguous", "multiple resources match")
-            # A unique prefix, the full id and the name each resolve to the one instance.
-            assert instances.get("ambigx").id == ids[0]
-            assert instances.get(ids[1]).id == ids[1]
-            assert instances.get("ambig-2").id == ids[1]
-            assert sorted(i.id for i in instances.list()) == ids  # the refused DELETE removed nothing
-            assert guest_dirs(data_dir) == set(ids)
-    finally:
-        stop_server_and_vms(srv)
+    srv = harness.start(data_dir)
+    with strict_client(srv) as client:
+        assert sorted(i.id for i in client.instances.list()) == ids
+        instances = client.instances
+        for call in [lambda: instances.get("ambig"), lambda: instances.delete("ambig"),
+                     lambda: instances.stop("ambig"), lambda: instances.start("ambig"),
+                     lambda: instances.update("ambig", env={"A": "b"}),
+                     lambda: instances.wait("ambig", state="Stopped", api_timeout="1s")]:
+            expect_error(call, ConflictError, 409, "ambiguous", "multiple resources match")
+        # A unique prefix, the full id and the name each resolve to the one instance.
+        assert instances.get("ambigx").id == ids[0]
+        assert instances.get(ids[1]).id == ids[1]
+        assert instances.get("ambig-2").id == ids[1]
+        assert sorted(i.id for i in instances.list()) == ids  # the refused DELETE removed nothing
+        assert guest_dirs(data_dir) == set(ids)
 
 
 # ---- lifecycle states ----------------------------------------------------------------------------------
@@ -434,7 +413,7 @@ def test_update_of_an_expired_instance_is_409(env: Env) -> None:
     try:
         remaining = (created.expires_at - datetime.now(UTC)).total_seconds()
         assert remaining > 1, f"create took too long: the deadline is {remaining:.1f} s away"
-        time.sleep(remaining - 1)
+        time.sleep(remaining - 1)  # part of the test: the ttl runs out (until a second before it)
         deadline = time.monotonic() + 10
         body: object = None
         while body is None:
@@ -658,7 +637,7 @@ class FullDisk:
 
 
 @pytest.fixture(scope="module")
-def full_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullDisk]:
+def full_disk(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullDisk]:
     """A server whose data directory is a 48 MiB tmpfs (the demo image takes about 4 MiB)."""
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
@@ -667,12 +646,11 @@ def full_disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FullDisk]:
     mount.mkdir()
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)], check=True)
     try:
-        srv = start_server(mount / "data", root / "server.log")
-        try:
+        # The harness deletes, stops and checks before the tmpfs goes.
+        with shared_harness(root / "harness", request.node) as harness:
+            srv = harness.start(mount / "data")
             demo.install(srv.base_url, srv.token, wait_seconds=600)
             yield FullDisk(srv, mount / "filler")
-        finally:
-            stop_server_and_vms(srv)
     finally:
         if subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
 from hypeman import BadRequestError, ConflictError, Hypeman, NotFoundError
@@ -15,7 +14,7 @@ from hypeman.lib.exec import exec as sdk_exec
 
 from hypemand.images import demo
 from tests.api.conftest import SMALL
-from tests.conftest import ServerProcess, start_server, strict_client
+from tests.support.harness import Harness, ServerProcess, strict_client
 
 pytestmark = pytest.mark.vm
 
@@ -54,7 +53,7 @@ def test_standby_and_restore_continue_the_same_processes_memory_and_files(sdk: H
     asleep = sdk.instances.standby(instance)
     assert asleep.state == "Standby" and asleep.has_snapshot is True
     assert sdk.instances.get(instance).state == "Standby"
-    time.sleep(1.0)
+    time.sleep(1.0)  # part of the test: time passes while it sleeps (the clock is set on restore)
 
     awake = sdk.instances.restore(instance)
     assert awake.state == "Running" and not awake.has_snapshot
@@ -306,28 +305,24 @@ def test_own_standby_with_a_truncated_state_file_is_refused_and_stays_standby(
     sdk.instances.delete(instance)
 
 
-def test_server_killed_mid_life_keeps_standby_and_snapshots(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    server = start_server(data, tmp_path / "s1.log")
-    try:
-        demo.install(server.base_url, server.token, wait_seconds=300)
-        with strict_client(server) as sdk:
-            instance = running(sdk, "survivor")
-            sh(sdk, instance, "mkdir -p /data && echo kept > /data/note")
-            snapshot = sdk.instances.snapshots.create(instance, kind="Standby", name="kept")
-            sdk.instances.standby(instance)
-        server.process.send_signal(signal.SIGKILL)
-        server.process.wait()
-        server = start_server(data, tmp_path / "s2.log", port=server.port)
-        with strict_client(server) as sdk:
-            assert sdk.instances.get(instance).state == "Standby"
-            assert [s.id for s in sdk.snapshots.list()] == [snapshot.id]
-            assert sdk.instances.restore(instance).state == "Running"
-            assert sh(sdk, instance, "cat /data/note").strip() == "kept"
-            sdk.instances.delete(instance)
-            sdk.snapshots.delete(snapshot.id)
-    finally:
-        server.stop()
+def test_server_killed_mid_life_keeps_standby_and_snapshots(harness: Harness) -> None:
+    server = harness.start()
+    demo.install(server.base_url, server.token, wait_seconds=300)
+    with strict_client(server) as sdk:
+        instance = running(sdk, "survivor")
+        sh(sdk, instance, "mkdir -p /data && echo kept > /data/note")
+        snapshot = sdk.instances.snapshots.create(instance, kind="Standby", name="kept")
+        sdk.instances.standby(instance)
+    server.process.send_signal(signal.SIGKILL)
+    server.process.wait()
+    server = harness.start(server.data_dir, port=server.port)
+    with strict_client(server) as sdk:
+        assert sdk.instances.get(instance).state == "Standby"
+        assert [s.id for s in sdk.snapshots.list()] == [snapshot.id]
+        assert sdk.instances.restore(instance).state == "Running"
+        assert sh(sdk, instance, "cat /data/note").strip() == "kept"
+        sdk.instances.delete(instance)
+        sdk.snapshots.delete(snapshot.id)
 
 
 def test_a_saved_vm_from_another_qemu_version_is_refused_with_409(sdk: Hypeman, api: ServerProcess) -> None:

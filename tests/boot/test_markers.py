@@ -43,7 +43,7 @@ async def test_wait_returns_when_markers_arrive(tmp_path: Path) -> None:
     log = tmp_path / "console.log"
     log.write_text("booting\n")
 
-    async def guest() -> None:
+    async def guest() -> None:  # the markers arrive while the wait is under way: part of the test
         await asyncio.sleep(0.1)
         with log.open("a") as f:
             f.write("HYPEMAN-AGENT-READY ts=1.0\n")

@@ -137,7 +137,7 @@ async def test_pause_freezes_the_guest_and_resume_continues(service: RunningGues
     assert await guest.handle.status() == VMStatus.PAUSED
     # A paused guest cannot answer: the exec must not complete while paused.
     pending = asyncio.ensure_future(guest.agent.run(["/bin/echo", "after-resume"]))
-    await asyncio.sleep(1.0)
+    await asyncio.sleep(1.0)  # part of the test: time in which a running guest would have answered
     assert not pending.done()
     await guest.handle.resume()
     assert await guest.handle.status() == VMStatus.RUNNING

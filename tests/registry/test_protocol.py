@@ -14,8 +14,9 @@ import jwt
 import pytest
 
 from hypemand.auth import load_secret
-from tests.conftest import ServerProcess
+from hypemand.layout import DataLayout
 from tests.registry.conftest import sha256
+from tests.support.harness import ServerProcess
 
 REPO = "tests/blobs"
 EMPTY_CONFIG = b'{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}'
@@ -200,7 +201,7 @@ def test_resume_after_an_interrupted_chunk(server: ServerProcess, registry: http
                 f"Authorization: Bearer {server.token}\r\nContent-Type: application/octet-stream\r\n"
                 f"Content-Range: 100000-299999\r\nContent-Length: 200000\r\n\r\n")
         sock.sendall(head.encode() + data[100_000:160_000])
-        time.sleep(0.5)
+        time.sleep(0.5)  # part of the test: some of the chunk arrives before the connection drops
 
     # The client asks where the upload stands and continues from there. Whatever of the broken
     # chunk arrived is kept; a 416 means the server was still winding the broken request down.
@@ -321,7 +322,7 @@ def test_manifest_put_by_digest_must_match(registry: httpx.Client) -> None:
 def test_registry_tokens_are_limited_to_their_repositories(server: ServerProcess) -> None:
     """Registry tokens (``repos`` + ``scope`` claims, as builders get) only reach their repos,
     and only ``scope=push`` may write."""
-    secret = load_secret(server.data_dir)
+    secret = load_secret(DataLayout(server.data_dir))
 
     def client(scope: str) -> httpx.Client:
         claims = {"sub": "builder", "repos": ["builds/abc"], "scope": scope}
