@@ -33,7 +33,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from hypemand.api.openapi import install_openapi
-from tests.conftest import ServerProcess
+from tests.support.harness import ServerProcess
 
 EXAMPLES_PER_MODE = 8
 REQUEST_TIMEOUT_SECONDS = 20

@@ -14,7 +14,8 @@ from hypeman import AuthenticationError, Hypeman, PermissionDeniedError
 
 from hypemand.auth import load_secret, mint_token
 from hypemand.config import Settings
-from tests.conftest import ServerProcess
+from hypemand.layout import DataLayout
+from tests.support.harness import ServerProcess
 
 
 def test_health_through_the_sdk(sdk: Hypeman) -> None:
@@ -40,7 +41,7 @@ def test_bad_token_is_refused_with_401(server: ServerProcess, token: str) -> Non
 
 def test_registry_tokens_do_not_open_the_json_api(server: ServerProcess) -> None:
     registry_token = jwt.encode({"sub": "builder", "repos": ["builds/x"], "scope": "push"},
-                                load_secret(server.data_dir), algorithm="HS256")
+                                load_secret(DataLayout(server.data_dir)), algorithm="HS256")
     client = Hypeman(base_url=server.base_url, api_key=registry_token, max_retries=0,
                      _strict_response_validation=True)
     with pytest.raises(PermissionDeniedError) as info:
@@ -49,7 +50,7 @@ def test_registry_tokens_do_not_open_the_json_api(server: ServerProcess) -> None
 
 
 def test_scoped_tokens_reach_only_their_scopes(server: ServerProcess) -> None:
-    secret = load_secret(server.data_dir)
+    secret = load_secret(DataLayout(server.data_dir))
     reader = Hypeman(base_url=server.base_url, max_retries=0, _strict_response_validation=True,
                      api_key=mint_token(secret, "reader", permissions=["image:read"]))
     assert reader.images.list() == []
@@ -87,7 +88,7 @@ def test_settings_read_the_environment_once(monkeypatch: pytest.MonkeyPatch, tmp
     monkeypatch.setenv("JWT_SECRET", "s3cret")
     settings = Settings.load(tmp_path)
     assert (settings.image_format, settings.max_concurrent_pulls, settings.accel) == ("erofs", 3, "tcg")
-    assert load_secret(settings.data_dir, settings.jwt_secret) == "s3cret"
+    assert load_secret(settings.layout, settings.jwt_secret) == "s3cret"
     monkeypatch.setenv("HYPEMAND_IMAGE_FORMAT", "zip")
     with pytest.raises(ValueError, match="image_format"):
         Settings.load(tmp_path)

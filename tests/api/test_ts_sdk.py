@@ -14,7 +14,6 @@ import json
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -23,8 +22,7 @@ from typing import Any
 import pytest
 
 from hypemand.images import demo
-from tests.api.test_instances_errors import stop_server_and_vms
-from tests.conftest import start_server
+from tests.support.harness import Harness
 
 pytestmark = pytest.mark.vm
 
@@ -164,22 +162,18 @@ class SmokeRun:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory, ts_sdk: Path) -> Iterator[SmokeRun]:
+def smoke(module_harness: Harness, ts_sdk: Path) -> SmokeRun:
     """One run of instances-smoke.mjs against a server of its own (with the demo image)."""
-    root = tmp_path_factory.mktemp("ts-sdk")
-    srv = start_server(root / "data", root / "server.log")
-    try:
-        demo.install(srv.base_url, srv.token, wait_seconds=600)
-        result = subprocess.run(
-            ["node", "instances-smoke.mjs", srv.base_url, srv.token, demo.DEMO_NAME, NAME],
-            cwd=ts_sdk, capture_output=True, text=True, timeout=420)
-        assert result.stdout.strip(), result.stderr
-        out: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
-        assert "failure" not in out, (out.get("failure"), result.stderr)
-        assert result.returncode == 0, result.stderr
-        yield SmokeRun(out, result.stderr)
-    finally:
-        stop_server_and_vms(srv)
+    srv = module_harness.start()
+    demo.install(srv.base_url, srv.token, wait_seconds=600)
+    result = subprocess.run(
+        ["node", "instances-smoke.mjs", srv.base_url, srv.token, demo.DEMO_NAME, NAME],
+        cwd=ts_sdk, capture_output=True, text=True, timeout=420)
+    assert result.stdout.strip(), result.stderr
+    out: dict[str, Any] = json.loads(result.stdout.strip().splitlines()[-1])
+    assert "failure" not in out, (out.get("failure"), result.stderr)
+    assert result.returncode == 0, result.stderr
+    return SmokeRun(out, result.stderr)
 
 
 def test_typescript_sdk_drives_an_instance(smoke: SmokeRun) -> None:

@@ -6,7 +6,8 @@ with a clean environment: its own HOME (no user cli.yaml), the server's URL and 
 
 ``vm_env`` (package scope) is one server with the demo image pushed by ``hypeman push`` and one
 instance started by ``hypeman run``: the VM tests of this package share it, so one boot serves
-them all. Its teardown deletes every instance and stops the server, also after a failure.
+them all. Its harness (tests/support/harness.py) deletes every instance and stops the server at
+the end, also after a failure, and fails on what the server logged or left behind.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import pytest
 
 from hypemand.images import demo
-from tests.conftest import ServerProcess, start_server, strict_client
+from tests.support.harness import ServerProcess, shared_harness
 
 HYPEMAN = Path(sys.executable).parent / "hypeman"
 ANSI = re.compile(r"\x1b[\[\]()]")
@@ -129,20 +130,12 @@ class VmEnv:
     instance_id: str
 
 
-def delete_everything(server: ServerProcess) -> None:
-    with strict_client(server) as client:
-        for instance in client.instances.list():
-            try:
-                client.instances.delete(instance.id)
-            except Exception as exc:  # keep going: the server stop below must still happen
-                print(f"cleanup: deleting {instance.id} failed: {exc}", file=sys.stderr)
-
-
 @pytest.fixture(scope="package")
-def vm_env(tmp_path_factory: pytest.TempPathFactory, demo_layout: Path) -> Iterator[VmEnv]:
+def vm_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+           demo_layout: Path) -> Iterator[VmEnv]:
     root = tmp_path_factory.mktemp("cli-vm")
-    server = start_server(root / "data", root / "server.log")
-    try:
+    with shared_harness(root / "harness", request.node) as harness:
+        server = harness.start()
         cli = cli_for(server, root / "home")
         pushed = cli.run("push", str(demo_layout), demo.DEMO_NAME)
         assert_ok(pushed)
@@ -151,8 +144,3 @@ def vm_env(tmp_path_factory: pytest.TempPathFactory, demo_layout: Path) -> Itera
                       "docker.io/demo/busybox:latest")
         assert_ok(ran)
         yield VmEnv(server, cli, demo_layout, pushed, ran, ran.json()["id"])
-    finally:
-        try:
-            delete_everything(server)
-        finally:
-            server.stop()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import ast
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -20,7 +19,7 @@ from hypeman_cli.push import split_target
 from hypeman_cli.resolve import pick
 from hypeman_cli.units import parse_duration
 from tests.cli.conftest import HYPEMAN, Cli, assert_ok, assert_one_line_error, cli_for
-from tests.conftest import REPO, ServerProcess, start_server
+from tests.support.harness import REPO, Harness, ServerProcess
 from tests.support.net import free_port
 
 CLI_PACKAGE = REPO / "src" / "hypeman_cli"
@@ -28,13 +27,8 @@ ALLOWED_IMPORTS = {"hypeman", "hypeman_cli", "typer", "rich", "yaml", "httpx"}
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    root = tmp_path_factory.mktemp("cli-basics")
-    srv = start_server(root / "data", root / "server.log")
-    try:
-        yield srv
-    finally:
-        srv.stop()
+def server(module_harness: Harness) -> ServerProcess:
+    return module_harness.start()
 
 
 @pytest.fixture

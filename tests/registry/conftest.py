@@ -13,7 +13,7 @@ from hypeman import Hypeman, NotFoundError
 from hypeman.types import Image
 
 from hypemand.images import demo
-from tests.conftest import ServerProcess
+from tests.support.harness import ServerProcess
 
 READY_TIMEOUT = 600  # conversion shares 2 cores with other test suites
 

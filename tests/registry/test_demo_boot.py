@@ -12,9 +12,9 @@ from hypemand.guest.config_disk import GuestConfig
 from hypemand.hypervisor.qemu import QemuHypervisor
 from hypemand.images import demo
 from hypemand.system.files import ensure_system_files
-from tests.conftest import ServerProcess
 from tests.registry.conftest import wait_ready
 from tests.support.guest import booted_guest, console_text, guest_spec, shared_system_dir, wait_for_console
+from tests.support.harness import ServerProcess
 
 pytestmark = pytest.mark.vm
 

@@ -18,8 +18,9 @@ import jwt
 import pytest
 
 from hypemand.auth import load_secret, mint_token
-from tests.conftest import ServerProcess, start_server
+from hypemand.layout import DataLayout
 from tests.registry.conftest import sha256
+from tests.support.harness import Harness, ServerProcess
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -63,7 +64,7 @@ class Probe:
     secret: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.secret = load_secret(self.server.data_dir)
+        self.secret = load_secret(DataLayout(self.server.data_dir))
 
     @property
     def uploads_dir(self) -> Path:
@@ -97,19 +98,15 @@ class Probe:
 
 
 @pytest.fixture(scope="module")
-def probe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Probe]:
-    workdir = tmp_path_factory.mktemp("hostile")
-    server = start_server(workdir / "data", workdir / "server.log")
-    try:
-        with httpx.Client(base_url=server.base_url, timeout=60,
-                          headers={"Authorization": f"Bearer {server.token}"}) as admin:
-            probe = Probe(server, admin)
-            probe.push_blob("probe/app", CONFIG)
-            probe.push_blob("probe/app", LAYER)
-            probe.push_manifest("probe/app", "v1")
-            yield probe
-    finally:
-        server.stop()
+def probe(module_harness: Harness) -> Iterator[Probe]:
+    server = module_harness.start()
+    with httpx.Client(base_url=server.base_url, timeout=60,
+                      headers={"Authorization": f"Bearer {server.token}"}) as admin:
+        probe = Probe(server, admin)
+        probe.push_blob("probe/app", CONFIG)
+        probe.push_blob("probe/app", LAYER)
+        probe.push_manifest("probe/app", "v1")
+        yield probe
 
 
 def oci_codes(response: httpx.Response) -> list[str]:

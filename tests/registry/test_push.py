@@ -14,9 +14,9 @@ import pytest
 from hypeman import Hypeman
 
 from hypemand.images import demo
-from tests.conftest import ServerProcess
 from tests.registry.conftest import wait_ready
 from tests.support import oci
+from tests.support.harness import ServerProcess
 
 TS_DIR = Path(__file__).resolve().parent.parent / "ts"
 
