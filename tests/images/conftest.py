@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 from hypeman import Hypeman
 from hypeman.types import Image
@@ -131,3 +132,17 @@ def wait_for_status(sdk: Hypeman, name: str, statuses: tuple[str, ...] = ("ready
 
 def images_dir(data_dir: Path) -> Path:
     return data_dir / "images"
+
+
+def remove_layer_data(registry: Registry, repository: str, tag: str) -> str:
+    """Delete the stored data of the top layer of ``repository:tag`` inside the registry's storage,
+    so its manifest still resolves but a pull fails at that layer; return its digest. Layers are
+    shared by content across repositories: the top layer must be one no other image has (the
+    busybox layer of the test images is everywhere)."""
+    manifest = httpx.get(f"{registry.url}/v2/{repository}/manifests/{tag}", timeout=10,
+                         headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
+    digest = str(manifest["layers"][-1]["digest"])
+    hex_digest = digest.removeprefix("sha256:")
+    blobs = registry.storage / "docker" / "registry" / "v2" / "blobs" / "sha256"
+    (blobs / hex_digest[:2] / hex_digest / "data").unlink()
+    return digest

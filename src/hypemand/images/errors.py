@@ -31,6 +31,12 @@ class ImageNotReady(InvalidState):
     code = "image_not_ready"
 
 
+class ImagePullFailed(ImageNotReady):
+    """The image's pull or conversion failed; the message says why. ``POST /images`` of the
+    same name starts it again. Same code as ImageNotReady (the reference's), so clients that
+    only know that one still understand it."""
+
+
 class CredentialConflict(Conflict):
     """A pull of the same content is running with other borrowed credentials."""
 

@@ -12,6 +12,10 @@ Restart: every record still ``pending``/``pulling``/``converting`` is re-queued 
 stored manifest; a pull that borrowed credentials (which were never written down) is
 marked failed instead, with a message asking to retry with fresh credentials.
 
+``ready_for_boot`` is what an instance create waits on: a client may create an instance from a
+name right after ``POST /images`` (or without it), so the image is waited for, and pulled
+first if the server does not know it.
+
 The service also owns the server's own registry (``push_registry``, see ``uploads.py``), which
 imports pushed manifests through :meth:`ImageService.import_manifest`; starting the service
 sweeps its abandoned uploads and keeps sweeping them until the service stops.
@@ -38,8 +42,10 @@ from hypemand.images.errors import (
     DigestInvalid,
     ImageNotFound,
     ImageNotReady,
+    ImagePullFailed,
     InvalidName,
     InvalidTags,
+    RateLimited,
     RegistryError,
 )
 from hypemand.images.manifests import parse_manifest
@@ -76,6 +82,9 @@ log = logging.getLogger(__name__)
 _TAG_KEY = re.compile(r"^[A-Za-z0-9 _.:/=+@-]{1,128}$")
 _TAG_VALUE = re.compile(r"^[A-Za-z0-9 _.:/=+@-]{0,256}$")
 _PARALLEL_BLOB_DOWNLOADS = 3
+# How often a boot waiting on an image looks again when no job signals its end (the short
+# moment between a record being written and its job being queued).
+_UNSIGNALLED_WAIT_SECONDS = 0.1
 INTERRUPTED_CREDENTIALED_PULL = (
     "credentialed image pull was interrupted by a server restart; "
     "submit POST /images again with fresh credentials"
@@ -320,6 +329,74 @@ class ImageService:
             if image.status not in IN_PROGRESS or job is None:
                 return image
             await job.done.wait()
+
+    # ---- booting by name --------------------------------------------------------------
+
+    async def ready_for_boot(self, name: str, timeout: float) -> ReadyImage:  # noqa: ASYNC109
+        """The ready image ``name`` for an instance about to boot from it, waited for if need be:
+
+        - ready: returned at once;
+        - pending, pulling or converting: waited for (woken by its job's end);
+        - unknown here: pulled the way ``POST /images`` pulls it (resolved at its registry
+          first, no credentials), then waited for. If that pull cannot even start, the error
+          is ``ImageNotFound`` (404 ``not_found``) naming the reason, except ``RateLimited``
+          (429) and ``CredentialConflict`` (409), which pass through;
+        - failed, before or while waited for: ``ImagePullFailed`` (409 ``image_not_ready``),
+          its message saying that the pull failed and the pull's own error.
+
+        ``timeout`` (seconds) bounds everything; when it runs out, ``ImageNotReady`` (409
+        ``image_not_ready``) says what the image is still doing. The pull itself goes on.
+        ``InvalidName`` (400) for a malformed name; ``ImageNotFound`` if the name is deleted
+        meanwhile.
+        """
+        ref = parse_reference(name)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._ready_after_pull(ref)
+        except TimeoutError as exc:
+            progress = self._progress(ref)
+            raise ImageNotReady(f"image {ref} is not ready after {timeout:g}s: {progress}") from exc
+
+    async def _ready_after_pull(self, ref: Reference) -> ReadyImage:
+        try:
+            pointer, record = self._lookup(ref)
+        except ImageNotFound:
+            await self._pull_for_boot(ref)
+            pointer, record = self._lookup(ref)
+        while record.status in IN_PROGRESS:
+            job = self._jobs.get(record.digest)
+            if job is not None:
+                await job.done.wait()
+            else:
+                await asyncio.sleep(_UNSIGNALLED_WAIT_SECONDS)
+            pointer, record = self._lookup(ref)
+        if record.status == "failed":
+            reason = record.error or "no reason was recorded"
+            raise ImagePullFailed(f"the pull of image {pointer.name} failed: {reason}")
+        return self._ready(pointer.name, record)
+
+    async def _pull_for_boot(self, ref: Reference) -> None:
+        """Start pulling an image this server does not know, as ``POST /images`` would."""
+        # Shielded: a boot whose wait runs out, or whose client goes away, must not cut the
+        # registration in half (a record written but never queued would stay pending).
+        starting = asyncio.ensure_future(self.create(CreateImageRequest(name=str(ref))))
+        starting.add_done_callback(lambda task: task.cancelled() or task.exception())
+        try:
+            await asyncio.shield(starting)
+        except (RateLimited, CredentialConflict):
+            raise
+        except DomainError as exc:
+            raise ImageNotFound(f"image {ref} is not on this server and could not be pulled: {exc}") from exc
+
+    def _progress(self, ref: Reference) -> str:
+        """What an image that is not ready yet is doing, for a timeout's message."""
+        try:
+            _, record = self._lookup(ref)
+        except ImageNotFound:
+            return "its pull has not started yet (its registry has not answered)"
+        if record.status == "pending" and record.digest in self._waiting:
+            return f"it is queued behind {self._waiting.index(record.digest)} other pulls"
+        return f"it is still {record.status}"
 
     # ---- internals: registration, queue, lookups --------------------------------------
 
