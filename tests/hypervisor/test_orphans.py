@@ -18,7 +18,7 @@ import pytest
 
 from hypemand.fsutil import exclusive_lock
 from hypemand.guest.config_disk import GuestConfig
-from hypemand.hypervisor.base import VMConfig, VMPaths, VMStatus
+from hypemand.hypervisor.base import VMConfig, VMPaths, VMStatus, read_vmm_exit
 from hypemand.hypervisor.process import ProcessRecord, process_start_time
 from hypemand.hypervisor.qemu import QemuHypervisor
 from hypemand.system.files import SystemFiles
@@ -93,6 +93,13 @@ async def test_reaper_ends_a_qemu_without_vmm_json_and_nothing_else(
             reaped = await hypervisor.reap_orphans(guests)
             assert [o.pid for o in reaped] == [orphan.pid]
             assert not orphan.is_alive()
+            # Its supervisor recorded the kill and was gone before the reaper returned.
+            shim_pid = orphan.record.supervisor_pid
+            assert shim_pid is not None and reaped[0].supervisor_pid == shim_pid
+            # (A zombie here: this test process started it and reaps it when the handle does.)
+            assert orphan.record.supervisor_mismatch() in ("no such process", "process has exited")
+            ended = read_vmm_exit(orphan.directory)
+            assert ended is not None and (ended.pid, ended.signal) == (orphan.pid, "SIGKILL")
             # Kept: an orphan may be a restore being started from a saved VM, whose RAM it is.
             assert orphan.memory_file.exists()
 

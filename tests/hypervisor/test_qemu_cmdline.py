@@ -81,9 +81,11 @@ def test_microvm_command_line_under_tcg() -> None:
     assert not any("-pci" in device for device in devices)
 
     assert option(argv, "-drive") == [
-        "id=disk0,file=/images/busybox/rootfs.erofs,format=raw,if=none,readonly=on,file.locking=off",
-        "id=disk1,file=overlay.raw,format=raw,if=none",  # inside the VM dir: relative
-        "id=disk2,file=config.raw,format=raw,if=none,readonly=on,file.locking=off",
+        "id=disk0,file=/images/busybox/rootfs.erofs,format=raw,if=none,readonly=on,file.locking=off,"
+        "rerror=report",
+        # Inside the VM dir: relative. Writable: a full host disk pauses the VM (io-error).
+        "id=disk1,file=overlay.raw,format=raw,if=none,werror=enospc,rerror=report",
+        "id=disk2,file=config.raw,format=raw,if=none,readonly=on,file.locking=off,rerror=report",
     ]
     assert option(argv, "-netdev") == [
         "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp:127.0.0.1:5353-:53"
@@ -126,7 +128,9 @@ def test_no_network_no_netdev_and_qcow2_format() -> None:
     )
     argv = build_qemu_argv(config, binary=QEMU, accel=Accel.TCG, tsc_khz=None)
     assert option(argv, "-netdev") == []
-    assert option(argv, "-drive") == ["id=disk0,file=disk.qcow2,format=qcow2,if=none"]
+    assert option(argv, "-drive") == [
+        "id=disk0,file=disk.qcow2,format=qcow2,if=none,werror=enospc,rerror=report"
+    ]
     assert option(argv, "-append") == ["console=ttyS0 quiet panic=-1"]
 
 

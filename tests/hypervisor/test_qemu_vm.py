@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -321,15 +323,15 @@ async def test_start_cancelled_while_qemu_is_being_spawned_leaves_no_qemu(
     """The spawn runs in a thread; a cancellation arriving meanwhile must not orphan the QEMU the
     thread started (it would hold the overlay disk's write lock, unrecorded)."""
     real_spawn = qemu_module._spawn
-    spawned: list[subprocess.Popen[bytes]] = []
+    spawned: list[Any] = []
     started = threading.Event()
 
-    def slow_spawn(argv: list[str], directory: Path, vmm_log_path: Path) -> subprocess.Popen[bytes]:
-        child = real_spawn(argv, directory, vmm_log_path)
-        spawned.append(child)
+    def slow_spawn(shim: Path, argv: list[str], directory: Path, vmm_log_path: Path) -> Any:
+        result = real_spawn(shim, argv, directory, vmm_log_path)
+        spawned.append(result)
         started.set()
         threading.Event().wait(1.0)  # the caller is cancelled in this window
-        return child
+        return result
 
     monkeypatch.setattr(qemu_module, "_spawn", slow_spawn)
     config = sleeper_vm(system_files, busybox_ext4, tmp_path / "vm")
@@ -339,13 +341,16 @@ async def test_start_cancelled_while_qemu_is_being_spawned_leaves_no_qemu(
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        [child] = spawned
-        assert child.poll() is not None, "QEMU left running after a cancelled start"
+        [result] = spawned
+        assert result.vmm is not None
+        assert not result.vmm.is_alive(), "QEMU left running after a cancelled start"
+        assert result.supervisor.poll() is not None, "its supervisor left running"
     finally:
-        for child in spawned:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
+        for result in spawned:
+            if result.vmm is not None:
+                result.vmm.send_signal(signal.SIGKILL)
+                result.vmm.close()
+            await asyncio.to_thread(result.supervisor.wait)
 
 
 async def test_start_and_kill_do_their_blocking_work_off_the_event_loop(
@@ -356,7 +361,8 @@ async def test_start_and_kill_do_their_blocking_work_off_the_event_loop(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The first TSC measurement sleeps 50 ms, ``qemu --version`` runs a process, the records are
-    fsynced, a RAM file of GBs takes a while to unlink: none of it may stall the server's loop."""
+    fsynced, a RAM file of GBs takes a while to unlink or reserve, the VMM supervisor may need
+    compiling: none of it may stall the server's loop."""
     spy = LoopSpy()
 
     blocking = [
@@ -365,6 +371,8 @@ async def test_start_and_kill_do_their_blocking_work_off_the_event_loop(
         (launch_module, "write_model_atomic", "qemu-config.json"),
         (process_module, "write_model_atomic", "vmm.json"),
         (vm_module, "_remove_memory_file", "RAM file"),
+        (launch_module, "reserve_memory_file", "RAM reservation"),
+        (qemu_module, "ensure_vmm_shim", "shim build"),
     ]
     for module, attribute, name in blocking:
         monkeypatch.setattr(module, attribute, spy.wrap(name, getattr(module, attribute)))
@@ -372,5 +380,7 @@ async def test_start_and_kill_do_their_blocking_work_off_the_event_loop(
     config = sleeper_vm(system_files, busybox_ext4, tmp_path / "vm").model_copy(update={"accel": Accel.TCG})
     async with launched_vm(hypervisor, config) as vm:
         await vm.kill()
-    assert spy.called == {"tsc", "version", "qemu-config.json", "vmm.json", "RAM file"}
+    assert spy.called == {
+        "tsc", "version", "qemu-config.json", "vmm.json", "RAM file", "RAM reservation", "shim build"
+    }
     assert spy.on_the_loop == []

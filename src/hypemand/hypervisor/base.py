@@ -11,9 +11,13 @@ their runtime files there, so a directory copy is a complete description of a st
 
 from __future__ import annotations
 
+import asyncio
+import os
 import re
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 from typing import ClassVar, Self
@@ -28,6 +32,8 @@ from hypemand.errors import DomainError, NotImplementedByBackend
 CONSOLE_LOG = "logs/app.log"  # guest serial console
 VMM_LOG = "logs/vmm.log"  # the VMM process' own stdout/stderr
 PROCESS_RECORD = "vmm.json"  # identity of the running VMM process
+# How the last VMM ended, written by its supervisor (which outlives the server, not the VMM).
+VMM_EXIT_RECORD = "vmm-exit.json"
 MEMORY_FILE = "memory.ram"  # guest RAM as a file (memory-backend-file): kept by standby
 LAUNCH_RECORD = "qemu-config.json"  # how the VMM was launched, to relaunch it identically
 CONTROL_SOCKET = "qemu.sock"  # the VMM's control channel (QMP)
@@ -35,6 +41,8 @@ START_LOCK = ".vmm.lock"  # flock held while a VMM is being started in the direc
 DEFAULT_AGENT_SOCKET = "agent.sock"
 # In the backend's host-wide state directory (not per VM):
 ACCEL_DECISION = "qemu-accel.json"  # the cached acceleration probe result
+VMM_SHIM_DIR = "vmm-shim"  # <hash of sources and compiler>/hypeman-vmm-shim: built supervisors
+VMM_SHIM_BINARY = "hypeman-vmm-shim"
 
 _VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # virtio-blk serials are at most 20 bytes; keep them to characters that survive every layer.
@@ -92,6 +100,49 @@ class VMStatus(StrEnum):
     COLO = "colo"
     EXITED = "exited"  # the VMM process is gone
     UNKNOWN = "unknown"  # the process lives but its control socket did not answer in time
+
+
+class DiskIOStatus(StrEnum):
+    """A disk's I/O state as the VMM saw it last (QEMU's ``io-status``): why a VM is in io-error."""
+
+    OK = "ok"
+    FAILED = "failed"  # an I/O error other than a full host filesystem
+    NOSPACE = "nospace"  # the host filesystem holding the disk image is full
+
+
+class VMMExit(BaseModel):
+    """``vmm-exit.json``: how a VMM process ended, recorded by its supervisor when it happened,
+    whether or not a server was watching. Exactly one of ``code`` and ``signal`` is set."""
+
+    pid: int
+    start_time: int | None = Field(default=None, description="/proc/<pid>/stat field 22 of the VMM")
+    code: int | None = None  # the exit code, when it exited by itself
+    signal: str | None = None  # e.g. "SIGKILL", "SIGBUS", when a signal ended it
+    signal_number: int | None = None
+    core_dumped: bool = False
+    at: datetime  # when the supervisor saw it end (UTC)
+    detail: str | None = None  # the last line the VMM wrote to its log in that run, if any
+
+    @property
+    def clean(self) -> bool:
+        """Exited by itself with code 0 (a guest power-off or a ``quit``)."""
+        return self.code == 0
+
+    def describe(self) -> str:
+        """``exited with code 1: <detail>`` or ``killed by SIGBUS``: for logs and ``state_error``."""
+        how = f"killed by {self.signal}" if self.signal is not None else f"exited with code {self.code}"
+        return f"{how}: {self.detail}" if self.detail else how
+
+
+def read_vmm_exit(directory: Path) -> VMMExit | None:
+    """How the last VMM of the VM in ``directory`` ended, or None: still running, never started
+    since exit records exist, or its supervisor could not write (it was killed too). A launch
+    removes the previous record first, so a record is always about the last launched VMM.
+    Blocking (a small file read)."""
+    try:
+        return VMMExit.model_validate_json(VMPaths(directory).vmm_exit_record.read_bytes())
+    except (FileNotFoundError, ValueError):
+        return None
 
 
 class ShutdownOutcome(StrEnum):
@@ -243,6 +294,10 @@ class VMPaths:
         return self.directory / PROCESS_RECORD
 
     @property
+    def vmm_exit_record(self) -> Path:
+        return self.directory / VMM_EXIT_RECORD
+
+    @property
     def memory_file(self) -> Path:
         return self.directory / MEMORY_FILE
 
@@ -265,9 +320,18 @@ class HypervisorStatePaths:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
 
+    @classmethod
+    def per_user_default(cls) -> HypervisorStatePaths:
+        """For a backend given no state directory (tools that only ask for the version)."""
+        return cls(Path(tempfile.gettempdir()) / f"hypemand-hypervisor-{os.getuid()}")
+
     @property
     def accel_decision(self) -> Path:
         return self.directory / ACCEL_DECISION
+
+    def vmm_shim(self, version: str) -> Path:
+        """The VMM supervisor built from sources and compiler identified by ``version``."""
+        return self.directory / VMM_SHIM_DIR / version / VMM_SHIM_BINARY
 
 
 class VMHandle(ABC):
@@ -329,6 +393,19 @@ class VMHandle(ABC):
     @abstractmethod
     async def wait_exit(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         """Wait for the VMM process to end. Returns False if ``timeout`` passed first."""
+
+    async def exit_info(self, timeout: float = 5.0) -> VMMExit | None:  # noqa: ASYNC109
+        """How the VMM ended: None while it runs, or when nothing recorded its end. After the
+        process is gone, waits up to ``timeout`` for its supervisor to finish the record."""
+        if self.is_alive():
+            return None
+        return await asyncio.to_thread(read_vmm_exit, self.directory)
+
+    @abstractmethod
+    async def disk_io_status(self) -> dict[str, DiskIOStatus]:
+        """Each disk's I/O state by serial. A VM in ``VMStatus.IO_ERROR`` has at least one disk
+        not OK: ``NOSPACE`` means its host filesystem is full; once there is space again,
+        ``resume()`` retries the failed writes and the guest continues."""
 
     @abstractmethod
     async def close(self) -> None:

@@ -46,6 +46,11 @@ def process_start_time(pid: int) -> int | None:
     return int(fields[19]) if fields else None
 
 
+def parent_pid(pid: int) -> int | None:
+    fields = _stat_fields(pid)
+    return int(fields[1]) if fields else None
+
+
 def process_state(pid: int) -> str | None:
     """One-letter state (R, S, D, Z, X, ...) or None if there is no such process."""
     fields = _stat_fields(pid)
@@ -91,12 +96,20 @@ class ProcessRecord(BaseModel):
     vm_id: str
     binary: str
     started_at: datetime
+    # The VMM's supervisor (its parent, which records its exit in vmm-exit.json), identified the
+    # same way; None in records of VMMs started without one.
+    supervisor_pid: int | None = None
+    supervisor_start_time: int | None = None
 
     @classmethod
-    def for_child(cls, pid: int, directory: Path, vm_id: str, binary: str) -> ProcessRecord:
+    def for_child(
+        cls, pid: int, directory: Path, vm_id: str, binary: str, supervisor_pid: int | None = None
+    ) -> ProcessRecord:
+        """The record of a process just started (and of its supervisor, if it has one)."""
         start_time = process_start_time(pid)
         if start_time is None:
             raise ProcessLookupError(pid)
+        supervisor_start_time = process_start_time(supervisor_pid) if supervisor_pid is not None else None
         return cls(
             pid=pid,
             start_time=start_time,
@@ -105,6 +118,8 @@ class ProcessRecord(BaseModel):
             vm_id=vm_id,
             binary=binary,
             started_at=datetime.now(UTC),
+            supervisor_pid=supervisor_pid if supervisor_start_time is not None else None,
+            supervisor_start_time=supervisor_start_time,
         )
 
     def save(self, path: Path) -> None:
@@ -119,16 +134,25 @@ class ProcessRecord(BaseModel):
 
     def mismatch(self) -> str | None:
         """Why the live process with this PID is not the recorded VMM, or None if it is."""
+        return self._mismatch(self.pid, self.start_time)
+
+    def supervisor_mismatch(self) -> str | None:
+        """Why the recorded supervisor is not running any more, or None if it still is."""
+        if self.supervisor_pid is None or self.supervisor_start_time is None:
+            return "no supervisor recorded"
+        return self._mismatch(self.supervisor_pid, self.supervisor_start_time)
+
+    def _mismatch(self, pid: int, recorded_start_time: int) -> str | None:
         if self.boot_id != host_boot_id():
             return "recorded on an earlier host boot"
-        start_time = process_start_time(self.pid)
+        start_time = process_start_time(pid)
         if start_time is None:
             return "no such process"
-        if start_time != self.start_time:
-            return f"PID reused (start time {start_time}, recorded {self.start_time})"
-        if process_state(self.pid) in ("Z", "X"):
+        if start_time != recorded_start_time:
+            return f"PID reused (start time {start_time}, recorded {recorded_start_time})"
+        if process_state(pid) in ("Z", "X"):
             return "process has exited"
-        if process_cwd(self.pid) != self.directory:
+        if process_cwd(pid) != self.directory:
             return "process runs in another directory"
         return None
 
@@ -149,6 +173,15 @@ class ProcessWatch:
         return cls.open_verified(record.pid, lambda: record.mismatch() is None, child)
 
     @classmethod
+    def open_supervisor(
+        cls, record: ProcessRecord, child: subprocess.Popen[bytes] | None = None
+    ) -> ProcessWatch | None:
+        """Open a pidfd for the VMM's recorded supervisor if it still runs, else None."""
+        if record.supervisor_pid is None:
+            return None
+        return cls.open_verified(record.supervisor_pid, lambda: record.supervisor_mismatch() is None, child)
+
+    @classmethod
     def open_verified(
         cls, pid: int, is_expected: Callable[[], bool], child: subprocess.Popen[bytes] | None = None
     ) -> ProcessWatch | None:
@@ -166,13 +199,6 @@ class ProcessWatch:
             os.close(pidfd)
             return None
         return cls(pid, pidfd, child)
-
-    def exit_status(self) -> str:
-        """How our child ended, for error messages ("signal 9", "code 1"); "unknown" otherwise."""
-        code = self._child.poll() if self._child is not None else None
-        if code is None:
-            return "unknown"
-        return f"signal {-code}" if code < 0 else f"code {code}"
 
     def is_alive(self) -> bool:
         """True until the process has exited. A closed watch reports False."""

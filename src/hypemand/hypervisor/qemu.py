@@ -2,9 +2,10 @@
 
 Lifecycle of a VMM process:
 - ``start`` writes ``qemu-config.json`` (the launch contract: config, argv, QEMU version), starts
-  QEMU in its own session with cwd = VM directory, records its identity in ``vmm.json`` at once,
-  and waits until QMP answers. QEMU is never only our child: it survives the server, and exit is
-  observed through a pidfd, which works for adopted processes too.
+  QEMU under its supervisor (``shim``: a new session, cwd = VM directory), records QEMU's and
+  the supervisor's identity in ``vmm.json`` at once, and waits until QMP answers. QEMU is never
+  our child: it survives the server, its exit is observed through a pidfd (which works for
+  adopted processes too), and its supervisor records how it ended in ``vmm-exit.json``.
 - ``adopt`` re-attaches after a server restart: ``vmm.json`` must name a live process with the
   recorded start time, boot id and working directory, and its command line must be exactly the
   recorded argv. Anything else is refused (a reused PID is never signalled).
@@ -24,8 +25,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import select
+import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
@@ -34,6 +39,7 @@ from hypemand.errors import Conflict, InvalidState
 from hypemand.fsutil import exclusive_lock
 from hypemand.hypervisor import qemu_migration
 from hypemand.hypervisor.base import (
+    VMM_EXIT_RECORD,
     Accel,
     Capabilities,
     ForkIdentity,
@@ -43,8 +49,9 @@ from hypemand.hypervisor.base import (
     VMHandle,
     VMMError,
     VMPaths,
+    read_vmm_exit,
 )
-from hypemand.hypervisor.process import ProcessRecord, ProcessWatch, process_cmdline
+from hypemand.hypervisor.process import ProcessRecord, ProcessWatch, parent_pid, process_cmdline, process_cwd
 from hypemand.hypervisor.qemu_cmdline import build_qemu_argv, machine_type
 from hypemand.hypervisor.qemu_host import (
     AccelDecision,
@@ -56,7 +63,8 @@ from hypemand.hypervisor.qemu_host import (
 from hypemand.hypervisor.qemu_launch import QemuLaunchRecord, prepare_fresh_boot, prepare_restore
 from hypemand.hypervisor.qemu_migration import prepare_migration
 from hypemand.hypervisor.qemu_orphans import OrphanReaper, OrphanVMM
-from hypemand.hypervisor.qemu_vm import QemuVMHandle, vmm_log_tail
+from hypemand.hypervisor.qemu_vm import KILL_TIMEOUT, SUPERVISOR_EXIT_TIMEOUT, QemuVMHandle, vmm_log_tail
+from hypemand.hypervisor.shim import ensure_vmm_shim
 
 __all__ = ["OrphanVMM", "QemuHypervisor", "QemuLaunchRecord", "QemuVMHandle"]
 
@@ -64,6 +72,8 @@ log = logging.getLogger(__name__)
 
 QMP_READY_TIMEOUT = 15.0  # process start -> QMP answering; ~40 ms when idle, more under load
 QMP_POLL_INTERVAL = 0.005  # QMP is usually up ~40 ms after spawn: poll finely, it costs a connect()
+# The shim reports QEMU's pid right after exec (~1 ms); this bounds a wedged fork or exec.
+SPAWN_REPORT_TIMEOUT = 30.0
 
 
 class QemuHypervisor(Hypervisor):
@@ -81,6 +91,8 @@ class QemuHypervisor(Hypervisor):
         self._accel: AccelDecision | None = None
         self._accel_lock = asyncio.Lock()
         self._orphans = OrphanReaper(lambda: self.binary)
+        self._shim: Path | None = None
+        self._shim_lock = asyncio.Lock()
 
     @property
     def binary(self) -> Path:
@@ -98,6 +110,14 @@ class QemuHypervisor(Hypervisor):
             pause=True, graceful_shutdown=True, user_networking=True, disk_io_limit=False,
             snapshot=True, standby=True, live_snapshot=True, fork=True,
         )
+
+    async def vmm_shim(self) -> Path:
+        """The supervisor every QEMU runs under, built on first use (see ``hypervisor.shim``)."""
+        async with self._shim_lock:
+            if self._shim is None or not await asyncio.to_thread(self._shim.exists):
+                state = self._state or HypervisorStatePaths.per_user_default()
+                self._shim = await asyncio.to_thread(ensure_vmm_shim, state)
+            return self._shim
 
     async def acceleration(self) -> AccelDecision:
         async with self._accel_lock:
@@ -120,6 +140,7 @@ class QemuHypervisor(Hypervisor):
                 raise Conflict(
                     f"VM {config.vm_id}: QEMU is already running in {directory} (pid {existing.pid})"
                 )
+            await _await_previous_supervisor(directory)
 
             accel = config.accel or (await self.acceleration()).accel
             # Off the event loop: the first TSC measurement sleeps 50 ms, and a changed QEMU
@@ -146,34 +167,24 @@ class QemuHypervisor(Hypervisor):
         directory = config.directory
         started = time.monotonic()
         vmm_log = config.paths.vmm_log
-        spawning = asyncio.ensure_future(asyncio.to_thread(_spawn, launch.argv, directory, vmm_log))
+        shim = await self.vmm_shim()
+        spawning = asyncio.ensure_future(asyncio.to_thread(_spawn, shim, launch.argv, directory, vmm_log))
         try:
             # Shielded: a cancellation cannot stop the thread, and the QEMU it starts must not be
             # left running unrecorded (it would hold the overlay disk's write lock).
-            child = await asyncio.shield(spawning)
+            spawned = await asyncio.shield(spawning)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                await _kill_child(await spawning)
+                await _abandon(await spawning)
             raise
         try:
-            try:
-                record = ProcessRecord.for_child(child.pid, directory, config.vm_id, launch.qemu_binary)
-            except ProcessLookupError:
-                raise VMMError(
-                    f"VM {config.vm_id}: QEMU exited at once: {vmm_log_tail(config.paths.vmm_log)}"
-                ) from None
-            await asyncio.to_thread(record.save, config.paths.process_record)  # fsynced
-            watch = ProcessWatch.open(record, child=child)
-            if watch is None:
-                why = record.mismatch() or "gone"
-                raise VMMError(
-                    f"VM {config.vm_id}: QEMU (pid {child.pid}) is not the process just started ({why}), "
-                    f"exit status {child.poll()}: {vmm_log_tail(config.paths.vmm_log)}"
-                )
+            record = await self._record(launch, spawned)
         except BaseException:
-            await _kill_child(child)
+            await _abandon(spawned)
             raise
-        handle = QemuVMHandle(launch, record, watch)
+        assert spawned.vmm is not None
+        supervisor = ProcessWatch.open_supervisor(record, child=spawned.supervisor)
+        handle = QemuVMHandle(launch, record, spawned.vmm, supervisor)
         try:
             await self._wait_for_qmp(handle)
         except BaseException:
@@ -189,14 +200,38 @@ class QemuHypervisor(Hypervisor):
         )
         return handle
 
+    async def _record(self, launch: QemuLaunchRecord, spawned: _Spawned) -> ProcessRecord:
+        """Write ``vmm.json`` for a QEMU just spawned; VMMError if it is gone already."""
+        config = launch.config
+        if spawned.vmm is None:
+            # Its output (an exec failure, a bad option) is complete once the shim is gone.
+            await asyncio.to_thread(spawned.supervisor.wait)
+            raise VMMError(f"VM {config.vm_id}: QEMU did not start: {vmm_log_tail(config.paths.vmm_log)}")
+        try:
+            record = ProcessRecord.for_child(
+                spawned.vmm.pid, config.directory, config.vm_id, launch.qemu_binary, spawned.supervisor.pid
+            )
+        except ProcessLookupError:
+            record = None
+        # Alive after the start time was read: that start time is this QEMU's (no PID reuse).
+        if record is None or not spawned.vmm.is_alive():
+            ended = await _exit_description(spawned, config.directory)
+            raise VMMError(
+                f"VM {config.vm_id}: QEMU exited at once ({ended}): {vmm_log_tail(config.paths.vmm_log)}"
+            )
+        await asyncio.to_thread(record.save, config.paths.process_record)  # fsynced
+        return record
+
     async def _wait_for_qmp(self, handle: QemuVMHandle) -> None:
         deadline = time.monotonic() + QMP_READY_TIMEOUT
         last_error: Exception | None = None
         while time.monotonic() < deadline:
             if not handle.is_alive():
+                ended = await handle.exit_info()
+                how = ended.describe() if ended else "no exit record"
                 raise VMMError(
                     f"VM {handle.vm_id}: QEMU (pid {handle.pid}) exited during startup "
-                    f"(status {handle.exit_status()}): {vmm_log_tail(handle.vmm_log_path)}"
+                    f"({how}): {vmm_log_tail(handle.vmm_log_path)}"
                 )
             try:
                 await handle.qmp("query-status", timeout=max(0.1, min(2.0, deadline - time.monotonic())))
@@ -225,7 +260,7 @@ class QemuHypervisor(Hypervisor):
             )
             watch.close()
             return None
-        handle = QemuVMHandle(launch, record, watch)
+        handle = QemuVMHandle(launch, record, watch, ProcessWatch.open_supervisor(record))
         if connect:
             # Best effort: the VM is ours either way; status() reports UNKNOWN while QMP is busy.
             try:
@@ -260,6 +295,7 @@ class QemuHypervisor(Hypervisor):
             if existing is not None:
                 await existing.close()
                 raise Conflict(f"VM in {directory}: QEMU is already running (pid {existing.pid})")
+            await _await_previous_supervisor(directory)
             await asyncio.to_thread(self.check_restorable, directory)
             launch = QemuLaunchRecord.load(directory)
             assert launch is not None
@@ -280,25 +316,100 @@ class QemuHypervisor(Hypervisor):
         return await self._orphans.reap(guests_root)
 
 
-def _spawn(argv: list[str], directory: Path, vmm_log_path: Path) -> subprocess.Popen[bytes]:
-    with open(vmm_log_path, "ab") as vmm_log:
-        vmm_log.write(f"--- {datetime.now(UTC).isoformat()} starting {' '.join(argv)}\n".encode())
-        vmm_log.flush()
-        return subprocess.Popen(
-            argv,
-            cwd=directory,
-            stdin=subprocess.DEVNULL,
-            stdout=vmm_log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own session: a server restart neither kills nor signals it
-            close_fds=True,
-        )
+@dataclass
+class _Spawned:
+    supervisor: subprocess.Popen[bytes]  # the shim, our child
+    vmm: ProcessWatch | None  # QEMU, held while it was verified as the shim's child; None: no QEMU
 
 
-async def _kill_child(child: subprocess.Popen[bytes]) -> None:
-    """Stop and reap a QEMU we spawned but could not take charge of."""
-    with contextlib.suppress(ProcessLookupError):
-        child.kill()
-    # Reaped in a thread: tearing down a large guest takes a moment. Should this wait itself be
-    # cancelled, the thread still reaps the child.
-    await asyncio.to_thread(child.wait)
+def _spawn(shim: Path, argv: list[str], directory: Path, vmm_log_path: Path) -> _Spawned:
+    """Start ``argv`` under the shim and learn QEMU's pid from it. Blocking (fork, exec, the
+    shim's report): run it in a thread."""
+    report_read, report_write = os.pipe()
+    try:
+        with open(vmm_log_path, "ab") as vmm_log:
+            vmm_log.write(f"--- {datetime.now(UTC).isoformat()} starting {' '.join(argv)}\n".encode())
+            vmm_log.flush()
+            supervisor = subprocess.Popen(
+                [str(shim), str(report_write), VMM_EXIT_RECORD, *argv],
+                cwd=directory,
+                stdin=subprocess.DEVNULL,
+                stdout=vmm_log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own session: a server restart neither kills nor signals it
+                close_fds=True,  # none of the server's descriptors, only the report pipe
+                pass_fds=(report_write,),
+            )
+    except BaseException:
+        os.close(report_read)
+        raise
+    finally:
+        os.close(report_write)
+    try:
+        report = _read_report(report_read)
+    finally:
+        os.close(report_read)
+    if report is None:  # wedged: end the shim and whatever it started (its process group)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(supervisor.pid, signal.SIGKILL)  # our unreaped child: the id is still its
+        supervisor.wait()
+        return _Spawned(supervisor, None)
+    if not report.strip().isdigit():
+        return _Spawned(supervisor, None)  # exec failed; the shim said why on stderr
+    pid = int(report)
+    resolved = directory.resolve()
+    vmm = ProcessWatch.open_verified(
+        pid, lambda: parent_pid(pid) == supervisor.pid and process_cwd(pid) == resolved
+    )
+    return _Spawned(supervisor, vmm)
+
+
+def _read_report(fd: int) -> str | None:
+    """What the shim wrote to the report pipe until it closed it; None if it took too long."""
+    deadline = time.monotonic() + SPAWN_REPORT_TIMEOUT
+    data = b""
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return None
+        readable, _, _ = select.select([fd], [], [], remaining)
+        if readable:
+            chunk = os.read(fd, 64)
+            if not chunk:
+                return data.decode(errors="replace")
+            data += chunk
+
+
+async def _exit_description(spawned: _Spawned, directory: Path) -> str:
+    """How a QEMU that ended at once ended, from its shim's record."""
+    await asyncio.to_thread(spawned.supervisor.wait)
+    ended = await asyncio.to_thread(read_vmm_exit, directory)
+    if ended is None or spawned.vmm is None or ended.pid != spawned.vmm.pid:
+        return "no exit record"
+    return ended.describe()
+
+
+async def _abandon(spawned: _Spawned) -> None:
+    """Stop a QEMU we spawned but could not take charge of, and reap its shim."""
+    if spawned.vmm is not None:
+        spawned.vmm.send_signal(signal.SIGKILL)
+        await spawned.vmm.wait(KILL_TIMEOUT)
+        spawned.vmm.close()
+    # Reaped in a thread: the shim records the exit first. Should this wait itself be cancelled,
+    # the thread still reaps it.
+    await asyncio.to_thread(spawned.supervisor.wait)
+
+
+async def _await_previous_supervisor(directory: Path) -> None:
+    """Let the shim of the directory's last QEMU finish its exit record before a new launch
+    removes it: a record written after that would describe the wrong VMM."""
+    record = await asyncio.to_thread(ProcessRecord.load, VMPaths(directory).process_record)
+    supervisor = ProcessWatch.open_supervisor(record) if record is not None else None
+    if supervisor is None:
+        return
+    try:
+        if not await supervisor.wait(SUPERVISOR_EXIT_TIMEOUT):
+            log.warning("VM in %s: the last QEMU's supervisor (pid %d) is still running",
+                        directory, supervisor.pid)
+    finally:
+        supervisor.close()

@@ -101,6 +101,12 @@ def build_qemu_argv(config: VMConfig, *, binary: Path, accel: Accel, tsc_khz: in
         if disk.readonly:
             # Shared read-only images (one rootfs, many VMs) must not take QEMU's image lock.
             drive += ["readonly=on", "file.locking=off"]
+        else:
+            # A full host filesystem pauses the VM (run state io-error, the disk's io-status
+            # "nospace") instead of failing the guest's write: once there is space, `cont`
+            # retries the write and the guest never knew. Other write errors reach the guest.
+            drive.append("werror=enospc")
+        drive.append("rerror=report")  # a failed read is the guest's to handle
         argv += ["-drive", ",".join(drive)]
         argv += ["-device", f"virtio-blk-{bus},drive=disk{index},serial={disk.serial}"]
 

@@ -19,6 +19,7 @@ from hypemand.errors import Conflict
 from hypemand.fsutil import write_model_atomic
 from hypemand.hypervisor.base import Accel, VMConfig, VMPaths
 from hypemand.hypervisor.qemu_cmdline import guest_mac
+from hypemand.hypervisor.storage import MIB, is_no_space, no_space, reserve_memory_file
 
 INCOMING_DEFER = ["-incoming", "defer"]
 
@@ -47,6 +48,13 @@ class QemuLaunchRecord(BaseModel):
     def save(self) -> None:
         """Blocking (fsynced): run it in a thread from async code."""
         write_model_atomic(self.config.paths.launch_record, self)
+
+    @property
+    def maps_memory_shared(self) -> bool:
+        """True when QEMU maps the RAM file shared (its own RAM: guest writes reach the file);
+        False for a fork, which maps a file shared with other forks privately (share=off)."""
+        backend = next(arg for arg in self.argv if arg.startswith("memory-backend-file,"))
+        return ",share=on" in f"{backend},"
 
     def fresh_argv(self) -> list[str]:
         """The recorded command line without the ``-incoming defer`` a restore appended."""
@@ -81,19 +89,39 @@ def fork_argv(argv: list[str], vm_id: str) -> list[str]:
 
 
 def prepare_fresh_boot(launch: QemuLaunchRecord) -> None:
-    """Blocking: unlinking a RAM file of gigabytes takes a while, and the record is fsynced."""
+    """Blocking: unlinking a RAM file of gigabytes takes a while, and the record is fsynced.
+
+    The new RAM file's blocks are reserved (``storage.reserve_memory_file``); without the space
+    this raises ``InsufficientStorage`` and leaves no RAM file and no new launch record."""
     paths = launch.config.paths
-    # Leftovers of an earlier run: stale sockets, and RAM that a fresh boot must not see.
-    for stale in (paths.control_socket, paths.agent_socket, paths.memory_file):
+    # Leftovers of an earlier run: stale sockets, the last VMM's exit record, and RAM that a
+    # fresh boot must not see.
+    for stale in (paths.control_socket, paths.agent_socket, paths.vmm_exit_record, paths.memory_file):
         stale.unlink(missing_ok=True)
-    launch.save()
+    reserve_memory_file(paths.memory_file, launch.config.memory_mib * MIB, fresh=True)
+    try:
+        launch.save()
+    except BaseException as exc:
+        paths.memory_file.unlink(missing_ok=True)
+        if is_no_space(exc):
+            raise no_space("writing the launch record", paths.directory) from exc
+        raise
 
 
 def prepare_restore(launch: QemuLaunchRecord) -> None:
-    """Blocking. Unlike a fresh boot, the RAM file is the saved VM's and must be there."""
+    """Blocking. Unlike a fresh boot, the RAM file is the saved VM's and must be there. A VM's
+    own RAM file (mapped shared) gets its holes reserved, like a fresh boot's; a fork's (mapped
+    privately, copy-on-write) is never written and needs none."""
     paths = launch.config.paths
-    for stale in (paths.control_socket, paths.agent_socket):
+    for stale in (paths.control_socket, paths.agent_socket, paths.vmm_exit_record):
         stale.unlink(missing_ok=True)
     if not paths.memory_file.exists():
         raise Conflict(f"{paths.directory.name}: the saved VM's RAM file is missing", code="snapshot_corrupt")
-    launch.save()
+    if launch.maps_memory_shared:
+        reserve_memory_file(paths.memory_file, launch.config.memory_mib * MIB, fresh=False)
+    try:
+        launch.save()
+    except OSError as exc:
+        if is_no_space(exc):
+            raise no_space("writing the launch record", paths.directory) from exc
+        raise

@@ -20,11 +20,16 @@ from hypemand.hypervisor.base import VMMError
 from hypemand.hypervisor.qemu_cmdline import machine_type
 from hypemand.hypervisor.qemu_launch import QemuLaunchRecord
 from hypemand.hypervisor.qemu_vm import QUIT_TIMEOUT, QemuVMHandle, vmm_log_tail
+from hypemand.hypervisor.storage import MIB, free_bytes, is_no_space, no_space
 
 _IGNORE_SHARED = {"capability": "x-ignore-shared", "state": True}
 MIGRATION_BANDWIDTH = 1 << 40
 MIGRATION_TIMEOUT = 120.0
 _MIGRATION_POLL = 0.002
+# Room a device state file needs, with margin (a microvm guest's is ~FILL KiB). Below this much
+# free space a save is refused before the VM is paused, and a failed save is reported as a full
+# disk: the `cat` writing the file only tells QEMU that the pipe broke, not why.
+STATE_FILE_ROOM = 4 * MIB
 
 
 async def prepare_migration(handle: QemuVMHandle) -> None:
@@ -40,6 +45,10 @@ async def save_state(handle: QemuVMHandle, state_file: Path) -> None:
     """Pause the VM and write its device state to ``state_file``; see ``Hypervisor.save_state``."""
     if not handle.migration_ready:  # a VM adopted from a server that did not prepare it
         await prepare_migration(handle)
+    directory = state_file.parent
+    what = f"saving the device state of VM {handle.vm_id}"
+    if await asyncio.to_thread(free_bytes, directory) < STATE_FILE_ROOM:
+        raise no_space(what, directory, STATE_FILE_ROOM)  # refused before the VM is paused
     # Callers save running VMs (the instance layer checks): the pause below is ours to undo.
     await handle.qmp("stop")
     # A sibling of the caller's file: the rename into place stays on one filesystem.
@@ -49,11 +58,17 @@ async def save_state(handle: QemuVMHandle, state_file: Path) -> None:
         await handle.qmp("migrate", {"uri": f"exec:cat > {shlex.quote(str(partial))}"})
         await _wait_for_migration(handle, "saving the device state")
         await asyncio.to_thread(_fsync_and_rename, partial, state_file)
-    except BaseException:
+    except BaseException as exc:
+        # Judged before the partial file is removed: that frees the space it took.
+        full = is_no_space(exc) or (
+            isinstance(exc, VMMError) and await asyncio.to_thread(free_bytes, directory) < STATE_FILE_ROOM
+        )
         await asyncio.to_thread(partial.unlink, missing_ok=True)
         if handle.is_alive():
             with contextlib.suppress(VMMError, InvalidState):
                 await handle.qmp("cont")
+        if full:
+            raise no_space(what, directory, STATE_FILE_ROOM) from exc
         raise
 
 

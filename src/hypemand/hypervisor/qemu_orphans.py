@@ -2,7 +2,9 @@
 
 Such a QEMU is never adopted and keeps its overlay disk's write lock, so its VM cannot start
 again. The reaper finds them by scanning /proc and ends them through a pidfd; see the README for
-the exact conditions a process must meet to count as an orphan.
+the exact conditions a process must meet to count as an orphan. An orphan's supervisor (the shim,
+its parent) is never signalled: it records the kill and exits by itself, and the reaper waits
+for that, so no late record lands in a directory that is being started again.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ from pathlib import Path
 
 from hypemand.errors import Conflict, DependencyMissing
 from hypemand.fsutil import exclusive_lock
-from hypemand.hypervisor.base import PROCESS_RECORD, VMPaths
+from hypemand.hypervisor.base import PROCESS_RECORD, VMM_EXIT_RECORD, VMPaths
 from hypemand.hypervisor.process import (
     ProcessRecord,
     ProcessWatch,
     host_boot_id,
     list_pids,
+    parent_pid,
     process_cmdline,
     process_cwd,
     process_exe,
@@ -44,6 +47,7 @@ class OrphanVMM:
     directory: Path
     vm_id: str
     reason: str  # why no record claims it, for the log
+    supervisor_pid: int | None = None  # its shim, which records its exit, if it has one
 
 
 class OrphanReaper:
@@ -92,6 +96,14 @@ class OrphanReaper:
         watch = ProcessWatch.open_verified(orphan.pid, lambda: self._as_orphan(orphan.pid, root) == orphan)
         if watch is None:
             return False  # gone, or no longer an orphan (adopted, PID reused)
+        # Held before the kill: while its child is alive the shim cannot be replaced by another
+        # process with its PID, and afterwards the pidfd keeps naming it.
+        shim_pid = orphan.supervisor_pid
+        supervisor = (
+            ProcessWatch.open_verified(shim_pid, lambda: parent_pid(orphan.pid) == shim_pid)
+            if shim_pid is not None
+            else None
+        )
         try:
             log.warning(
                 "VM %s: killing orphaned QEMU pid %d in %s (%s)",
@@ -104,8 +116,13 @@ class OrphanReaper:
             if not await watch.wait(KILL_TIMEOUT):
                 log.error("VM %s: orphaned QEMU pid %d survived SIGKILL", orphan.vm_id, orphan.pid)
                 return False
+            if supervisor is not None and not await supervisor.wait(KILL_TIMEOUT):
+                log.error("VM %s: the supervisor (pid %d) of orphaned QEMU pid %d did not exit",
+                          orphan.vm_id, supervisor.pid, orphan.pid)
         finally:
             watch.close()
+            if supervisor is not None:
+                supervisor.close()
         # The RAM file stays: the orphan may be a restore that was being started from a saved
         # VM, whose RAM it is. A later fresh boot of the directory replaces it anyway.
         return True
@@ -131,8 +148,25 @@ class OrphanReaper:
         if process_start_time(pid) != start_time:
             return None  # the PID was reused while we looked
         return OrphanVMM(
-            pid=pid, start_time=start_time, directory=directory, vm_id=launch.config.vm_id, reason=reason
+            pid=pid,
+            start_time=start_time,
+            directory=directory,
+            vm_id=launch.config.vm_id,
+            reason=reason,
+            supervisor_pid=self._supervisor_of(pid, directory, launch),
         )
+
+    @staticmethod
+    def _supervisor_of(pid: int, directory: Path, launch: QemuLaunchRecord) -> int | None:
+        """The shim that started QEMU ``pid``: its parent, in the same directory, whose command
+        line is the shim's (report fd, exit record name) followed by the recorded argv."""
+        parent = parent_pid(pid)
+        if parent is None or parent <= 1 or process_cwd(parent) != directory:
+            return None
+        cmdline = process_cmdline(parent)
+        if cmdline[2:3] != [VMM_EXIT_RECORD] or cmdline[3:] != launch.argv:
+            return None
+        return parent
 
     def _runs_qemu_binary(self, pid: int, launch: QemuLaunchRecord) -> bool:
         exe = process_exe(pid)

@@ -3,6 +3,8 @@
 A handle holds the process through a pidfd (``process.ProcessWatch``), never by PID alone, and at
 most one QMP session. Dropping or closing it never stops the VM; only ``shutdown`` and ``kill``
 do, and they remove the RAM file of the VM that ended (a standby keeps it by never calling them).
+It also holds QEMU's supervisor (the shim, QEMU's parent) while that runs, to know when the
+supervisor has finished recording how QEMU ended (``exit_info``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from typing import Any
 from qemu.qmp import ExecuteError, QMPError
 
 from hypemand.errors import InvalidState
-from hypemand.hypervisor.base import ShutdownOutcome, VMHandle, VMMError, VMStatus
+from hypemand.hypervisor.base import (
+    DiskIOStatus,
+    ShutdownOutcome,
+    VMHandle,
+    VMMError,
+    VMMExit,
+    VMStatus,
+    read_vmm_exit,
+)
 from hypemand.hypervisor.process import ProcessRecord, ProcessWatch
 from hypemand.hypervisor.qemu_launch import QemuLaunchRecord
 from hypemand.hypervisor.qemu_qmp import QmpChannel
@@ -27,16 +37,27 @@ QUIT_TIMEOUT = 5.0
 # so the button is pressed again at this interval until the guest powers off or time runs out.
 POWER_BUTTON_REPEAT = 1.0
 KILL_TIMEOUT = 10.0
+# A supervisor records the exit within milliseconds of QEMU's end (one small fsynced file).
+SUPERVISOR_EXIT_TIMEOUT = 5.0
 
 _KNOWN_STATUSES = {status.value for status in VMStatus}
+_KNOWN_IO_STATUSES = {status.value for status in DiskIOStatus}
 
 
 class QemuVMHandle(VMHandle):
-    def __init__(self, launch: QemuLaunchRecord, record: ProcessRecord, watch: ProcessWatch) -> None:
+    def __init__(
+        self,
+        launch: QemuLaunchRecord,
+        record: ProcessRecord,
+        watch: ProcessWatch,
+        supervisor: ProcessWatch | None = None,
+    ) -> None:
+        """``watch`` holds QEMU; ``supervisor`` its shim, if it still ran when the handle was made."""
         self.config = launch.config
         self.launch = launch
         self.record = record
         self._watch = watch
+        self._supervisor = supervisor
         self._qmp = QmpChannel(self.config.paths.control_socket, name=f"hypemand-{self.vm_id}")
         # Set once the migration settings every save and restore needs are in place
         # (``qemu_migration.prepare_migration``).
@@ -53,8 +74,33 @@ class QemuVMHandle(VMHandle):
     def is_alive(self) -> bool:
         return self._watch.is_alive()
 
-    def exit_status(self) -> str:
-        return self._watch.exit_status()
+    async def exit_info(self, timeout: float = SUPERVISOR_EXIT_TIMEOUT) -> VMMExit | None:  # noqa: ASYNC109
+        if self.is_alive():
+            return None
+        # The shim writes the record right after QEMU ends; wait until it is done.
+        if self._supervisor is not None:
+            await self._supervisor.wait(timeout)
+        ended = await asyncio.to_thread(read_vmm_exit, self.directory)
+        if ended is None or (ended.pid, ended.start_time) != (self.pid, self.record.start_time):
+            return None  # not this QEMU's (its shim was killed, or the record predates shims)
+        return ended
+
+    async def disk_io_status(self) -> dict[str, DiskIOStatus]:
+        devices = await self.qmp("query-block")
+        statuses = {}
+        for device in devices if isinstance(devices, list) else []:
+            name, io_status = device.get("device", ""), device.get("io-status")
+            # Our drives are named disk<index of config.disks>; others (none today) are not ours.
+            index = name.removeprefix("disk")
+            if not index.isdigit() or int(index) >= len(self.config.disks):
+                continue
+            serial = self.config.disks[int(index)].serial
+            if io_status is None:  # a device that does not track it
+                statuses[serial] = DiskIOStatus.OK
+            else:
+                known = io_status in _KNOWN_IO_STATUSES
+                statuses[serial] = DiskIOStatus(io_status) if known else DiskIOStatus.FAILED
+        return statuses
 
     async def qmp(
         self,
@@ -112,6 +158,7 @@ class QemuVMHandle(VMHandle):
             return ShutdownOutcome.KILLED
         finally:
             if not self.is_alive():
+                await self._await_exit_record()
                 await self._discard_memory_file()
 
     async def _press_power_button_until_exit(self, timeout: float) -> bool:  # noqa: ASYNC109
@@ -129,8 +176,15 @@ class QemuVMHandle(VMHandle):
         self._watch.send_signal(signal.SIGKILL)
         if not await self.wait_exit(KILL_TIMEOUT):
             raise VMMError(f"VM {self.vm_id}: QEMU (pid {self.pid}) survived SIGKILL for {KILL_TIMEOUT} s")
+        await self._await_exit_record()
         if not keep_memory:
             await self._discard_memory_file()
+
+    async def _await_exit_record(self) -> None:
+        """Let the supervisor finish recording the exit (milliseconds), so that a VM that
+        ``kill`` or ``shutdown`` ended has its record and no process left in its directory."""
+        if self._supervisor is not None:
+            await self._supervisor.wait(SUPERVISOR_EXIT_TIMEOUT)
 
     async def wait_exit(self, timeout: float | None = None) -> bool:  # noqa: ASYNC109
         exited = await self._watch.wait(timeout)
@@ -141,6 +195,8 @@ class QemuVMHandle(VMHandle):
     async def close(self) -> None:
         await self._qmp.close()
         self._watch.close()
+        if self._supervisor is not None:
+            self._supervisor.close()
 
     async def _discard_memory_file(self) -> None:
         # The RAM of a VM that ended is garbage; a standby keeps it by never calling shutdown/kill.
