@@ -10,6 +10,10 @@ that the services receive as arguments.
     HYPEMAND_MAX_CONCURRENT_PULLS  image pulls run at once (default 1)
     HYPEMAND_QEMU                  the QEMU binary (default: found in /usr/bin, /usr/local/bin, PATH)
     HYPEMAND_ACCEL                 kvm or tcg: skip the acceleration probe
+    HYPEMAND_LOG_MAX_SIZE          an instance log (app, vmm, hypeman) above this is rotated
+                                   (default 50MB, the reference's)
+    HYPEMAND_LOG_MAX_FILES         rotated copies kept: app.log.1 ... (default 1, the reference's)
+    HYPEMAND_LOG_ROTATE_INTERVAL   how often the log sizes are checked (default 10s)
 """
 
 from __future__ import annotations
@@ -21,9 +25,15 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from hypemand.layout import DataLayout
+from hypemand.units import parse_duration, parse_size
 
 DEFAULT_PORT = 4973
 DEFAULT_HOST = "127.0.0.1"
+# The reference's size and count. Its interval is 5 minutes; a check here costs one stat per
+# file, so it runs far more often: a console at full speed outgrows the cap by less.
+DEFAULT_LOG_MAX_SIZE = 50 << 20
+DEFAULT_LOG_MAX_FILES = 1
+DEFAULT_LOG_ROTATE_INTERVAL = 10.0
 
 
 def default_data_dir() -> Path:
@@ -45,6 +55,12 @@ def default_system_dir(data_dir: Path) -> Path:
     return DataLayout(data_dir).system.root
 
 
+def _registries(text: str | None) -> frozenset[str] | None:
+    if text is None or not text.strip():
+        return None
+    return frozenset(part.strip().lower() for part in text.split(",") if part.strip())
+
+
 class Settings(BaseModel):
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -55,6 +71,13 @@ class Settings(BaseModel):
     max_concurrent_pulls: int = Field(default=1, ge=1, le=64)
     qemu_binary: Path | None = None
     accel: Literal["kvm", "tcg"] | None = None
+    log_max_size: int = Field(default=DEFAULT_LOG_MAX_SIZE, ge=64 << 10)
+    log_max_files: int = Field(default=DEFAULT_LOG_MAX_FILES, ge=1, le=100)
+    log_rotate_interval: float = Field(default=DEFAULT_LOG_ROTATE_INTERVAL, gt=0, le=3600)
+    # Registries pulls may reach (host or host:port); None: any. A closed network (or a test
+    # suite that must send nothing beyond loopback) names its own, and a pull of anything else
+    # is refused before a single lookup or connection is made.
+    allowed_registries: frozenset[str] | None = None
 
     @classmethod
     def load(
@@ -63,6 +86,12 @@ class Settings(BaseModel):
         data = (data_dir or default_data_dir()).absolute()
         env = os.environ
         accel = env.get("HYPEMAND_ACCEL", "").strip().lower() or None
+        size, every = env.get("HYPEMAND_LOG_MAX_SIZE"), env.get("HYPEMAND_LOG_ROTATE_INTERVAL")
+        log_rotation = {  # unset: the field's default
+            "log_max_size": parse_size(size) if size else None,
+            "log_max_files": env.get("HYPEMAND_LOG_MAX_FILES") or None,
+            "log_rotate_interval": parse_duration(every) if every else None,
+        }
         return cls.model_validate({
             "host": host,
             "port": port,
@@ -73,6 +102,8 @@ class Settings(BaseModel):
             "max_concurrent_pulls": env.get("HYPEMAND_MAX_CONCURRENT_PULLS", "1"),
             "qemu_binary": env.get("HYPEMAND_QEMU") or None,
             "accel": accel,
+            "allowed_registries": _registries(env.get("HYPEMAND_REGISTRIES")),
+            **{key: value for key, value in log_rotation.items() if value is not None},
         })
 
     @property
