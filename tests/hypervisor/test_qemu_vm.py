@@ -22,6 +22,7 @@ import pytest
 import hypemand.hypervisor.process as process_module
 import hypemand.hypervisor.qemu as qemu_module
 import hypemand.hypervisor.qemu_launch as launch_module
+import hypemand.hypervisor.qemu_spawn as spawn_module
 import hypemand.hypervisor.qemu_vm as vm_module
 from hypemand.errors import Conflict, InvalidState
 from hypemand.guest.client import AgentClient
@@ -322,18 +323,18 @@ async def test_start_cancelled_while_qemu_is_being_spawned_leaves_no_qemu(
 ) -> None:
     """The spawn runs in a thread; a cancellation arriving meanwhile must not orphan the QEMU the
     thread started (it would hold the overlay disk's write lock, unrecorded)."""
-    real_spawn = qemu_module._spawn
-    spawned: list[Any] = []
+    real_spawn = spawn_module.spawn_supervised
+    spawned: list[spawn_module.SpawnedVMM] = []
     started = threading.Event()
 
-    def slow_spawn(shim: Path, argv: list[str], directory: Path, vmm_log_path: Path) -> Any:
-        result = real_spawn(shim, argv, directory, vmm_log_path)
+    def slow_spawn(shim: Path, *args: Any) -> spawn_module.SpawnedVMM:
+        result = real_spawn(shim, *args)
         spawned.append(result)
         started.set()
         threading.Event().wait(1.0)  # the caller is cancelled in this window
         return result
 
-    monkeypatch.setattr(qemu_module, "_spawn", slow_spawn)
+    monkeypatch.setattr(spawn_module, "spawn_supervised", slow_spawn)
     config = sleeper_vm(system_files, busybox_ext4, tmp_path / "vm")
     task = asyncio.create_task(hypervisor.start(config))
     try:

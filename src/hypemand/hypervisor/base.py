@@ -426,7 +426,9 @@ class Hypervisor(ABC):
 
     @abstractmethod
     async def start(self, config: VMConfig) -> VMHandle:
-        """Boot a VM. Raises ``Conflict`` if a VMM for ``config.directory`` is already running."""
+        """Boot a VM. Raises ``Conflict`` if a VMM for ``config.directory`` is already running,
+        ``InsufficientStorage`` if its RAM file cannot be reserved (then nothing is started or
+        left behind)."""
 
     @abstractmethod
     async def adopt(self, directory: Path) -> VMHandle | None:
@@ -443,7 +445,8 @@ class Hypervisor(ABC):
     async def save_state(self, handle: VMHandle, state_file: Path) -> None:
         """Pause the VM and write its device state to ``state_file`` (RAM stays in its file). The VM
         is left paused: ``handle.resume()`` continues it (a snapshot), ``end_saved`` ends it
-        (standby). Only for a running VM; if saving fails, it is resumed before the error is raised."""
+        (standby). Only for a running VM; if saving fails, it is resumed before the error is raised:
+        ``InsufficientStorage`` when the state file's filesystem is (nearly) full."""
         raise NotImplementedByBackend(f"{self.name} does not support snapshots")
 
     async def end_saved(self, handle: VMHandle) -> None:
@@ -456,7 +459,9 @@ class Hypervisor(ABC):
         raise NotImplementedByBackend(f"{self.name} does not support restore")
 
     async def restore(self, directory: Path, state_file: Path) -> VMHandle:
-        """Relaunch the VM recorded in ``directory`` from ``state_file`` and its RAM file, and run it."""
+        """Relaunch the VM recorded in ``directory`` from ``state_file`` and its RAM file, and run it.
+        A VM's own RAM file is reserved first (``InsufficientStorage`` if it cannot be; the saved VM
+        stays as it was); a fork's, mapped copy-on-write, needs no space."""
         raise NotImplementedByBackend(f"{self.name} does not support restore")
 
     def prepare_fork(self, directory: Path, fork: ForkIdentity) -> None:

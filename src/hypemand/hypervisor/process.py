@@ -276,3 +276,5 @@ class ProcessWatch:
             self._unregister()
             os.close(self._pidfd)
             self._pidfd = None
+        if self._child is not None:
+            self._child.poll()  # reaps a child that has ended (no zombie); never waits

@@ -25,21 +25,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
-import select
-import signal
-import subprocess
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
 
 from hypemand.errors import Conflict, InvalidState
 from hypemand.fsutil import exclusive_lock
-from hypemand.hypervisor import qemu_migration
+from hypemand.hypervisor import qemu_migration, qemu_spawn
 from hypemand.hypervisor.base import (
-    VMM_EXIT_RECORD,
     Accel,
     Capabilities,
     ForkIdentity,
@@ -49,9 +43,8 @@ from hypemand.hypervisor.base import (
     VMHandle,
     VMMError,
     VMPaths,
-    read_vmm_exit,
 )
-from hypemand.hypervisor.process import ProcessRecord, ProcessWatch, parent_pid, process_cmdline, process_cwd
+from hypemand.hypervisor.process import ProcessRecord, ProcessWatch, process_cmdline
 from hypemand.hypervisor.qemu_cmdline import build_qemu_argv, machine_type
 from hypemand.hypervisor.qemu_host import (
     AccelDecision,
@@ -63,7 +56,7 @@ from hypemand.hypervisor.qemu_host import (
 from hypemand.hypervisor.qemu_launch import QemuLaunchRecord, prepare_fresh_boot, prepare_restore
 from hypemand.hypervisor.qemu_migration import prepare_migration
 from hypemand.hypervisor.qemu_orphans import OrphanReaper, OrphanVMM
-from hypemand.hypervisor.qemu_vm import KILL_TIMEOUT, SUPERVISOR_EXIT_TIMEOUT, QemuVMHandle, vmm_log_tail
+from hypemand.hypervisor.qemu_vm import QemuVMHandle, vmm_log_tail
 from hypemand.hypervisor.shim import ensure_vmm_shim
 
 __all__ = ["OrphanVMM", "QemuHypervisor", "QemuLaunchRecord", "QemuVMHandle"]
@@ -72,8 +65,6 @@ log = logging.getLogger(__name__)
 
 QMP_READY_TIMEOUT = 15.0  # process start -> QMP answering; ~40 ms when idle, more under load
 QMP_POLL_INTERVAL = 0.005  # QMP is usually up ~40 ms after spawn: poll finely, it costs a connect()
-# The shim reports QEMU's pid right after exec (~1 ms); this bounds a wedged fork or exec.
-SPAWN_REPORT_TIMEOUT = 30.0
 
 
 class QemuHypervisor(Hypervisor):
@@ -140,7 +131,7 @@ class QemuHypervisor(Hypervisor):
                 raise Conflict(
                     f"VM {config.vm_id}: QEMU is already running in {directory} (pid {existing.pid})"
                 )
-            await _await_previous_supervisor(directory)
+            await qemu_spawn.await_previous_supervisor(directory)
 
             accel = config.accel or (await self.acceleration()).accel
             # Off the event loop: the first TSC measurement sleeps 50 ms, and a changed QEMU
@@ -168,19 +159,20 @@ class QemuHypervisor(Hypervisor):
         started = time.monotonic()
         vmm_log = config.paths.vmm_log
         shim = await self.vmm_shim()
-        spawning = asyncio.ensure_future(asyncio.to_thread(_spawn, shim, launch.argv, directory, vmm_log))
+        spawn = qemu_spawn.spawn_supervised
+        spawning = asyncio.ensure_future(asyncio.to_thread(spawn, shim, launch.argv, directory, vmm_log))
         try:
             # Shielded: a cancellation cannot stop the thread, and the QEMU it starts must not be
             # left running unrecorded (it would hold the overlay disk's write lock).
             spawned = await asyncio.shield(spawning)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                await _abandon(await spawning)
+                await qemu_spawn.abandon(await spawning)
             raise
         try:
             record = await self._record(launch, spawned)
         except BaseException:
-            await _abandon(spawned)
+            await qemu_spawn.abandon(spawned)
             raise
         assert spawned.vmm is not None
         supervisor = ProcessWatch.open_supervisor(record, child=spawned.supervisor)
@@ -200,7 +192,7 @@ class QemuHypervisor(Hypervisor):
         )
         return handle
 
-    async def _record(self, launch: QemuLaunchRecord, spawned: _Spawned) -> ProcessRecord:
+    async def _record(self, launch: QemuLaunchRecord, spawned: qemu_spawn.SpawnedVMM) -> ProcessRecord:
         """Write ``vmm.json`` for a QEMU just spawned; VMMError if it is gone already."""
         config = launch.config
         if spawned.vmm is None:
@@ -215,7 +207,7 @@ class QemuHypervisor(Hypervisor):
             record = None
         # Alive after the start time was read: that start time is this QEMU's (no PID reuse).
         if record is None or not spawned.vmm.is_alive():
-            ended = await _exit_description(spawned, config.directory)
+            ended = await qemu_spawn.exit_description(spawned, config.directory)
             raise VMMError(
                 f"VM {config.vm_id}: QEMU exited at once ({ended}): {vmm_log_tail(config.paths.vmm_log)}"
             )
@@ -295,7 +287,7 @@ class QemuHypervisor(Hypervisor):
             if existing is not None:
                 await existing.close()
                 raise Conflict(f"VM in {directory}: QEMU is already running (pid {existing.pid})")
-            await _await_previous_supervisor(directory)
+            await qemu_spawn.await_previous_supervisor(directory)
             await asyncio.to_thread(self.check_restorable, directory)
             launch = QemuLaunchRecord.load(directory)
             assert launch is not None
@@ -314,102 +306,3 @@ class QemuHypervisor(Hypervisor):
     async def reap_orphans(self, guests_root: Path) -> list[OrphanVMM]:
         """See ``OrphanReaper.reap``. Call it once at server start, before ``adopt``."""
         return await self._orphans.reap(guests_root)
-
-
-@dataclass
-class _Spawned:
-    supervisor: subprocess.Popen[bytes]  # the shim, our child
-    vmm: ProcessWatch | None  # QEMU, held while it was verified as the shim's child; None: no QEMU
-
-
-def _spawn(shim: Path, argv: list[str], directory: Path, vmm_log_path: Path) -> _Spawned:
-    """Start ``argv`` under the shim and learn QEMU's pid from it. Blocking (fork, exec, the
-    shim's report): run it in a thread."""
-    report_read, report_write = os.pipe()
-    try:
-        with open(vmm_log_path, "ab") as vmm_log:
-            vmm_log.write(f"--- {datetime.now(UTC).isoformat()} starting {' '.join(argv)}\n".encode())
-            vmm_log.flush()
-            supervisor = subprocess.Popen(
-                [str(shim), str(report_write), VMM_EXIT_RECORD, *argv],
-                cwd=directory,
-                stdin=subprocess.DEVNULL,
-                stdout=vmm_log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own session: a server restart neither kills nor signals it
-                close_fds=True,  # none of the server's descriptors, only the report pipe
-                pass_fds=(report_write,),
-            )
-    except BaseException:
-        os.close(report_read)
-        raise
-    finally:
-        os.close(report_write)
-    try:
-        report = _read_report(report_read)
-    finally:
-        os.close(report_read)
-    if report is None:  # wedged: end the shim and whatever it started (its process group)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(supervisor.pid, signal.SIGKILL)  # our unreaped child: the id is still its
-        supervisor.wait()
-        return _Spawned(supervisor, None)
-    if not report.strip().isdigit():
-        return _Spawned(supervisor, None)  # exec failed; the shim said why on stderr
-    pid = int(report)
-    resolved = directory.resolve()
-    vmm = ProcessWatch.open_verified(
-        pid, lambda: parent_pid(pid) == supervisor.pid and process_cwd(pid) == resolved
-    )
-    return _Spawned(supervisor, vmm)
-
-
-def _read_report(fd: int) -> str | None:
-    """What the shim wrote to the report pipe until it closed it; None if it took too long."""
-    deadline = time.monotonic() + SPAWN_REPORT_TIMEOUT
-    data = b""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return None
-        readable, _, _ = select.select([fd], [], [], remaining)
-        if readable:
-            chunk = os.read(fd, 64)
-            if not chunk:
-                return data.decode(errors="replace")
-            data += chunk
-
-
-async def _exit_description(spawned: _Spawned, directory: Path) -> str:
-    """How a QEMU that ended at once ended, from its shim's record."""
-    await asyncio.to_thread(spawned.supervisor.wait)
-    ended = await asyncio.to_thread(read_vmm_exit, directory)
-    if ended is None or spawned.vmm is None or ended.pid != spawned.vmm.pid:
-        return "no exit record"
-    return ended.describe()
-
-
-async def _abandon(spawned: _Spawned) -> None:
-    """Stop a QEMU we spawned but could not take charge of, and reap its shim."""
-    if spawned.vmm is not None:
-        spawned.vmm.send_signal(signal.SIGKILL)
-        await spawned.vmm.wait(KILL_TIMEOUT)
-        spawned.vmm.close()
-    # Reaped in a thread: the shim records the exit first. Should this wait itself be cancelled,
-    # the thread still reaps it.
-    await asyncio.to_thread(spawned.supervisor.wait)
-
-
-async def _await_previous_supervisor(directory: Path) -> None:
-    """Let the shim of the directory's last QEMU finish its exit record before a new launch
-    removes it: a record written after that would describe the wrong VMM."""
-    record = await asyncio.to_thread(ProcessRecord.load, VMPaths(directory).process_record)
-    supervisor = ProcessWatch.open_supervisor(record) if record is not None else None
-    if supervisor is None:
-        return
-    try:
-        if not await supervisor.wait(SUPERVISOR_EXIT_TIMEOUT):
-            log.warning("VM in %s: the last QEMU's supervisor (pid %d) is still running",
-                        directory, supervisor.pid)
-    finally:
-        supervisor.close()
