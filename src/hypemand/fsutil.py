@@ -7,6 +7,7 @@ file or the new one, never a torn write, even across a crash or power loss.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -17,7 +18,22 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from hypemand.errors import Conflict
+from hypemand.errors import Conflict, InsufficientStorage
+
+# errno values that mean "the file system is full" (a quota counts as full for us).
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def storage_errors(what: str) -> Iterator[None]:
+    """Turn a full file system into :class:`InsufficientStorage` (507) naming ``what`` was being
+    written, instead of a bare OSError that would answer 500."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise InsufficientStorage(f"no space left on the data disk to write {what}") from exc
+        raise
 
 
 @contextlib.contextmanager
@@ -45,7 +61,13 @@ def fsync_dir(directory: Path) -> None:
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write ``data`` to ``path`` via temp file, fsync and rename."""
+    """Write ``data`` to ``path`` via temp file, fsync and rename. A full disk raises
+    :class:`InsufficientStorage` and leaves the old file as it was."""
+    with storage_errors(path.name):
+        _write_atomic(path, data, mode)
+
+
+def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -31,6 +31,7 @@ INSTANCE_RECORD = "instance.json"
 OVERLAY_DISK = "overlay.raw"
 CONFIG_DISK = "config.disk"
 BOOT_LOCK = ".boot.lock"
+DELETE_INTENT = ".deleting"  # a delete began: the next start finishes it, never lists a half instance
 OPERATIONS_LOG = "logs/hypeman.log"
 STATE_FILE = "vm.state"  # device state of a saved VM (its RAM stays in the hypervisor's RAM file)
 STANDBY_RECORD = "standby.json"  # present exactly while the instance is in Standby
@@ -83,6 +84,10 @@ class InstancePaths:
     @property
     def boot_lock(self) -> Path:
         return self.directory / BOOT_LOCK
+
+    @property
+    def delete_intent(self) -> Path:
+        return self.directory / DELETE_INTENT
 
     @property
     def operations_log(self) -> Path:

@@ -46,6 +46,7 @@ class Runtime:
             self.layout,
             max_concurrent=settings.max_concurrent_pulls,
             disk_format=DiskFormat(settings.image_format),
+            allowed_registries=settings.allowed_registries,
         )
         self.hypervisor = QemuHypervisor(
             state_dir=self.layout.hypervisor_state,

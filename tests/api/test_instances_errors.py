@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -656,11 +657,11 @@ def full_disk(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
             subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
-def test_full_disk_during_create_leaves_nothing_behind(full_disk: FullDisk) -> None:
-    """With 1 MiB free the record is written but mke2fs of a 100 GB overlay fails; with nothing
-    free the record write itself fails. Each create answers 507 ``insufficient_storage`` (no host
-    path in the message) and leaves no instance and no directory, and the name is free again
-    afterwards."""
+def test_a_create_the_disk_cannot_hold_is_refused_and_leaves_nothing_behind(full_disk: FullDisk) -> None:
+    """Disk admission: an instance promises its overlay's full size and a RAM file backed in
+    full. With 1 MiB free, or none, a create is refused before anything is made (409
+    ``insufficient_resources`` naming the disk, no host path in the message), no instance and no
+    directory remain, and the name is free again afterwards."""
     srv = full_disk.srv
 
     def call(work: Callable[[Hypeman], Any]) -> Callable[[], Any]:
@@ -678,14 +679,14 @@ def test_full_disk_during_create_leaves_nothing_behind(full_disk: FullDisk) -> N
         body = expect_error(
             call(lambda c: c.instances.create(name="full", image=demo.DEMO_NAME, size="256MB",
                                               overlay_size="100GB", vcpus=1)),
-            InternalServerError, 507, "insufficient_storage", "no space left")
+            ConflictError, 409, "insufficient_resources", "disk requested")
         assert "/" not in body["message"], body
         assert guest_dirs(srv.data_dir) == set()
         assert listed() == []
 
         full_disk.fill()
         expect_error(call(lambda c: c.instances.create(name="full", image=demo.DEMO_NAME, **SMALL)),
-                     InternalServerError, 507, "insufficient_storage", "no space left")
+                     ConflictError, 409, "insufficient_resources", "disk requested")
         assert guest_dirs(srv.data_dir) == set()
         assert listed() == []
     finally:
@@ -699,16 +700,17 @@ def test_full_disk_during_create_leaves_nothing_behind(full_disk: FullDisk) -> N
 
 
 def test_a_server_error_keeps_the_connection_open(full_disk: FullDisk) -> None:
-    """With no space at all the record write fails deep below the API (an OSError, not a domain
-    error): the answer is still in the error shape, and the connection stays usable."""
+    """With no space at all, writing a new tag fails deep below the API (the file system is
+    full): the answer is 507 ``insufficient_storage`` in the error shape, and the connection
+    stays usable."""
     srv = full_disk.srv
-    body = json.dumps({"name": "conn", "image": demo.DEMO_NAME, "size": "256MB",
-                       "overlay_size": "100GB", "vcpus": 1})
+    body = json.dumps({"target": "docker.io/demo/busybox:full"})
     headers = {"Authorization": f"Bearer {srv.token}", "Content-Type": "application/json"}
     connection = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
     try:
         full_disk.fill()
-        connection.request("POST", "/instances", body=body, headers=headers)
+        connection.request("POST", f"/images/{quote(demo.DEMO_NAME, safe='')}/tag", body=body,
+                           headers=headers)
         first = connection.getresponse()
         payload = json.loads(first.read())
         assert (first.status, payload["code"]) == (507, "insufficient_storage"), payload

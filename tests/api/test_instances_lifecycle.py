@@ -38,7 +38,7 @@ def qemu_pids(data_dir: Path) -> list[int]:
             continue
         try:
             if Path(f"/proc/{entry.name}/cwd").resolve().parent == guests and \
-                    b"qemu-system" in (entry / "cmdline").read_bytes():
+                    b"qemu-system" in (entry / "cmdline").read_bytes().split(b"\0")[0]:  # QEMU, not its shim
                 pids.append(int(entry.name))
         except OSError:
             continue

@@ -61,7 +61,8 @@ class ChangingManager:
 
     def add(self, number: int) -> None:
         self.live[f"i{number}"] = SimpleNamespace(id=f"i{number}", name=f"n{number}", vcpus=1,
-                                                  memory_bytes=1 << 28, hotplug_bytes=0)
+                                                  memory_bytes=1 << 28, hotplug_bytes=0,
+                                                  overlay_bytes=1 << 26)
 
 
 async def test_resources_reads_the_live_instances_on_the_loop_and_the_disk_off_it(

@@ -4,6 +4,7 @@ validation, the operations log's ordering, and the instance table's reference re
 from __future__ import annotations
 
 import asyncio
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -12,12 +13,12 @@ import pytest
 from hypemand.errors import BadRequest, Conflict, NotFound
 from hypemand.guest.markers import ConsoleMarkers
 from hypemand.hypervisor.base import Board, VMStatus
-from hypemand.instances.admission import Demand, check_capacity
+from hypemand.instances.admission import Demand, check_capacity, open_disk_promise
 from hypemand.instances.host import HostCapacity
 from hypemand.instances.live import InstanceTable, LiveInstance
 from hypemand.instances.models import CreateInstanceRequest, InstanceRecord, InstanceState
 from hypemand.instances.records import OperationsLog, phase_change
-from hypemand.instances.state import derive_state
+from hypemand.instances.state import Observed, StateReader, StateWatch, derive_state
 from hypemand.instances.validation import MIN_MEMORY, validate_create
 from hypemand.layout import InstancePaths
 
@@ -166,3 +167,74 @@ def test_operations_log_keeps_order_and_never_recreates_a_deleted_directory(tmp_
         await oplog.close()
 
     asyncio.run(scenario())
+
+
+class CountingReader(StateReader):
+    """A reader whose VM becomes Running after a number of reads, counting them."""
+
+    def __init__(self, running_after: int) -> None:
+        self.reads = 0
+        self.running_after = running_after
+
+    async def state(self, live: LiveInstance) -> Observed:
+        self.reads += 1
+        running = self.reads > self.running_after
+        return Observed(InstanceState.RUNNING if running else InstanceState.INITIALIZING)
+
+
+def test_many_waiters_share_one_observer(tmp_path: Path) -> None:
+    """A hundred long-polls of one instance cost one read per tick, not one per waiter."""
+
+    async def scenario() -> None:
+        reader = CountingReader(running_after=100 + 8)  # every waiter's first look, then 8 ticks
+        watch = StateWatch(reader)
+        target = live(tmp_path, "abc", "web")
+        results = await asyncio.gather(*(
+            watch.until(target, lambda seen: seen.state is InstanceState.RUNNING, 5.0) for _ in range(100)
+        ))
+        assert all(seen.state is InstanceState.RUNNING and not timed_out for seen, timed_out in results)
+        assert reader.reads <= 100 + 8 + 2, reader.reads
+
+    asyncio.run(scenario())
+
+
+def test_a_wait_that_times_out_says_so_with_the_last_state(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        watch = StateWatch(CountingReader(running_after=10**6))
+        seen, timed_out = await watch.until(
+            live(tmp_path, "abc", "web"), lambda seen: seen.state is InstanceState.RUNNING, 0.1
+        )
+        assert timed_out and seen.state is InstanceState.INITIALIZING
+
+    asyncio.run(scenario())
+
+
+def test_disk_admission_counts_what_instances_may_still_write() -> None:
+    capacity = HostCapacity(cpus=2, memory_bytes=64 << 30, disk_bytes=100 << 30, disk_free_bytes=10 << 30)
+    held = [Demand(0, 0, "d", disk=6 << 30)]  # e.g. a stopped instance's overlay still to grow
+    check_capacity(capacity, held, Demand(1, 1 << 30, "d", disk=4 << 30))
+    with pytest.raises(Conflict, match="disk requested") as refused:
+        check_capacity(capacity, held, Demand(1, 1 << 30, "d", disk=(4 << 30) + 1))
+    assert refused.value.code == "insufficient_resources"
+
+
+def test_open_disk_promise_of_sparse_reserved_and_shared_files(tmp_path: Path) -> None:
+    overlay, memory, fork_memory = tmp_path / "overlay.raw", tmp_path / "memory.ram", tmp_path / "fork.ram"
+    with overlay.open("wb") as sparse:
+        sparse.truncate(64 << 20)
+        sparse.write(b"x" * (1 << 20))  # 1 MiB written at the start, the rest a hole
+    used = overlay.stat().st_blocks * 512
+    assert open_disk_promise(overlay, 64 << 20, None, 0) == (64 << 20) - used
+    # A RAM file still to be made is promised in full; once reserved, nothing more.
+    assert open_disk_promise(overlay, 64 << 20, memory, 32 << 20) == (64 << 20) - used + (32 << 20)
+    with memory.open("wb") as ram:
+        os.posix_fallocate(ram.fileno(), 0, 32 << 20)
+    assert open_disk_promise(overlay, 64 << 20, memory, 32 << 20) == (64 << 20) - used
+    # A fork maps its snapshot's RAM file (a hard link) privately: it costs no disk.
+    os.link(memory, fork_memory)
+    memory.unlink()
+    with fork_memory.open("r+b") as ram:
+        ram.truncate(0)
+        ram.truncate(32 << 20)
+    os.link(fork_memory, memory)
+    assert open_disk_promise(overlay, 64 << 20, memory, 32 << 20) == (64 << 20) - used

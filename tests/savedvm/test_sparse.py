@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from hypemand.savedvm import sparse
 from hypemand.savedvm.errors import SparseCopyUnsupported
 from hypemand.savedvm.sparse import (
     PAGE_SIZE,
@@ -21,7 +22,6 @@ from hypemand.savedvm.sparse import (
     link_or_copy,
     tree_allocated_bytes,
 )
-from hypemand.savedvm import sparse
 from tests.savedvm.conftest import MIB
 
 

@@ -101,8 +101,14 @@ def strict_client(srv: ServerProcess, token: str | None = None, timeout: float |
                    _strict_response_validation=True, timeout=timeout)
 
 
+# The tests' servers may pull only from registries on this machine: a name that points
+# elsewhere (the fuzzer makes many) is refused before any lookup leaves it.
+LOCAL_REGISTRIES = "127.0.0.1,localhost,[::1]"
+
+
 def server_environment() -> dict[str, str]:
-    return dict(os.environ, HYPEMAND_SYSTEM_DIR=str(SHARED_SYSTEM_DIR), PYTHONUNBUFFERED="1")
+    return dict(os.environ, HYPEMAND_SYSTEM_DIR=str(SHARED_SYSTEM_DIR), PYTHONUNBUFFERED="1",
+                HYPEMAND_REGISTRIES=LOCAL_REGISTRIES)
 
 
 def launch(argv: Sequence[str], data_dir: Path, log_path: Path, port: int | None = None) -> ServerProcess:

@@ -35,7 +35,19 @@ def serve(
     except DomainError as error:
         typer.echo(f"hypemand: cannot start: {error}", err=True)
         raise typer.Exit(1) from None
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level, ws="websockets-sansio")
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port,
+        log_level=log_level,
+        ws="websockets-sansio",
+        # A SIGTERM waits this long for open requests (an exec into a VM paused on a full disk
+        # may never end), then cancels them: the server always stops, and VMs outlive it anyway.
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,
+    )
+
+
+SHUTDOWN_GRACE_SECONDS = 5
 
 
 @app.command()

@@ -150,8 +150,10 @@ class ImageService:
         platform: Platform | None = None,
         resolve_timeout: float = 30.0,
         upload_max_age: float = DEFAULT_UPLOAD_MAX_AGE_SECONDS,
+        allowed_registries: frozenset[str] | None = None,
     ) -> None:
         self.store = ImageStore(layout.image_store)
+        self.allowed_registries = allowed_registries
         self.blobs = self.store.blobs
         # The /v2 push side: uploads land in the same blob store, manifests come back here.
         self.push_registry = RegistryService(self.store.paths, self.blobs, self,
@@ -208,6 +210,7 @@ class ImageService:
 
     async def create(self, request: CreateImageRequest) -> Image:
         ref = parse_reference(request.name)
+        self._check_registry_allowed(ref)
         platform = parse_platform(request.platform) if request.platform else self.platform
         tags = validate_tags(request.tags)
         credentials = request.credentials if request.credentials and request.credentials.present else None
@@ -331,6 +334,20 @@ class ImageService:
             await job.done.wait()
 
     # ---- booting by name --------------------------------------------------------------
+
+    def _check_registry_allowed(self, ref: Reference) -> None:
+        """Refuse, before any lookup or connection, a registry this server may not reach."""
+        allowed = self.allowed_registries
+        if allowed is None:
+            return
+        domain = ref.domain.lower()
+        host = domain.rsplit(":", 1)[0] if not domain.endswith("]") else domain
+        if domain not in allowed and host not in allowed:
+            raise BadRequest(
+                f"registry {ref.domain} is not one this server may pull from "
+                f"(allowed: {', '.join(sorted(allowed))})",
+                code="registry_not_allowed",
+            )
 
     async def ready_for_boot(self, name: str, timeout: float) -> ReadyImage:  # noqa: ASYNC109
         """The ready image ``name`` for an instance about to boot from it, waited for if need be:

@@ -1,17 +1,22 @@
 """Admission: names are unique, and the host is not promised more than it has.
 
-vCPUs are oversubscribed 4x, memory not at all (see ``host.py``), counted over instances whose
-VMM runs plus boots in flight. A create, start, restore or fork beyond that is refused (409
-``insufficient_resources``) before anything is made. Decisions are taken one at a time under one
-lock; a boot in flight stays counted until its VMM runs.
+vCPUs are oversubscribed 4x, memory and disk not at all (see ``host.py``). CPU and memory are
+counted over instances whose VMM runs plus boots in flight. Disk is counted as promises still
+open: every instance's overlay may grow to its full size and a VM's RAM file must be backed in
+full, so the free space must cover what those may still take plus what the new one asks for. A
+create, start, restore or fork beyond that is refused (409 ``insufficient_resources``) before
+anything is made. Decisions are taken one at a time under one lock; a boot in flight stays
+counted until its VMM runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 from hypemand.errors import Conflict
 from hypemand.instances.host import HostCapacity
@@ -21,18 +26,22 @@ from hypemand.units import format_size
 
 @dataclass(frozen=True)
 class Demand:
-    """What one instance holds while its VMM runs."""
+    """What one instance holds: vCPUs and memory while its VMM runs, ``disk`` bytes it may still
+    write that are not allocated yet."""
 
     vcpus: int
     memory: int
     image_digest: str
+    disk: int = 0
 
 
 def check_capacity(capacity: HostCapacity, held: Iterable[Demand], wanted: Demand) -> None:
-    """Pure: refuse ``wanted`` if, on top of ``held``, it exceeds the host's limits."""
+    """Pure: refuse ``wanted`` if, on top of ``held``, it exceeds the host's limits. CPU and
+    memory ``held`` are those of running VMMs; disk ``held`` is every instance's open promise."""
     held = list(held)
     used_cpu = sum(demand.vcpus for demand in held)
     used_mem = sum(demand.memory for demand in held)
+    promised_disk = sum(demand.disk for demand in held)
     if used_cpu + wanted.vcpus > capacity.cpu_limit:
         raise Conflict(
             f"insufficient resources: {wanted.vcpus} vCPUs requested, "
@@ -45,11 +54,52 @@ def check_capacity(capacity: HostCapacity, held: Iterable[Demand], wanted: Deman
             f"{format_size(max(0, capacity.memory_limit - used_mem))} available",
             code="insufficient_resources",
         )
+    if promised_disk + wanted.disk > capacity.disk_free_bytes:
+        raise Conflict(
+            f"insufficient resources: {format_size(wanted.disk)} disk requested, "
+            f"{format_size(max(0, capacity.disk_free_bytes - promised_disk))} available "
+            f"({format_size(capacity.disk_free_bytes)} free, {format_size(promised_disk)} of it "
+            "promised to existing instances' overlays and memory)",
+            code="insufficient_resources",
+        )
 
 
-def demand_of(live: LiveInstance) -> Demand:
+def _allocated(path: Path) -> tuple[int, int]:
+    """Bytes allocated to a file and its link count (0, 0 if it does not exist)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return 0, 0
+    return info.st_blocks * 512, info.st_nlink
+
+
+def open_disk_promise(
+    overlay: Path, overlay_bytes: int, memory_file: Path | None, memory_bytes: int
+) -> int:
+    """Blocking (two stats): what an instance may still write beyond what it has allocated.
+
+    ``memory_file`` is given when the instance holds (or is about to hold) a RAM file of its own;
+    a RAM file shared by hard link (a fork maps its snapshot's privately) costs no disk."""
+    overlay_used, _ = _allocated(overlay)
+    promise = max(0, overlay_bytes - overlay_used)
+    if memory_file is not None:
+        memory_used, links = _allocated(memory_file)
+        if links <= 1:
+            promise += max(0, memory_bytes - memory_used)
+    return promise
+
+
+def demand_of(live: LiveInstance, *, with_memory_file: bool) -> Demand:
+    """Blocking (stats the instance's disks)."""
     record = live.record
-    return Demand(record.vcpus, record.memory_bytes + record.hotplug_bytes, record.image_digest)
+    memory = record.memory_bytes + record.hotplug_bytes
+    disk = open_disk_promise(
+        live.paths.overlay_disk,
+        record.overlay_bytes,
+        live.paths.memory_file if with_memory_file else None,
+        memory,
+    )
+    return Demand(record.vcpus, memory, record.image_digest, disk)
 
 
 class Admission:
@@ -73,7 +123,7 @@ class Admission:
             if name in self._names or self._table.has_name(name):
                 raise Conflict(f"an instance named {name!r} already exists", code="name_conflict")
             if demand is not None:
-                self._check(demand)
+                await self._check(demand)
                 self._pending[instance_id] = demand
             self._names.add(name)
         try:
@@ -86,16 +136,31 @@ class Admission:
     async def boot(self, live: LiveInstance) -> AsyncIterator[None]:
         """An existing instance about to hold host resources again (start, restore): admitted,
         and counted as pending until its VMM runs, so concurrent boots cannot overcommit."""
-        demand = demand_of(live)
         async with self._lock:
-            self._check(demand, excluding=live.id)
+            demand = await asyncio.to_thread(demand_of, live, with_memory_file=True)
+            await self._check(demand, excluding=live.id)
             self._pending[live.id] = demand
         try:
             yield
         finally:
             self._pending.pop(live.id, None)
 
-    def _check(self, wanted: Demand, *, excluding: str | None = None) -> None:
-        held = [demand for key, demand in self._pending.items() if key != excluding]
-        held += [demand_of(live) for live in self._table if live.id != excluding and live.vmm_alive()]
-        check_capacity(self._capacity(), held, wanted)
+    async def _check(self, wanted: Demand, *, excluding: str | None = None) -> None:
+        pending = [demand for key, demand in self._pending.items() if key != excluding]
+        others = [
+            (live, live.vmm_alive())
+            for live in self._table
+            if live.id != excluding and live.id not in self._pending
+        ]
+        capacity, held = await asyncio.to_thread(self._held, others)
+        check_capacity(capacity, pending + held, wanted)
+
+    def _held(self, others: list[tuple[LiveInstance, bool]]) -> tuple[HostCapacity, list[Demand]]:
+        """Blocking: the host's capacity now, and what every other instance holds. CPU and
+        memory count only where a VMM runs; disk promises count for every instance (a RAM file
+        for those running or in Standby)."""
+        held = []
+        for live, running in others:
+            demand = demand_of(live, with_memory_file=running or live.paths.standby_record.exists())
+            held.append(demand if running else Demand(0, 0, demand.image_digest, demand.disk))
+        return self._capacity(), held

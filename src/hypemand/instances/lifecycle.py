@@ -11,15 +11,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from hypemand.errors import InvalidState, NotFound
+from hypemand.errors import DomainError, InvalidState, NotFound
+from hypemand.fsutil import write_atomic
 from hypemand.guest.config_disk import GuestConfig
-from hypemand.hypervisor.base import Hypervisor, VMHandle
+from hypemand.hypervisor.base import Hypervisor, VMHandle, VMMExit, VMStatus, read_vmm_exit
 from hypemand.images.errors import ImageNotFound
 from hypemand.images.models import ReadyImage
 from hypemand.images.service import ImageService
@@ -41,6 +43,10 @@ WATCH_INTERVAL = 0.2
 # The guest's own grace for the program after the power button (init: SIGTERM, 5 s, SIGKILL);
 # the host waits that long plus this before it tells QEMU to quit.
 POWEROFF_MARGIN = 2.0
+# A guest paused on a full disk is looked at every this many watcher ticks (about a second) and
+# resumed once the file system has at least this much free again.
+IO_ERROR_CHECK_TICKS = 5
+RESUME_MIN_FREE = 64 << 20
 
 
 def guest_spec(record: InstanceRecord, image: ReadyImage, directory: Path) -> GuestSpec:
@@ -105,8 +111,9 @@ class Lifecycle:
 
     # ---- boot and watch ---------------------------------------------------------------------
 
-    async def boot(self, live: LiveInstance, image: ReadyImage) -> None:
-        """Launch the VMM and start watching it."""
+    async def boot(self, live: LiveInstance, image: ReadyImage, *, provision: bool = True) -> None:
+        """Launch the VMM and start watching it. A create's first boot marks the instance
+        provisioned (kept by the next server); a fork does that itself once it answers."""
         spec = guest_spec(live.record, image, live.paths.directory)
         launched = await launch_guest(self.hypervisor, self.system(), spec)
         live.handle = launched.handle
@@ -116,7 +123,7 @@ class Lifecycle:
         now = utcnow()
         await records.update(
             live,
-            provisioned=True,
+            provisioned=live.record.provisioned or provision,
             started_at=now,
             stopped_at=None,
             console_offset=launched.console_offset,
@@ -124,6 +131,7 @@ class Lifecycle:
             agent_ready_at=None,
             identity_pending=False,  # a fresh boot has its own kernel and randomness
             exit=None,
+            crash=None,
             **phase_change(live.record, "initializing", now),
         )
         self.table.add(live)
@@ -135,16 +143,20 @@ class Lifecycle:
 
     async def _watch(self, live: LiveInstance, handle: VMHandle) -> None:
         """Keep the record's history while this VMM lives; record its end."""
+        ticks = 0
         try:
             while handle.is_alive():
+                ticks += 1
+                if ticks % IO_ERROR_CHECK_TICKS == 0:
+                    await self._resume_after_disk_full(live, handle)
                 markers = await self.reader.markers(live)
                 if live.record.program_started_at is None and markers.program_start_ts is not None:
-                    await records.update(live, program_started_at=utcnow())
+                    await records.note(live, program_started_at=utcnow())
                     self.oplog.write(live, "program started")
                 if live.record.agent_ready_at is None and markers.agent_ready_ts is not None:
-                    await records.update(live, agent_ready_at=utcnow())
+                    await records.note(live, agent_ready_at=utcnow())
                 if live.record.phase == "initializing" and booted(markers, live.record):
-                    await records.update(live, **phase_change(live.record, "running", utcnow()))
+                    await records.note(live, **phase_change(live.record, "running", utcnow()))
                 if markers.exit is not None:
                     break
                 await handle.wait_exit(WATCH_INTERVAL)
@@ -157,23 +169,67 @@ class Lifecycle:
         except Exception:
             log.exception("instance %s: watcher failed", live.id)
 
-    async def record_exit(self, live: LiveInstance, at: datetime) -> None:
-        """The VMM is gone: close what pointed at it and note how the program ended."""
+    async def _resume_after_disk_full(self, live: LiveInstance, handle: VMHandle) -> None:
+        """A guest paused because the data disk filled up continues once there is room again
+        (QEMU retries the failed writes); if the disk fills again, QEMU pauses it again."""
+        if await self.reader.vm_status(live) is not VMStatus.IO_ERROR:
+            return
+        if not await self.reader.disk_full(live):
+            return
+        free = await asyncio.to_thread(_free_bytes, live.paths.directory)
+        if free < RESUME_MIN_FREE:
+            return
+        async with live.lock:
+            if live.handle is not handle or live.deleted:
+                return
+            self.oplog.write(live, f"disk space is back ({free >> 20} MiB free): resuming the guest")
+            try:
+                await handle.resume()
+            except DomainError as exc:
+                log.warning("instance %s: could not resume after a full disk: %s", live.id, exc)
+            live.forget_status()
+
+    async def record_exit(self, live: LiveInstance, at: datetime | None, *, expected: bool = False) -> None:
+        """The VMM is gone: close what pointed at it and note how the program ended, and how the
+        VM did: a VMM killed by a signal or failing, or a guest kernel panic, is recorded as a
+        crash unless the server ended it itself (``expected``). ``at`` None: it ended while no
+        server watched; the time comes from its supervisor's record."""
+        handle = live.handle
+        if handle is not None:
+            vmm_exit = await handle.exit_info()
+        else:
+            vmm_exit = await asyncio.to_thread(read_vmm_exit, live.paths.directory)
+        if live.exit_seen_at is not None:
+            ended = live.exit_seen_at
+        elif at is not None:
+            ended = at
+        elif vmm_exit is not None:
+            ended = vmm_exit.at
+        else:
+            ended = await asyncio.to_thread(_last_sign_of_life, live)
         # Readers see this moment as stopped_at from now on, until the record holds it.
-        at = live.exit_seen_at = live.exit_seen_at or at
+        live.exit_seen_at = ended
         await self.agents.close(live)
-        if live.handle is not None:
-            await live.handle.close()
+        if handle is not None:
+            await handle.close()
             live.handle = None
         live.forget_status()
         markers = await self.reader.markers(live)
         exit_info = (
             GuestExitInfo(code=markers.exit.code, message=markers.exit.message) if markers.exit else None
         )
-        await records.update(live, stopped_at=at, exit=exit_info, **phase_change(live.record, "stopped", at))
+        crash = None
+        if not expected:
+            console, offset = live.paths.console_log, live.record.console_offset
+            crash = await asyncio.to_thread(crash_report, vmm_exit, console, offset)
+        await records.note(
+            live, stopped_at=ended, exit=exit_info, crash=crash, **phase_change(live.record, "stopped", ended)
+        )
         live.exit_seen_at = None
         detail = f"exit code {exit_info.code} ({exit_info.message})" if exit_info else "no exit recorded"
-        self.oplog.write(live, f"stopped: {detail}")
+        self.oplog.write(live, f"stopped: {detail}" + (f"; crashed: {crash}" if crash else ""))
+        if crash:
+            log.warning("instance %s (%s) crashed: %s", live.name, live.id, crash)
 
     async def adopt(self, live: LiveInstance) -> None:
         """At server start: watch a VMM that outlived the last server, or record the exit of one
@@ -186,7 +242,7 @@ class Lifecycle:
             self.oplog.write(live, f"server restarted: adopted running VMM pid {handle.pid}")
             self.watch(live, handle)
         elif live.record.phase not in ("stopped", "standby"):
-            await self.record_exit(live, at=await asyncio.to_thread(_mtime, live.paths.console_log))
+            await self.record_exit(live, at=None)
 
     # ---- operations ---------------------------------------------------------------------------
 
@@ -202,7 +258,7 @@ class Lifecycle:
         await self.agents.close(live)
         outcome = await handle.shutdown(timeout=live.record.stop_timeout + POWEROFF_MARGIN)
         self.oplog.write(live, f"stop: {outcome.value}")
-        await self.record_exit(live, at=utcnow())
+        await self.record_exit(live, at=utcnow(), expected=True)
 
     async def start(self, live: LiveInstance, request: StartInstanceRequest) -> None:
         observed = await self.reader.state(live)
@@ -224,7 +280,7 @@ class Lifecycle:
         """Boot an existing instance from its disk (a Stopped snapshot brought to Running)."""
         image = await self.image_of(live)
         async with self.admission.boot(live):
-            await self.boot(live, image)
+            await self.boot(live, image, provision=False)
 
     async def end_vmm(self, live: LiveInstance, *, graceful: bool = False) -> None:
         """End whatever VMM the instance has (graceful: the guest's power button first)."""
@@ -240,6 +296,9 @@ class Lifecycle:
         await handle.close()
 
     async def delete(self, live: LiveInstance, *, graceful: bool) -> None:
+        # The intent first, durably: a server killed from here on finishes the delete at its next
+        # start instead of listing an instance whose disks are half gone.
+        await asyncio.to_thread(write_atomic, live.paths.delete_intent, b"")
         live.deleted = True
         await self.compression.cancel_for_instance(live.id)
         await self.end_vmm(live, graceful=graceful)
@@ -266,8 +325,54 @@ class Lifecycle:
         await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
 
 
-def _mtime(path: Path) -> datetime:
+PANIC_LINE = "Kernel panic - not syncing:"
+CONSOLE_TAIL = 16 << 10
+
+
+def crash_report(vmm_exit: VMMExit | None, console: Path, boot_offset: int) -> str | None:
+    """Blocking (reads the console's tail). Why a VM ended abnormally, or None: its VMM killed by
+    a signal or exiting with an error, or this boot's guest kernel panicking (QEMU then exits
+    cleanly, as the guest asked to power off)."""
+    reasons = []
+    if vmm_exit is not None and not vmm_exit.clean:
+        why = f"the VMM {vmm_exit.describe()}"
+        if vmm_exit.signal == "SIGBUS":
+            why += " (its RAM file could not be backed: is the data disk full?)"
+        reasons.append(why)
+    panic = _kernel_panic(console, boot_offset)
+    if panic is not None:
+        reasons.append(f"guest kernel panic: {panic}")
+    return "; ".join(reasons) or None
+
+
+def _kernel_panic(console: Path, boot_offset: int) -> str | None:
+    try:
+        with console.open("rb") as log_file:
+            size = log_file.seek(0, os.SEEK_END)
+            log_file.seek(max(boot_offset, size - CONSOLE_TAIL))
+            tail = log_file.read().decode(errors="replace")
+    except FileNotFoundError:
+        return None
+    found = [line for line in tail.splitlines() if PANIC_LINE in line]
+    if not found:
+        return None
+    return found[-1].split(PANIC_LINE, 1)[1].strip() or "no reason given"
+
+
+def _last_sign_of_life(live: LiveInstance) -> datetime:
+    """When a VM that ended unwatched, with no record of its end, was last seen alive: its last
+    console or VMM output, never before the phase it was in began."""
+    seen = [_mtime(live.paths.console_log), _mtime(live.paths.vmm_log), live.record.phase_since]
+    return max(moment for moment in seen if moment is not None)
+
+
+def _free_bytes(directory: Path) -> int:
+    stat = os.statvfs(directory)
+    return stat.f_bavail * stat.f_frsize
+
+
+def _mtime(path: Path) -> datetime | None:
     try:
         return datetime.fromtimestamp(path.stat().st_mtime, UTC)
     except FileNotFoundError:
-        return utcnow()
+        return None

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from hypemand.errors import BadRequest, Conflict, DomainError, InvalidState, Not
 from hypemand.guest.client import AgentClient
 from hypemand.hypervisor.base import Board, Hypervisor
 from hypemand.hypervisor.qemu_cmdline import guest_mac
-from hypemand.images.errors import ImageNotFound, ImageNotReady
+from hypemand.images.errors import ImageNotFound
 from hypemand.images.models import ReadyImage
 from hypemand.images.service import ImageService
 from hypemand.instances import records
@@ -46,11 +45,12 @@ from hypemand.instances.models import (
 )
 from hypemand.instances.records import OperationsLog, load_record, utcnow
 from hypemand.instances.saved import SavedVM, SavedVMOperations, SnapshotKind
-from hypemand.instances.state import StateReader
+from hypemand.instances.state import Observed, StateReader, StateWatch
 from hypemand.instances.validation import (
     BOARDS,
     check_update,
     expiry,
+    merged_env,
     new_instance_id,
     normalized_policy,
     validate_create,
@@ -63,7 +63,6 @@ from hypemand.units import format_size
 
 log = logging.getLogger(__name__)
 
-WAIT_POLL = 0.025  # a waiting client learns of Running within this
 MAX_WAIT = 300.0
 SWEEP_INTERVAL = 1.0
 # How long a create waits for an image that is still being pulled.
@@ -88,6 +87,7 @@ class InstanceManager:
         self.platform = platform
         self.table = InstanceTable()
         self.reader = StateReader()
+        self.watch = StateWatch(self.reader)
         self.agents = AgentLinks()
         self.oplog = OperationsLog()
         self.admission = Admission(self.table, self.capacity)
@@ -140,17 +140,20 @@ class InstanceManager:
                 "instance directory %s has an unreadable record, leaving it alone: %s", paths.directory, exc
             )
             return
-        if record is None or not record.provisioned:
-            # A create that died before its first boot launched: nothing of it was promised.
+        deleting = await asyncio.to_thread(paths.delete_intent.exists)
+        if record is None or not record.provisioned or deleting:
+            # A create or fork that died before it answered (nothing of it was promised), or a
+            # delete that a killed server began: finish removing it.
+            why = "deleted" if deleting else "half-created"
             handle = await self.hypervisor.adopt(paths.directory)
             if handle is not None:
                 log.warning(
-                    "removing half-created instance %s: ending its VMM (pid %d)",
-                    paths.directory.name,
-                    handle.pid,
+                    "removing %s instance %s: ending its VMM (pid %d)", why, paths.directory.name, handle.pid
                 )
                 await handle.kill()
                 await handle.close()
+            else:
+                log.warning("removing %s instance %s", why, paths.directory.name)
             await asyncio.to_thread(shutil.rmtree, paths.directory, ignore_errors=True)
             return
         live = LiveInstance(record=record, paths=paths)
@@ -203,17 +206,15 @@ class InstanceManager:
 
     async def wait(self, ref: str, target: InstanceState, timeout: float) -> WaitForStateResponse:  # noqa: ASYNC109
         live = self.table.resolve(ref)
-        deadline = time.monotonic() + min(max(timeout, 0.0), MAX_WAIT)
-        while True:
-            if live.deleted:
-                raise NotFound(f"instance {ref!r} was deleted")
-            observed = await self.reader.state(live)
-            state, error = observed.state, observed.error
-            if state is target or (state in TERMINAL_FOR_WAIT and target not in TERMINAL_FOR_WAIT):
-                return WaitForStateResponse(state=state, timed_out=False, state_error=error)
-            if time.monotonic() >= deadline:
-                return WaitForStateResponse(state=state, timed_out=True, state_error=error)
-            await asyncio.sleep(WAIT_POLL)
+
+        def reached(observed: Observed) -> bool:
+            state = observed.state
+            return state is target or (state in TERMINAL_FOR_WAIT and target not in TERMINAL_FOR_WAIT)
+
+        observed, timed_out = await self.watch.until(live, reached, min(max(timeout, 0.0), MAX_WAIT))
+        if live.deleted:
+            raise NotFound(f"instance {ref!r} was deleted")
+        return WaitForStateResponse(state=observed.state, timed_out=timed_out, state_error=observed.error)
 
     async def stats(self, ref: str) -> InstanceStats:
         live = self.table.resolve(ref)
@@ -256,7 +257,9 @@ class InstanceManager:
         ready = await self._ready_image(request.image)
         instance_id = new_instance_id()
         paths = self.layout.instance(instance_id)
-        demand = Demand(shape.vcpus, shape.memory_demand, ready.digest)
+        # Its overlay may grow to its full size and its RAM file is backed in full.
+        disk = shape.overlay_bytes + shape.memory_demand
+        demand = Demand(shape.vcpus, shape.memory_demand, ready.digest, disk)
         async with self.admission.new_instance(instance_id, request.name, demand):
             try:
                 now = utcnow()
@@ -297,12 +300,13 @@ class InstanceManager:
         return await self.reader.view(live)
 
     async def _ready_image(self, name: str) -> ReadyImage:
+        """The image to boot: pulled first if this server does not have it, and waited for
+        while it is being pulled (a client may create an instance right after asking for the
+        image, as Harbor's does). A failed or unfinished pull is a 409 ``image_not_ready``."""
         try:
-            return await self.images.get_ready(name)
+            return await self.images.ready_for_boot(name, IMAGE_WAIT)
         except ImageNotFound as exc:
             raise NotFound(f"image {name!r} not found: {exc}") from exc
-        except ImageNotReady as exc:
-            raise NotFound(f"image {name!r} is not ready: {exc}", code="image_not_ready") from exc
 
     async def update(self, ref: str, request: UpdateInstanceRequest) -> Instance:
         live = self.table.resolve(ref)
@@ -310,7 +314,7 @@ class InstanceManager:
         async with mutating(live):
             changes: dict[str, Any] = {}
             if request.env is not None:
-                changes["env"] = {**live.record.env, **request.env}
+                changes["env"] = merged_env(live.record.env, request.env)
             if request.ttl is not None or request.expires_at is not None:
                 current = live.record.expires_at
                 if current is not None and current <= utcnow():
@@ -392,14 +396,13 @@ class InstanceManager:
         """The connected agent of a Running instance (waiting up to ``wait_for_agent`` seconds
         for it to become Running)."""
         live = self.table.resolve(ref)
-        deadline = time.monotonic() + max(0.0, min(wait_for_agent, MAX_WAIT))
-        while True:
-            state = (await self.reader.state(live)).state
-            if state is InstanceState.RUNNING:
-                break
-            if time.monotonic() >= deadline or state in TERMINAL_FOR_WAIT:
-                raise InvalidState(f"instance {live.name} is {state.value}, not Running")
-            await asyncio.sleep(WAIT_POLL)
+
+        def settled(observed: Observed) -> bool:
+            return observed.state is InstanceState.RUNNING or observed.state in TERMINAL_FOR_WAIT
+
+        observed, _ = await self.watch.until(live, settled, max(0.0, min(wait_for_agent, MAX_WAIT)))
+        if observed.state is not InstanceState.RUNNING:
+            raise InvalidState(f"instance {live.name} is {observed.state.value}, not Running")
         return await self.agents.agent(live)
 
     async def log_file(self, ref: str, source: str) -> Path:

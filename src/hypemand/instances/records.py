@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from hypemand.errors import InsufficientStorage
 from hypemand.fsutil import write_model_atomic
 from hypemand.instances.live import LiveInstance
 from hypemand.instances.models import InstanceRecord
@@ -55,6 +56,18 @@ async def update(live: LiveInstance, **changes: Any) -> None:
         record = live.record.model_copy(update=changes)
         await asyncio.to_thread(write_model_atomic, live.paths.record, record)
         live.record = record
+
+
+async def note(live: LiveInstance, **changes: Any) -> None:
+    """``update`` for history the server observes (a program start, an exit): on a full disk it
+    is kept in memory (reads show it; the next write that succeeds stores it) instead of failing
+    the watcher that noticed it."""
+    try:
+        await update(live, **changes)
+    except InsufficientStorage as exc:
+        if not live.deleted:
+            live.record = live.record.model_copy(update=changes)
+        log.warning("instance %s: %s; kept in memory until there is space", live.id, exc)
 
 
 class OperationsLog:

@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from hypemand.hypervisor.base import Capabilities as BackendCapabilities
+from hypemand.instances.admission import open_disk_promise
 from hypemand.instances.host import (
     CPU_OVERSUBSCRIPTION,
     DISK_OVERSUBSCRIPTION,
@@ -156,7 +157,10 @@ class Holding:
     active: bool  # a VMM runs: its vCPUs and memory are in use
     vcpus: int
     memory_bytes: int
+    overlay_bytes: int  # the size its overlay may grow to
     overlay_disk: Path
+    memory_file: Path
+    standby_record: Path
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,7 @@ class ResourceInputs:
 
     capacity: Callable[[], HostCapacity]  # the host's, read from the file system
     images_dir: Path
+    data_dirs: tuple[Path, ...]  # what the server keeps on the data disk besides images
     holdings: tuple[Holding, ...]
 
 
@@ -178,22 +183,44 @@ def resource_inputs(manager: InstanceManager) -> ResourceInputs:
             active=active,
             vcpus=record.vcpus,
             memory_bytes=record.memory_bytes + record.hotplug_bytes,
-            overlay_disk=manager.layout.instance(record.id).overlay_disk,
+            overlay_bytes=record.overlay_bytes,
+            overlay_disk=paths.overlay_disk,
+            memory_file=paths.memory_file,
+            standby_record=paths.standby_record,
         )
         for record, active in manager.allocations()
+        for paths in (manager.layout.instance(record.id),)
     )
-    return ResourceInputs(capacity=manager.capacity, images_dir=manager.layout.images, holdings=holdings)
+    layout = manager.layout
+    return ResourceInputs(
+        capacity=manager.capacity,
+        images_dir=layout.images,
+        data_dirs=(layout.guests, layout.snapshots),
+        holdings=holdings,
+    )
 
 
 def resources(inputs: ResourceInputs) -> Resources:
     """Blocking (statvfs, /proc/meminfo, file sizes): call it from a worker thread. It touches
-    nothing but ``inputs`` and the files they name."""
+    nothing but ``inputs`` and the files they name.
+
+    Disk is answered as what this server can really use: its capacity is the free space plus
+    what the server's own files already take (not the size of a file system others share), and
+    its allocation is those files plus what instances may still write (overlays up to their
+    size, RAM files in full) — the same promises admission counts."""
     capacity = inputs.capacity()
     allocations: list[ResourceAllocation] = []
-    cpu = memory = overlays = 0
+    cpu = memory = overlays = promised = 0
     for holding in inputs.holdings:
         disk = sparse_size(holding.overlay_disk)
         overlays += disk
+        with_memory = holding.active or holding.standby_record.exists()
+        promised += open_disk_promise(
+            holding.overlay_disk,
+            holding.overlay_bytes,
+            holding.memory_file if with_memory else None,
+            holding.memory_bytes,
+        )
         if holding.active:
             cpu += holding.vcpus
             memory += holding.memory_bytes
@@ -203,11 +230,11 @@ def resources(inputs: ResourceInputs) -> Resources:
                 instance_name=holding.instance_name,
                 cpu=holding.vcpus if holding.active else 0,
                 memory_bytes=holding.memory_bytes if holding.active else 0,
-                disk_bytes=disk,
+                disk_bytes=holding.overlay_bytes + (holding.memory_bytes if with_memory else 0),
             )
         )
     images = _tree_size(inputs.images_dir)
-    disk_used = images + overlays
+    own = images + sum(_tree_size(directory) for directory in inputs.data_dirs)
 
     def status(kind: str, total: int, ratio: float, used: int, source: str) -> ResourceStatus:
         limit = int(total * ratio)
@@ -227,7 +254,11 @@ def resources(inputs: ResourceInputs) -> Resources:
             "memory", capacity.memory_bytes, MEMORY_OVERSUBSCRIPTION, memory, "/proc/meminfo MemTotal"
         ),
         disk=status(
-            "disk", capacity.disk_bytes, DISK_OVERSUBSCRIPTION, disk_used, "statvfs of the data directory"
+            "disk",
+            capacity.disk_free_bytes + own,
+            DISK_OVERSUBSCRIPTION,
+            own + promised,
+            "free space of the data directory's file system plus the server's own files",
         ),
         # User-mode networking is not rate limited: there is no capacity to hand out.
         network=status("network", 0, 1.0, 0, "not limited (user-mode networking)"),

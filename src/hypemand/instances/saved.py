@@ -148,7 +148,9 @@ class SavedVMOperations:
         live.forget_status()
         await asyncio.to_thread(files.forget_standby)
         now = utcnow()
-        await records.update(live, stopped_at=None, exit=None, **phase_change(live.record, "running", now))
+        await records.update(
+            live, stopped_at=None, exit=None, crash=None, **phase_change(live.record, "running", now)
+        )
         self.lifecycle.watch(live, handle)
         self.oplog.write(live, f"restore: VMM pid {handle.pid} running")
         if live.record.identity_pending:
@@ -230,6 +232,7 @@ class SavedVMOperations:
                 "started_at": None,
                 "stopped_at": now,
                 "exit": None,
+                "crash": None,
                 "console_offset": console,
                 "phase": current.phase,
                 "phase_since": current.phase_since,
@@ -265,10 +268,13 @@ class SavedVMOperations:
                 "expires_at": None,
                 "board": board or source.record.board,
                 "mac": guest_mac(instance_id),
-                "provisioned": True,
+                # Not until the fork answers: a server killed before that removes it at start,
+                # rather than keeping an instance whose id the client never got.
+                "provisioned": False,
                 "started_at": None,
                 "stopped_at": now,
                 "exit": None,
+                "crash": None,
                 "console_offset": 0,
                 "program_started_at": None,
                 "agent_ready_at": None,
@@ -285,6 +291,7 @@ class SavedVMOperations:
         self.oplog.write(live, f"forked from snapshot {source.snapshot_id} of {source.record.name}")
         async with mutating(live):
             await self.bring_to(live, source, target)
+            await records.update(live, provisioned=True)
         return live
 
     async def bring_to(self, live: LiveInstance, source: SavedVM, target: InstanceState) -> None:

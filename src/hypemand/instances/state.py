@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from hypemand.errors import DomainError
 from hypemand.guest.markers import ConsoleMarkers
-from hypemand.hypervisor.base import VMStatus
+from hypemand.hypervisor.base import DiskIOStatus, VMStatus
 from hypemand.instances.live import LiveInstance
 from hypemand.instances.models import GuestExitInfo, Instance, InstanceNetwork, InstanceRecord, InstanceState
 from hypemand.instances.records import phase_change, utcnow
@@ -27,6 +29,11 @@ from hypemand.units import format_size
 STATUS_TIMEOUT = 1.0  # a QMP query-status slower than this makes the state Unknown
 STATUS_TTL = 0.5  # readers within this window share one QMP answer
 USER_NETWORK_IP = "10.0.2.15"
+IO_ERROR_MESSAGE = "paused by the hypervisor after a disk I/O error"
+DISK_FULL_MESSAGE = (
+    "disk full: the data directory's file system has no space left, so the guest is paused; "
+    "it continues by itself once space is freed"
+)
 
 QEMU_TO_STATE = {
     VMStatus.PAUSED: InstanceState.PAUSED,
@@ -76,14 +83,20 @@ def derive_state(
         )
     if status in QEMU_TO_STATE:
         return Observed(QEMU_TO_STATE[status])
+    if status is VMStatus.IO_ERROR:
+        # QEMU paused the guest because a disk write failed; it continues once resumed.
+        return Observed(InstanceState.PAUSED, IO_ERROR_MESSAGE)
     # running, or an error state QEMU still runs in: the boot markers decide.
     if markers is not None and booted(markers, record):
         return Observed(InstanceState.RUNNING)
     return Observed(InstanceState.INITIALIZING)
 
 
+_NO_MARKERS_NEEDED = (VMStatus.UNKNOWN, VMStatus.EXITED, VMStatus.IO_ERROR)
+
+
 def needs_markers(status: VMStatus) -> bool:
-    return status not in QEMU_TO_STATE and status not in (VMStatus.UNKNOWN, VMStatus.EXITED)
+    return status not in QEMU_TO_STATE and status not in _NO_MARKERS_NEEDED
 
 
 class StateReader:
@@ -98,15 +111,32 @@ class StateReader:
             # One stat of a small local file: cheaper than a thread hop on every read of a list.
             saved = live.paths.standby_record.exists()
             return derive_state(vmm_alive=False, saved=saved, status=None, markers=None, record=live.record)
-        status = await self._vm_status(live)
+        status = await self.vm_status(live)
         if status is VMStatus.UNKNOWN and not live.vmm_alive():
             status = VMStatus.EXITED
         markers = await self.markers(live) if needs_markers(status) else None
-        return derive_state(vmm_alive=True, saved=False, status=status, markers=markers, record=live.record)
+        record = live.record
+        observed = derive_state(vmm_alive=True, saved=False, status=status, markers=markers, record=record)
+        if status is VMStatus.IO_ERROR and await self.disk_full(live):
+            return Observed(observed.state, DISK_FULL_MESSAGE)
+        return observed
 
-    async def _vm_status(self, live: LiveInstance) -> VMStatus:
+    async def disk_full(self, live: LiveInstance) -> bool:
+        """Whether a VM in io-error stopped because its host file system is full."""
         handle = live.handle
-        assert handle is not None
+        if handle is None:
+            return False
+        try:
+            async with asyncio.timeout(STATUS_TIMEOUT):
+                disks = await handle.disk_io_status()
+        except (TimeoutError, DomainError):
+            return False
+        return DiskIOStatus.NOSPACE in disks.values()
+
+    async def vm_status(self, live: LiveInstance) -> VMStatus:
+        handle = live.handle
+        if handle is None:
+            return VMStatus.EXITED  # ended (or put in standby) since the caller looked
         now = time.monotonic()
         if live.status_value is not None and now - live.status_at < STATUS_TTL:
             return live.status_value
@@ -142,12 +172,17 @@ class StateReader:
             phase = record.model_copy(update=phase_change(record, state.value.lower(), now))
         phases = phase_change(phase, phase.phase, now)["phase_ms"]
         stopped = state is InstanceState.STOPPED
+        # A crash (the VMM killed or failing, a guest kernel panic) is said where a client looks:
+        # in state_error, and as the exit message when the program left none.
+        crash = record.crash if stopped else None
+        error = observed.error or crash
+        exit_message = exit_info.message if exit_info else crash
         return Instance(
             id=record.id,
             name=record.name,
             image=record.image,
             state=state,
-            state_error=observed.error,
+            state_error=error,
             created_at=record.created_at,
             expires_at=record.expires_at,
             platform=record.platform,
@@ -166,10 +201,78 @@ class StateReader:
             started_at=record.started_at,
             stopped_at=record.stopped_at or live.exit_seen_at if stopped else None,
             exit_code=exit_info.code if exit_info and stopped else None,
-            exit_message=exit_info.message if exit_info and stopped else None,
+            exit_message=exit_message if stopped else None,
             has_snapshot=state is InstanceState.STANDBY,
             snapshot_policy=record.snapshot_policy,
             current_phase=phase.phase,
             current_phase_since=phase.phase_since,
             phase_durations_ms=phases,
         )
+
+
+WAIT_POLL = 0.025  # a waiting client learns of a new state within this
+
+
+@dataclass
+class _Ticker:
+    """One observer per instance while anyone waits on it; waiters wake only on a change."""
+
+    changed: asyncio.Condition
+    observed: Observed | None = None
+    waiters: int = 0
+    task: asyncio.Task[None] | None = None
+
+
+class StateWatch:
+    """Waits for states (``wait``, exec's wait for the agent) without each waiter asking the VM:
+    a hundred clients long-polling one instance cost one read every ``WAIT_POLL``."""
+
+    def __init__(self, reader: StateReader) -> None:
+        self.reader = reader
+        self._tickers: dict[int, _Ticker] = {}
+
+    async def until(
+        self, live: LiveInstance, done: Callable[[Observed], bool], timeout: float  # noqa: ASYNC109
+    ) -> tuple[Observed, bool]:
+        """The first state that satisfies ``done`` (and False), or the last one seen when
+        ``timeout`` ran out (and True). Returns at once, too, when the instance is deleted."""
+        observed = await self.reader.state(live)
+        if done(observed) or live.deleted or timeout <= 0:
+            return observed, not (done(observed) or live.deleted)
+        ticker = self._ticker(live)
+        ticker.waiters += 1
+        try:
+            async with asyncio.timeout(timeout), ticker.changed:
+                while True:
+                    await ticker.changed.wait()
+                    observed = ticker.observed or observed
+                    if done(observed) or live.deleted:
+                        return observed, False
+        except TimeoutError:
+            return ticker.observed or observed, True
+        finally:
+            ticker.waiters -= 1
+
+    def _ticker(self, live: LiveInstance) -> _Ticker:
+        key = id(live)
+        ticker = self._tickers.get(key)
+        if ticker is None or ticker.task is None or ticker.task.done():
+            ticker = _Ticker(changed=asyncio.Condition())
+            self._tickers[key] = ticker
+            ticker.task = asyncio.create_task(self._tick(key, live, ticker), name=f"state-watch-{live.id}")
+        return ticker
+
+    async def _tick(self, key: int, live: LiveInstance, ticker: _Ticker) -> None:
+        try:
+            while ticker.waiters > 0:
+                observed = await self.reader.state(live)
+                if observed != ticker.observed or live.deleted:
+                    ticker.observed = observed
+                    async with ticker.changed:
+                        ticker.changed.notify_all()
+                if live.deleted:
+                    break
+                await asyncio.sleep(WAIT_POLL)
+        finally:
+            if self._tickers.get(key) is ticker:
+                del self._tickers[key]

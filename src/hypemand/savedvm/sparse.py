@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
 
-from hypemand.fsutil import fsync_dir
+from hypemand.fsutil import fsync_dir, storage_errors
 from hypemand.savedvm.errors import SparseCopyUnsupported
 
 # linux/fs.h: _IOW(0x94, 9, int). Shares the source's blocks copy-on-write (XFS reflink, btrfs).
@@ -110,8 +110,14 @@ def copy_sparse(src: Path, dst: Path, *, durable: bool = True) -> CopyMethod:
     ``dst``'s directory, fsynced and renamed, so ``dst`` is either absent/old or complete.
     ``durable=False`` leaves out the fsyncs, for a caller that must finish quickly (a paused
     guest) and calls :func:`make_durable` afterwards.
-    Raises :class:`SparseCopyUnsupported` when the filesystem cannot report holes.
+    Raises :class:`SparseCopyUnsupported` when the filesystem cannot report holes, and
+    :class:`InsufficientStorage` when it is full (nothing is left under ``dst``'s name).
     """
+    with storage_errors(f"a copy of {src.name}"):
+        return _copy_sparse(src, dst, durable)
+
+
+def _copy_sparse(src: Path, dst: Path, durable: bool) -> CopyMethod:
     src_fd = os.open(src, os.O_RDONLY)
     try:
         src_stat = os.fstat(src_fd)

@@ -8,10 +8,13 @@ service owns the snapshot directories, their records, digests and compression.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import shutil
 import string
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -58,7 +61,7 @@ class SnapshotService:
         self.instances = instances
         self.jobs = jobs
         self._records: dict[str, SnapshotRecord] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._uses: dict[str, _Use] = {}
         self._creating = asyncio.Lock()  # names are unique per source: decided one create at a time
         self._reserved: set[tuple[str, str]] = set()
         self._verified = VerifiedFiles()
@@ -132,8 +135,27 @@ class SnapshotService:
     def _saved(self, snapshot_id: str) -> SavedVMFiles:
         return SavedVMFiles(self.layout.snapshot(snapshot_id).payload)
 
-    def _lock(self, snapshot_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(snapshot_id, asyncio.Lock())
+    def _use_of(self, snapshot_id: str) -> _Use:
+        return self._uses.setdefault(snapshot_id, _Use())
+
+    @contextlib.asynccontextmanager
+    async def _using(self, snapshot_id: str) -> AsyncIterator[SavedVM]:
+        """The snapshot's files, ready to start a guest on, for one restore or fork. Any number
+        of them run at once; only making the files ready (stopping a compression, expanding,
+        the first digest check of each file) is done one at a time. A delete waits for them."""
+        use = self._use_of(snapshot_id)
+        if use.deleting:
+            raise NotFound(f"snapshot {snapshot_id!r} is being deleted")
+        use.users += 1
+        use.idle.clear()
+        try:
+            async with use.preparing:
+                saved = await self._ready(snapshot_id)
+            yield saved
+        finally:
+            use.users -= 1
+            if use.users == 0:
+                use.idle.set()
 
     # ---- create -----------------------------------------------------------------------------------
 
@@ -238,17 +260,24 @@ class SnapshotService:
 
     async def delete(self, snapshot_id: str) -> None:
         self._record(snapshot_id)
-        async with self._lock(snapshot_id):
-            if snapshot_id not in self._records:
-                raise NotFound(f"snapshot {snapshot_id!r} not found")
-            await self.jobs.cancel_for_snapshot(snapshot_id)
-            # The record goes first: a crash in the middle leaves an unfinished directory, which
-            # the next start removes, never a listed snapshot with half its files.
-            paths = self.layout.snapshot(snapshot_id)
-            await asyncio.to_thread(paths.record.unlink, missing_ok=True)
-            del self._records[snapshot_id]
-            await asyncio.to_thread(shutil.rmtree, paths.directory, ignore_errors=True)
-        self._locks.pop(snapshot_id, None)
+        use = self._use_of(snapshot_id)
+        if use.deleting:
+            raise NotFound(f"snapshot {snapshot_id!r} not found")
+        use.deleting = True  # no new restore or fork; those running finish first
+        paths = self.layout.snapshot(snapshot_id)
+        try:
+            await use.idle.wait()
+            async with use.preparing:
+                await self.jobs.cancel_for_snapshot(snapshot_id)
+                # The record goes first: a crash in the middle leaves an unfinished directory,
+                # which the next start removes, never a listed snapshot with half its files.
+                await asyncio.to_thread(paths.record.unlink, missing_ok=True)
+        except BaseException:
+            use.deleting = False  # still listed, still whole: usable again
+            raise
+        del self._records[snapshot_id]
+        self._uses.pop(snapshot_id, None)
+        await asyncio.to_thread(shutil.rmtree, paths.directory, ignore_errors=True)
 
     # ---- restore and fork -------------------------------------------------------------------------
 
@@ -261,15 +290,13 @@ class SnapshotService:
                 f"{record.snapshot.source_instance_id}, not {instance.id}"
             )
         target, board = self._target(record.snapshot.kind, request.target_state, request.target_hypervisor)
-        async with self._lock(snapshot_id):
-            saved = await self._ready(snapshot_id)
+        async with self._using(snapshot_id) as saved:
             return await self.instances.restore_snapshot(instance.id, saved, target, board)
 
     async def fork(self, snapshot_id: str, request: ForkSnapshotRequest) -> Instance:
         record = self._record(snapshot_id)
         target, board = self._target(record.snapshot.kind, request.target_state, request.target_hypervisor)
-        async with self._lock(snapshot_id):
-            saved = await self._ready(snapshot_id)
+        async with self._using(snapshot_id) as saved:
             return await self.instances.fork(saved, request.name, target, board)
 
     async def fork_instance(self, ref: str, request: ForkInstanceRequest) -> Instance:
@@ -369,6 +396,19 @@ class SnapshotService:
             state_digest=record.digests.get(files.device_state.name),
             qemu_version=record.qemu_version,
         )
+
+
+@dataclass
+class _Use:
+    """Who is using a snapshot's files."""
+
+    users: int = 0
+    deleting: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    preparing: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
 
 
 def _load(path: Path) -> SnapshotRecord | None:
