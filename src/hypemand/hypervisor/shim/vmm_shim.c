@@ -162,13 +162,13 @@ int main(int argc, char **argv) {
     }
     int report_fd = atoi(argv[1]);
     const char *exit_file = argv[2];
-    char partial[4096];
-    if (snprintf(partial, sizeof(partial), ".%s.partial", exit_file) >= (int)sizeof(partial))
+    char reserved[4096]; /* the record is written here, then renamed into place */
+    if (snprintf(reserved, sizeof(reserved), ".%s.reserved", exit_file) >= (int)sizeof(reserved))
         return 2;
 
-    int record_fd = open(partial, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+    int record_fd = open(reserved, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (record_fd < 0)
-        fprintf(stderr, "hypeman-vmm-shim: %s: %s\n", partial, strerror(errno));
+        fprintf(stderr, "hypeman-vmm-shim: %s: %s\n", reserved, strerror(errno));
     else
         (void)posix_fallocate(record_fd, 0, RECORD_MAX); /* best effort: some filesystems cannot */
     off_t log_start = log_size();
@@ -222,7 +222,7 @@ int main(int argc, char **argv) {
         waitpid(child, NULL, 0);
         if (record_fd >= 0) {
             close(record_fd);
-            unlink(partial);
+            unlink(reserved);
         }
         return 127;
     }
@@ -270,10 +270,10 @@ int main(int argc, char **argv) {
         return shim_code;
     }
     if (pwrite(record_fd, record, (size_t)n, 0) != n || ftruncate(record_fd, n) != 0 || fsync(record_fd) != 0 ||
-        rename(partial, exit_file) != 0) {
+        rename(reserved, exit_file) != 0) {
         fprintf(stderr, "hypeman-vmm-shim: writing %s failed (%s): %s", exit_file, strerror(errno), record);
         close(record_fd);
-        unlink(partial);
+        unlink(reserved);
         return shim_code;
     }
     close(record_fd);
