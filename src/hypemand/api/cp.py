@@ -10,10 +10,11 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any, Literal, cast
 
 from fastapi import APIRouter
-from pydantic import Field, ValidationError
+from pydantic import Field, ValidationError, field_validator
 from starlette.websockets import WebSocket
 
 from hypemand.api.instance_streams import path_info_fields
+from hypemand.api.limits import MAX_GUEST_ID, check_guest_path
 from hypemand.api.websocket import (
     ClientGone,
     WireRequest,
@@ -37,13 +38,30 @@ _DEFAULT_DIR_MODE = 0o755
 
 
 class CopyRequest(WireRequest):
+    """Checked against the guest protocol's limits (``api/limits.py``) before the agent is asked."""
+
     direction: Literal["to", "from", "stat"]
-    guest_path: str = Field(min_length=1)
+    guest_path: str
     is_dir: bool = False
     mode: int = Field(0, ge=0, le=0o7777)  # 0: the default for files or directories
     follow_links: bool = False
-    uid: int | None = Field(None, ge=0)
-    gid: int | None = Field(None, ge=0)
+    uid: int | None = Field(None, ge=0, le=MAX_GUEST_ID)
+    gid: int | None = Field(None, ge=0, le=MAX_GUEST_ID)
+
+    @field_validator("guest_path")
+    @classmethod
+    def _path_ok(cls, value: str) -> str:
+        return check_guest_path(value)
+
+
+def _is_upload(text: str) -> bool:
+    """Whether a first frame (valid or not) asks to copy to the guest: the client then sends the
+    entry's data and its end frame before it reads an answer."""
+    try:
+        payload = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(payload, dict) and payload.get("direction") == "to"
 
 
 def _is_end_frame(text: str | None) -> bool:
@@ -103,6 +121,10 @@ async def _serve_copy(websocket: WebSocket, agent: AgentClient) -> None:
     try:
         request = CopyRequest.model_validate_json(text)
     except ValidationError as exc:
+        if _is_upload(text):
+            # The SDK reads the answer only after sending the data: take it first (and drop it),
+            # so that it sees this error rather than a connection closed under its sends.
+            await _UploadFrames(websocket).drain()
         message = f"invalid cp request: {validation_summary(exc)}"
         await send_json(websocket, {"type": "error", "message": message})
         return

@@ -11,10 +11,21 @@ import logging
 import time
 
 from fastapi import APIRouter
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from starlette.websockets import WebSocket
 
 from hypemand.api.instance_streams import instance_streams
+from hypemand.api.limits import (
+    MAX_AGENT_PAYLOAD_BYTES,
+    MAX_EXEC_ARGS,
+    MAX_EXEC_TIMEOUT_SECONDS,
+    MAX_WAIT_FOR_AGENT_SECONDS,
+    agent_string_bytes,
+    check_exec_env,
+    check_guest_path,
+    exec_request_bytes,
+    summary,
+)
 from hypemand.api.websocket import (
     ClientGone,
     WireRequest,
@@ -37,19 +48,47 @@ router = APIRouter()
 
 
 class ExecRequest(WireRequest):
-    command: list[str] = Field(default_factory=lambda: ["/bin/sh"])
+    """Checked whole against the guest protocol's limits (``api/limits.py``) before anything is
+    sent to the agent or logged."""
+
+    command: list[str] = Field(default_factory=lambda: ["/bin/sh"], max_length=MAX_EXEC_ARGS)
     tty: bool = False
     env: dict[str, str] = Field(default_factory=dict)
     cwd: str = ""
-    timeout: float = Field(0, ge=0)  # seconds; 0: no limit
-    wait_for_agent: float = Field(0, ge=0)  # seconds
+    # seconds; 0: no limit
+    timeout: float = Field(0, ge=0, le=MAX_EXEC_TIMEOUT_SECONDS, allow_inf_nan=False)
+    wait_for_agent: float = Field(0, ge=0, le=MAX_WAIT_FOR_AGENT_SECONDS, allow_inf_nan=False)
     rows: int = Field(24, ge=1, le=65535)
     cols: int = Field(80, ge=1, le=65535)
 
+    @field_validator("command")
+    @classmethod
+    def _arguments_ok(cls, value: list[str]) -> list[str]:
+        for arg in value:
+            agent_string_bytes(arg)  # raises for a NUL byte
+        return value
+
+    @field_validator("env")
+    @classmethod
+    def _env_ok(cls, value: dict[str, str]) -> dict[str, str]:
+        check_exec_env(value)
+        return value
+
+    @field_validator("cwd")
+    @classmethod
+    def _cwd_ok(cls, value: str) -> str:
+        return check_guest_path(value) if value else value
+
     @model_validator(mode="after")
-    def _default_command(self) -> ExecRequest:
+    def _fits_one_agent_request(self) -> ExecRequest:
         if not self.command:
             self.command = ["/bin/sh"]
+        size = exec_request_bytes(self.command, self.env, self.cwd)
+        if size > MAX_AGENT_PAYLOAD_BYTES:
+            raise ValueError(
+                f"command, env and cwd take {size} bytes; the guest agent takes at most "
+                f"{MAX_AGENT_PAYLOAD_BYTES} in one request"
+            )
         return self
 
 
@@ -146,7 +185,7 @@ async def exec_in_instance(websocket: WebSocket, instance_id: str) -> None:
     agent, claims = admitted
     await websocket.accept()
     try:
-        await _serve_exec(websocket, instance_id, agent, str(claims.get("sub", "unknown")))
+        await _serve_exec(websocket, instance_id, agent, summary(str(claims.get("sub", "unknown"))))
     except ClientGone:
         pass
     finally:
@@ -164,8 +203,10 @@ async def _serve_exec(websocket: WebSocket, instance_id: str, agent: AgentClient
         await _exec_failed(websocket, f"invalid exec request: {validation_summary(exc)}")
         return
     started = time.monotonic()
-    log.info("exec started: instance=%s subject=%s command=%s tty=%s",
-             instance_id, subject, request.command, request.tty)
+    instance = summary(instance_id)
+    # Only a bounded summary of what the client sent: never the whole of it, never env values.
+    log.info("exec started: instance=%s subject=%s command=%s env_keys=%d tty=%s",
+             instance, subject, summary(request.command), len(request.env), request.tty)
     try:
         if not agent.connected:
             agent = await instance_streams(websocket).guest_agent(instance_id, request.wait_for_agent)
@@ -181,10 +222,10 @@ async def _serve_exec(websocket: WebSocket, instance_id: str, agent: AgentClient
             merge_stderr=not request.tty,
         )
     except DomainError as exc:
-        log.info("exec failed to start: instance=%s subject=%s: %s", instance_id, subject, exc)
+        log.info("exec failed to start: instance=%s subject=%s: %s", instance, subject, summary(str(exc)))
         await _exec_failed(websocket, str(exc))
         return
     result = await _run_exec(websocket, session, request.tty)
-    log.info("exec ended: instance=%s subject=%s exit_code=%s duration_ms=%d", instance_id, subject,
+    log.info("exec ended: instance=%s subject=%s exit_code=%s duration_ms=%d", instance, subject,
              result.exit_code if result else "none (client left or agent lost)",
              (time.monotonic() - started) * 1000)

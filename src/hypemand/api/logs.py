@@ -15,7 +15,8 @@ from fastapi.responses import StreamingResponse
 
 from hypemand.api.auth import require_scope
 from hypemand.api.instance_streams import instance_streams, path_info_fields
-from hypemand.errors import NotFound
+from hypemand.api.limits import check_guest_path
+from hypemand.errors import BadRequest, NotFound
 from hypemand.instances.logtail import LogFollower, open_log
 
 # Each route carries its own scope check, so the router mounts like the WebSocket ones.
@@ -85,5 +86,9 @@ async def stat_path(
     path: str = Query(..., min_length=1),
     follow_links: bool = False,
 ) -> dict[str, Any]:
+    try:
+        check_guest_path(path)  # before the agent: it cannot carry a NUL byte or an endless path
+    except ValueError as exc:
+        raise BadRequest(f"path: {exc}", code="invalid_request") from None
     agent = await instance_streams(request).guest_agent(instance_id)
     return path_info_fields(await agent.stat(path, follow_links=follow_links))
