@@ -36,6 +36,11 @@ def parse_size(text: str) -> int:
     return int(value)
 
 
+def round_up(value: int, granule: int) -> int:
+    """``value`` rounded up to a multiple of ``granule``: round_up(1, 4096) -> 4096."""
+    return -(-value // granule) * granule
+
+
 def format_size(size: int) -> str:
     """The largest whole unit: 1073741824 -> "1GB", 536870912 -> "512MB", 1000 -> "1000B"."""
     for unit, power in (("TB", 4), ("GB", 3), ("MB", 2), ("KB", 1)):

@@ -12,6 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from hypemand.api import cp, health, logs, registry
 from hypemand.api import exec as exec_routes  # the module's name would hide the builtin
 from hypemand.api.auth import require_scope, require_token
+from hypemand.api.body_limit import BodyLimit
 from hypemand.api.errors import install_error_handlers
 from hypemand.api.openapi import install_openapi
 from hypemand.config import Settings
@@ -71,6 +72,8 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
     for stream_router in (logs.router, exec_routes.router, cp.router):
         app.include_router(stream_router)
     app.add_middleware(EncodedSlashRouting)
+    # Outermost: a body over its limit is refused before any other layer reads it.
+    app.add_middleware(BodyLimit)
     return app
 
 

@@ -13,11 +13,15 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from hypemand.api.limits import summary
 from hypemand.errors import DomainError
 
 log = logging.getLogger(__name__)
+# Longer than any message the server writes itself; shorter than what a client could make one.
+_LOGGED_MESSAGE_CHARS = 2000
 
 
 class ApiError(Exception):
@@ -44,9 +48,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(DomainError)
     async def _domain_error(request: Request, exc: DomainError) -> JSONResponse:
         if exc.status >= 500:
-            # The server's own failures are kept in its log, whole (the answer may be cut short
-            # by a client).
-            log.warning("%s %s failed: %s: %s", request.method, request.url.path, exc.code, exc)
+            # The server's own failures are kept in its log (the answer may be cut short by a
+            # client); the path and the message may carry what a client sent, so both are bounded.
+            log.warning("%s %s failed: %s: %s", request.method, summary(request.url.path), exc.code,
+                        summary(str(exc), _LOGGED_MESSAGE_CHARS))
         return error_response(exc.status, exc.code, str(exc))
 
     @app.exception_handler(RequestValidationError)
@@ -91,6 +96,8 @@ class UnexpectedErrors:
 
         try:
             await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            return  # the client left before its body was read (or was cut off): nobody to answer
         except Exception as exc:
             if started:
                 raise  # the answer is under way: nothing better can be sent
@@ -98,6 +105,6 @@ class UnexpectedErrors:
                 message = "no space left on the server's data disk"
                 response = error_response(507, "insufficient_storage", message)
             else:
-                log.exception("unexpected error in %s %s", scope.get("method"), scope.get("path"))
+                log.exception("unexpected error in %s %s", scope.get("method"), summary(scope.get("path")))
                 response = error_response(500, "internal_error", f"{type(exc).__name__}: {exc}")
             await response(scope, receive, send)

@@ -8,8 +8,9 @@ FastAPI's document, for every operation, the ones added later included:
 - every 422 is removed (the server never sends one) and so are the validation schemas;
 - 400, 401 and 403 (401/403 only where a token is needed: everywhere but ``/health`` and the
   docs), 404 (operations with path parameters), 409 (operations that change something: not
-  GET), 500, and 502 where the operation reaches an upstream service, all with the ``Error``
-  schema, the one error shape of ``errors.py``;
+  GET), 413 (operations with a request body: ``body_limit.py``), 500, and 502 where the
+  operation reaches an upstream service, all with the ``Error`` schema, the one error shape of
+  ``errors.py``;
 - what a route declares itself through FastAPI's ``responses=`` is kept (a declared response
   without a body gets the ``Error`` body, since every error has that shape); a route declares
   an upstream failure with ``responses={502: {"description": ...}}``.
@@ -72,6 +73,7 @@ _STANDARD_ERRORS = {
     "403": "The token lacks the scope this operation needs",
     "404": "Not found",
     "409": "Conflict with the current state",
+    "413": "The request body is larger than the server accepts",
     "500": "Internal error",
 }
 _HTTP_METHODS = frozenset({"get", "put", "post", "delete", "patch", "head", "options", "trace"})
@@ -126,6 +128,8 @@ def _correct_operation(operation: dict[str, Any], path: str, method: str, authen
         wanted.append("404")
     if method != "get":
         wanted.append("409")
+    if "requestBody" in operation:
+        wanted.append("413")  # body_limit.py
     for code in wanted:
         responses.setdefault(code, {"description": _STANDARD_ERRORS[code]})
     for code, description in UPSTREAM_OPERATIONS.get((method, path), {}).items():

@@ -45,7 +45,7 @@ TOKEN_SERVICE = "hypemand"
 TOKEN_LIFETIME_SECONDS = 3600
 
 
-def _oci_error(status: int, code: str, message: str, detail: Any = None,
+def oci_error(status: int, code: str, message: str, detail: Any = None,
                headers: dict[str, str] | None = None) -> JSONResponse:
     error: dict[str, Any] = {"code": code, "message": message}
     if detail is not None:
@@ -69,13 +69,13 @@ class RegistryRoute(APIRoute):
             try:
                 response = await handler(request)
             except UploadRangeError as exc:
-                return _oci_error(416, exc.code, str(exc), headers={
+                return oci_error(416, exc.code, str(exc), headers={
                     "Range": range_header(exc.size), "Location": request.url.path})
             except DistributionError as exc:
                 headers = _challenge(request) if exc.status == 401 else None
-                return _oci_error(exc.status, exc.code, str(exc), exc.detail, headers)
+                return oci_error(exc.status, exc.code, str(exc), exc.detail, headers)
             except DomainError as exc:
-                return _oci_error(exc.status, exc.code.upper(), str(exc))
+                return oci_error(exc.status, exc.code.upper(), str(exc))
             except ClientDisconnect:
                 return Response(status_code=400)
             for key, value in API_VERSION_HEADER.items():
@@ -173,7 +173,7 @@ async def token(request: Request) -> Response:
     """Token endpoint of the Bearer challenge: the Basic password (an API token) is the token."""
     presented = bearer_token(request)
     if presented is None:
-        return _oci_error(401, "UNAUTHORIZED", "send the API token as the Basic password",
+        return oci_error(401, "UNAUTHORIZED", "send the API token as the Basic password",
                           headers={"WWW-Authenticate": f'Basic realm="{TOKEN_SERVICE}"'})
     claims = _verified_claims(request)
     now = int(time.time())
@@ -366,8 +366,8 @@ async def list_tags(name: str, request: Request, n: str | None = None, last: str
 async def unsupported(rest: str, request: Request) -> Response:
     """Anything else under /v2 (deletes, catalog, unknown paths) in the registry's error shape."""
     if request.method in ("GET", "HEAD"):
-        return _oci_error(404, "NAME_UNKNOWN", f"no registry endpoint at /v2/{rest}")
-    return _oci_error(405, "UNSUPPORTED", f"{request.method} /v2/{rest} is not supported")
+        return oci_error(404, "NAME_UNKNOWN", f"no registry endpoint at /v2/{rest}")
+    return oci_error(405, "UNSUPPORTED", f"{request.method} /v2/{rest} is not supported")
 
 
 routers = [router]

@@ -23,7 +23,14 @@ _TAG_KEY = re.compile(r"^[A-Za-z0-9 _.:/=+@-]{1,128}$")
 _TAG_VALUE = re.compile(r"^[A-Za-z0-9 _.:/=+@-]{0,256}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
 MAX_TAGS = 50
+# What the guest can take. The program's environment and arguments reach it through the config
+# disk (guest/config_disk.py: at most 8 MiB) and then execve() in the guest, which refuses one
+# string over 128 KiB (the kernel's MAX_ARG_STRLEN) and more than 2 MiB of them all (a quarter of
+# the default 8 MiB stack). These leave a quarter of that for the image's own environment.
 MAX_ENV = 1024
+MAX_ENV_ENTRY_BYTES = 128 * 1024 - 1  # "KEY=VALUE" as UTF-8, without its NUL
+MAX_ENV_TOTAL_BYTES = 1536 * 1024  # every "KEY=VALUE" with its NUL
+MAX_ARGS_TOTAL_BYTES = 256 * 1024  # entrypoint and cmd together, each argument with its NUL
 
 
 class InstanceState(StrEnum):
@@ -59,23 +66,49 @@ def validate_tags(value: dict[str, str] | None) -> dict[str, str] | None:
     return value
 
 
+def _shown(key: str) -> str:
+    """A variable name for a message: names are not checked yet, so one may be huge."""
+    return repr(key) if len(key) <= 64 else f"{key[:64]!r}... ({len(key)} characters)"
+
+
+def _utf8_size(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 def validate_env(value: dict[str, str] | None) -> dict[str, str] | None:
+    """An instance's environment (a create's, or a merged update's): count, names, and the sizes
+    the guest can take (see MAX_ENV_TOTAL_BYTES)."""
     if value is None:
         return None
     if len(value) > MAX_ENV:
-        raise ValueError(f"at most {MAX_ENV} variables")
+        raise ValueError(f"at most {MAX_ENV} variables, not {len(value)}")
+    total = 0
     for key, item in value.items():
         if not _ENV_KEY.match(key):
-            raise ValueError(f"invalid environment variable name {key!r}")
+            raise ValueError(f"invalid environment variable name {_shown(key)}")
         if "\0" in item:
-            raise ValueError(f"environment variable {key!r} contains a NUL byte")
+            raise ValueError(f"environment variable {_shown(key)} contains a NUL byte")
+        entry = _utf8_size(key) + 1 + _utf8_size(item)
+        if entry > MAX_ENV_ENTRY_BYTES:
+            raise ValueError(f"environment variable {_shown(key)} is {entry} bytes; "
+                             f"one may have at most {MAX_ENV_ENTRY_BYTES}")
+        total += entry + 1
+    if total > MAX_ENV_TOTAL_BYTES:
+        raise ValueError(f"the environment is {total} bytes; at most {MAX_ENV_TOTAL_BYTES} are allowed")
     return value
 
 
-def _no_nul(value: list[str] | None) -> list[str] | None:
-    if value is not None and any("\0" in arg for arg in value):
+def validate_args(entrypoint: list[str] | None, cmd: list[str] | None) -> None:
+    """Entrypoint and cmd: no NUL (the guest passes them to execve) and, together, a size the
+    guest takes (see MAX_ARGS_TOTAL_BYTES)."""
+    arguments = [*(entrypoint or []), *(cmd or [])]
+    if any("\0" in arg for arg in arguments):
         raise ValueError("arguments must not contain NUL bytes")
-    return value
+    total = sum(_utf8_size(arg) + 1 for arg in arguments)
+    if total > MAX_ARGS_TOTAL_BYTES:
+        raise ValueError(
+            f"entrypoint and cmd take {total} bytes; at most {MAX_ARGS_TOTAL_BYTES} are allowed"
+        )
 
 
 class SnapshotPolicy(BaseModel):
@@ -153,10 +186,10 @@ class CreateInstanceRequest(BaseModel):
     def _env_ok(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         return validate_env(value)
 
-    @field_validator("entrypoint", "cmd")
-    @classmethod
-    def _args_ok(cls, value: list[str] | None) -> list[str] | None:
-        return _no_nul(value)
+    @model_validator(mode="after")
+    def _args_ok(self) -> CreateInstanceRequest:
+        validate_args(self.entrypoint, self.cmd)
+        return self
 
     @model_validator(mode="after")
     def _one_expiry(self) -> CreateInstanceRequest:
@@ -193,10 +226,10 @@ class StartInstanceRequest(BaseModel):
     entrypoint: list[str] | None = None
     cmd: list[str] | None = None
 
-    @field_validator("entrypoint", "cmd")
-    @classmethod
-    def _args_ok(cls, value: list[str] | None) -> list[str] | None:
-        return _no_nul(value)
+    @model_validator(mode="after")
+    def _args_ok(self) -> StartInstanceRequest:
+        validate_args(self.entrypoint, self.cmd)
+        return self
 
 
 class InstanceNetwork(WireModel):
@@ -303,6 +336,9 @@ class InstanceRecord(BaseModel):
     program_started_at: datetime | None = None
     agent_ready_at: datetime | None = None
     exit: GuestExitInfo | None = None
+    # Why the VM ended abnormally (its VMM killed or failed, the guest kernel panicked); None for
+    # a normal end. Shown as state_error (and exit_message, when the program left none).
+    crash: str | None = None
     # A fork resumes another VM's memory: until the agent has given it its own randomness, MAC
     # and hostname, it must not be reported Running (set by the fork, cleared once done).
     identity_pending: bool = False
