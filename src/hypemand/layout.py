@@ -37,6 +37,16 @@ STATE_FILE = "vm.state"  # device state of a saved VM (its RAM stays in the hype
 STANDBY_RECORD = "standby.json"  # present exactly while the instance is in Standby
 
 
+def rotated_log(log: Path, number: int) -> Path:
+    """``logs/app.log`` -> ``logs/app.log.1``: a rotated log's copies, 1 the newest."""
+    return log.with_name(f"{log.name}.{number}")
+
+
+def rotation_partial(log: Path) -> Path:
+    """Where the next ``.1`` copy of ``log`` is written before it takes that name."""
+    return log.with_name(f"{log.name}.1.partial")
+
+
 class SavedVMPaths:
     """The files of a saved VM, named the same wherever it lies: an instance's own directory
     (its standby), a stored snapshot's payload, a fork's staging copy. Which of them make up the

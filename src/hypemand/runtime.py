@@ -16,6 +16,7 @@ from hypemand.hypervisor.base import Accel
 from hypemand.hypervisor.qemu import QemuHypervisor
 from hypemand.images.disk import DiskFormat
 from hypemand.images.service import ImageService
+from hypemand.instances.logrotate import LogRotator
 from hypemand.instances.manager import InstanceManager
 from hypemand.savedvm.jobs import CompressionJobs
 from hypemand.snapshots.service import SnapshotService
@@ -58,6 +59,12 @@ class Runtime:
             self.layout, self.hypervisor, self.images, self.system_files, self.compression
         )
         self.snapshots = SnapshotService(self.layout, self.instances, self.compression)
+        self.log_rotator = LogRotator(
+            lambda: self.instances.table,
+            max_size=settings.log_max_size,
+            max_files=settings.log_max_files,
+            interval=settings.log_rotate_interval,
+        )
         self.system: SystemFiles | None = None
 
     def system_files(self) -> SystemFiles:
@@ -72,11 +79,13 @@ class Runtime:
         self.system = await asyncio.to_thread(ensure_system_files, self.settings.system_dir)
         log.info("guest kernel %s, initrd %s", self.system.kernel_version, self.system.initrd_version)
         await self.instances.take_charge()
+        self.log_rotator.start()
         await self.snapshots.start()
         await self.images.start()
 
     async def stop(self) -> None:
         """Stop the server's own work. VMs are never stopped here: they outlive the server."""
+        await self.log_rotator.close()
         await self.images.stop()
         await self.compression.close()
         await self.instances.release_all()

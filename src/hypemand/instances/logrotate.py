@@ -43,6 +43,7 @@ from typing import BinaryIO
 from hypemand.instances import records
 from hypemand.instances.live import LiveInstance
 from hypemand.instances.logtail import ROTATIONS, RotationLedger, rotated_name
+from hypemand.layout import rotation_partial
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def prepare_rotation(path: Path) -> PreparedRotation | None:
         log_file = open(path, "r+b", buffering=0)  # noqa: SIM115 - owned by the result
     except FileNotFoundError:
         return None
-    partial = path.with_name(f"{path.name}.1.partial")
+    partial = rotation_partial(path)
     try:
         copy_file = open(partial, "wb", buffering=0)  # noqa: SIM115 - owned by the result
     except BaseException:

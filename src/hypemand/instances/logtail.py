@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
+from hypemand.layout import rotated_log
+
 TAIL_BLOCK_BYTES = 64 * 1024
 # How far back from the end the tail may look: a file without newlines must not be read whole.
 TAIL_SCAN_LIMIT_BYTES = 16 << 20
@@ -41,7 +43,7 @@ def decode_log_line(raw: bytes | bytearray) -> str:
 
 def rotated_name(path: Path, number: int) -> Path:
     """``app.log`` -> ``app.log.1``: where the rotator keeps the head it cut, 1 the newest."""
-    return path.with_name(f"{path.name}.{number}")
+    return rotated_log(path, number)
 
 
 # ---- rotations ------------------------------------------------------------------------------
