@@ -14,13 +14,14 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from hypemand.errors import DomainError, InvalidState, NotFound
 from hypemand.fsutil import write_atomic
 from hypemand.guest.config_disk import GuestConfig
+from hypemand.guest.markers import ConsoleMarkers
 from hypemand.hypervisor.base import Hypervisor, VMHandle, VMMExit, VMStatus, read_vmm_exit
 from hypemand.images.errors import ImageNotFound
 from hypemand.images.models import ReadyImage
@@ -215,6 +216,10 @@ class Lifecycle:
             live.handle = None
         live.forget_status()
         markers = await self.reader.markers(live)
+        if live.record.phase == "initializing" and booted(markers, live.record):
+            # It became Running before the watcher noted it (or while no server watched): the
+            # time it ran counts as running, from when its console said so.
+            await records.note(live, **phase_change(live.record, "running", _booted_at(live, markers, ended)))
         exit_info = (
             GuestExitInfo(code=markers.exit.code, message=markers.exit.message) if markers.exit else None
         )
@@ -357,6 +362,15 @@ def _kernel_panic(console: Path, boot_offset: int) -> str | None:
     if not found:
         return None
     return found[-1].split(PANIC_LINE, 1)[1].strip() or "no reason given"
+
+
+def _booted_at(live: LiveInstance, markers: ConsoleMarkers, ended: datetime) -> datetime:
+    """When the guest's markers said it was up: they count seconds since the guest booted, which
+    began just after the VMM started; kept within the phase it ends and the end itself."""
+    record = live.record
+    seconds = max(ts for ts in (markers.program_start_ts, markers.agent_ready_ts) if ts is not None)
+    moment = (record.started_at or record.phase_since) + timedelta(seconds=seconds)
+    return min(max(moment, record.phase_since), ended)
 
 
 def _last_sign_of_life(live: LiveInstance) -> datetime:
