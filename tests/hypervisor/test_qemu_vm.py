@@ -308,6 +308,9 @@ async def test_vm_survives_the_death_of_the_process_that_started_it(
             assert await adopted.status() is VMStatus.RUNNING
             assert await adopted.shutdown(timeout=60) is ShutdownOutcome.GUEST_POWEROFF
             assert not adopted.is_alive()  # exit seen through the pidfd: it is not our child
+            # Recorded by its supervisor, which the adopting process does not own either.
+            ended = await adopted.exit_info()
+            assert ended is not None and (ended.pid, ended.code) == (pid, 0)
         finally:
             await adopted.close()
     finally:
