@@ -78,6 +78,8 @@ class Runtime:
         # server), then the image queues.
         self.system = await asyncio.to_thread(ensure_system_files, self.settings.system_dir)
         log.info("guest kernel %s, initrd %s", self.system.kernel_version, self.system.initrd_version)
+        # Every VMM runs under a small supervisor; build it now, not in the first create.
+        await self.hypervisor.vmm_shim()
         await self.instances.take_charge()
         self.log_rotator.start()
         await self.snapshots.start()

@@ -8,6 +8,7 @@ after the tag had been written).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import pydantic_core
@@ -21,7 +22,7 @@ from hypemand.images.media_types import (
     OCI_INDEX,
     OCI_MANIFEST,
 )
-from hypemand.images.models import ImageIndex, ImageManifest
+from hypemand.images.models import ImageConfig, ImageIndex, ImageManifest
 
 # How many validation problems a 400 names; a hostile manifest can have thousands.
 _REPORTED_PROBLEMS = 3
@@ -82,3 +83,26 @@ def _problems(exc: ValidationError) -> str:
     if len(errors) > _REPORTED_PROBLEMS:
         parts.append(f"and {len(errors) - _REPORTED_PROBLEMS} more")
     return "; ".join(parts)
+
+
+def image_config_from(config_blob: bytes) -> tuple[ImageConfig, str | None]:
+    """The run settings and the ``os/arch[/variant]`` of an OCI/Docker image config."""
+    try:
+        doc = json.loads(config_blob)
+    except ValueError as exc:
+        raise BadRequest(f"image config is not JSON: {exc}") from exc
+    cfg = doc.get("config") or {}
+    env: dict[str, str] = {}
+    for item in cfg.get("Env") or []:
+        key, _, value = str(item).partition("=")
+        env[key] = value
+    platform = None
+    if doc.get("os") and doc.get("architecture"):
+        platform = f"{doc['os']}/{doc['architecture']}" + (f"/{doc['variant']}" if doc.get("variant") else "")
+    return ImageConfig(
+        entrypoint=cfg.get("Entrypoint") or None,
+        cmd=cfg.get("Cmd") or None,
+        env=env or None,
+        working_dir=cfg.get("WorkingDir") or None,
+        user=cfg.get("User") or None,
+    ), platform

@@ -28,7 +28,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import uuid
 from collections.abc import Callable
@@ -48,14 +47,13 @@ from hypemand.images.errors import (
     RateLimited,
     RegistryError,
 )
-from hypemand.images.manifests import parse_manifest
+from hypemand.images.manifests import image_config_from, parse_manifest
 from hypemand.images.media_types import MANIFEST_TYPES
 from hypemand.images.models import (
     IN_PROGRESS,
     ContentRecord,
     CreateImageRequest,
     Image,
-    ImageConfig,
     ImageStatus,
     NamePointer,
     PullSource,
@@ -76,11 +74,10 @@ from hypemand.images.store import ImageStore
 from hypemand.images.unpack import apply_layers
 from hypemand.images.uploads import DEFAULT_UPLOAD_MAX_AGE_SECONDS, RegistryService
 from hypemand.layout import DataLayout
+from hypemand.tags import check_tags
 
 log = logging.getLogger(__name__)
 
-_TAG_KEY = re.compile(r"^[A-Za-z0-9 _.:/=+@-]{1,128}$")
-_TAG_VALUE = re.compile(r"^[A-Za-z0-9 _.:/=+@-]{0,256}$")
 _PARALLEL_BLOB_DOWNLOADS = 3
 # How often a boot waiting on an image looks again when no job signals its end (the short
 # moment between a record being written and its job being queued).
@@ -92,39 +89,10 @@ INTERRUPTED_CREDENTIALED_PULL = (
 
 
 def validate_tags(tags: dict[str, str] | None) -> dict[str, str]:
-    if not tags:
-        return {}
-    if len(tags) > 50:
-        raise InvalidTags("at most 50 tags are allowed")
-    for key, value in tags.items():
-        if not _TAG_KEY.match(key):
-            raise InvalidTags(f"invalid tag key {key!r}")
-        if not isinstance(value, str) or not _TAG_VALUE.match(value):
-            raise InvalidTags(f"invalid tag value for {key!r}")
-    return dict(tags)
-
-
-def image_config_from(config_blob: bytes) -> tuple[ImageConfig, str | None]:
-    """The run settings and the ``os/arch[/variant]`` of an OCI/Docker image config."""
     try:
-        doc = json.loads(config_blob)
+        return dict(check_tags(tags) or {})
     except ValueError as exc:
-        raise BadRequest(f"image config is not JSON: {exc}") from exc
-    cfg = doc.get("config") or {}
-    env: dict[str, str] = {}
-    for item in cfg.get("Env") or []:
-        key, _, value = str(item).partition("=")
-        env[key] = value
-    platform = None
-    if doc.get("os") and doc.get("architecture"):
-        platform = f"{doc['os']}/{doc['architecture']}" + (f"/{doc['variant']}" if doc.get("variant") else "")
-    return ImageConfig(
-        entrypoint=cfg.get("Entrypoint") or None,
-        cmd=cfg.get("Cmd") or None,
-        env=env or None,
-        working_dir=cfg.get("WorkingDir") or None,
-        user=cfg.get("User") or None,
-    ), platform
+        raise InvalidTags(str(exc)) from None
 
 
 @dataclass

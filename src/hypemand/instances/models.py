@@ -15,20 +15,19 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from hypemand.hypervisor.base import Board
 from hypemand.savedvm.models import SnapshotCompressionConfig
+from hypemand.tags import check_tags
 from hypemand.wire import WireModel
 
 NAME_PATTERN = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
 NAME_MAX = 63
-_TAG_KEY = re.compile(r"^[A-Za-z0-9 _.:/=+@-]{1,128}$")
-_TAG_VALUE = re.compile(r"^[A-Za-z0-9 _.:/=+@-]{0,256}$")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
-MAX_TAGS = 50
 # What the guest can take. The program's environment and arguments reach it through the config
 # disk (guest/config_disk.py: at most 8 MiB) and then execve() in the guest, which refuses one
 # string over 128 KiB (the kernel's MAX_ARG_STRLEN) and more than 2 MiB of them all (a quarter of
 # the default 8 MiB stack). These leave a quarter of that for the image's own environment.
 MAX_ENV = 1024
-MAX_ENV_ENTRY_BYTES = 128 * 1024 - 1  # "KEY=VALUE" as UTF-8, without its NUL
+MAX_EXEC_STRING_BYTES = 128 * 1024 - 1  # one argument or "KEY=VALUE" as UTF-8, without its NUL
+MAX_ENV_ENTRY_BYTES = MAX_EXEC_STRING_BYTES
 MAX_ENV_TOTAL_BYTES = 1536 * 1024  # every "KEY=VALUE" with its NUL
 MAX_ARGS_TOTAL_BYTES = 256 * 1024  # entrypoint and cmd together, each argument with its NUL
 
@@ -54,16 +53,7 @@ def validate_name(value: str) -> str:
 
 
 def validate_tags(value: dict[str, str] | None) -> dict[str, str] | None:
-    if value is None:
-        return None
-    if len(value) > MAX_TAGS:
-        raise ValueError(f"at most {MAX_TAGS} tags")
-    for key, item in value.items():
-        if not _TAG_KEY.match(key):
-            raise ValueError(f"invalid tag key {key!r}")
-        if not _TAG_VALUE.match(item):
-            raise ValueError(f"invalid tag value for {key!r}")
-    return value
+    return check_tags(value)
 
 
 def _shown(key: str) -> str:
@@ -104,7 +94,10 @@ def validate_args(entrypoint: list[str] | None, cmd: list[str] | None) -> None:
     arguments = [*(entrypoint or []), *(cmd or [])]
     if any("\0" in arg for arg in arguments):
         raise ValueError("arguments must not contain NUL bytes")
-    total = sum(_utf8_size(arg) + 1 for arg in arguments)
+    sizes = [_utf8_size(arg) for arg in arguments]
+    if sizes and max(sizes) > MAX_EXEC_STRING_BYTES:
+        raise ValueError(f"an argument is {max(sizes)} bytes; one may have at most {MAX_EXEC_STRING_BYTES}")
+    total = sum(size + 1 for size in sizes)
     if total > MAX_ARGS_TOTAL_BYTES:
         raise ValueError(
             f"entrypoint and cmd take {total} bytes; at most {MAX_ARGS_TOTAL_BYTES} are allowed"
