@@ -32,6 +32,7 @@ from hypemand.instances.models import (
     MAX_ENV,
     MAX_ENV_ENTRY_BYTES,
     MAX_ENV_TOTAL_BYTES,
+    MAX_EXEC_STRING_BYTES,
     CreateInstanceRequest,
     StartInstanceRequest,
     UpdateInstanceRequest,
@@ -128,9 +129,11 @@ def _largest_valid_create() -> dict[str, Any]:
     and arguments filling theirs. Values are non-ASCII, so their JSON is escaped (\\uXXXX)."""
     entry = MAX_ENV_TOTAL_BYTES // MAX_ENV  # bytes per "KEY=VALUE" with its NUL
     env = {f"K{i:04d}": "é" * ((entry - len("K0000=") - 1) // 2) for i in range(MAX_ENV)}
-    argument = "a" * (MAX_ARGS_TOTAL_BYTES // 2 - 1)
-    return {"name": "largest", "image": "no-such/image:latest", "env": env,
-            "entrypoint": [argument], "cmd": [argument]}
+    argument = "a" * (MAX_ARGS_TOTAL_BYTES // 4 - 1)
+    # A board this server does not offer: refused (400 invalid_hypervisor) after every field
+    # check, before an image is looked for.
+    return {"name": "largest", "image": "no-such/image:latest", "hypervisor": "none-such", "env": env,
+            "entrypoint": [argument, argument], "cmd": [argument, argument]}
 
 
 def test_the_largest_valid_create_passes_the_body_limit(server: ServerProcess) -> None:
@@ -139,8 +142,8 @@ def test_the_largest_valid_create_passes_the_body_limit(server: ServerProcess) -
     body = json.dumps(fields).encode()  # ensure_ascii: every "é" is sent as \u00e9
     assert len(body) > 4 * MiB
     response = httpx.post(f"{server.base_url}/instances", headers=_headers(server), content=body, timeout=60)
-    # Past the body limit and the field checks: only the image is missing.
-    assert response.status_code == 404, response.text[:500]
+    # Past the body limit and the field checks: only the board is refused.
+    assert (response.status_code, response.json()["code"]) == (400, "invalid_hypervisor"), response.text[:500]
 
 
 def test_a_create_past_the_env_limits_is_400_not_413(server: ServerProcess) -> None:
@@ -201,12 +204,15 @@ def test_env_limits_of_a_create() -> None:
 
 
 def test_argument_limits_count_entrypoint_and_cmd_together() -> None:
-    half = ["a" * (MAX_ARGS_TOTAL_BYTES // 2)]
+    half = ["a" * (MAX_ARGS_TOTAL_BYTES // 4), "b" * (MAX_ARGS_TOTAL_BYTES // 4)]
     for model in (CreateInstanceRequest, StartInstanceRequest):
         extra = {"name": "x", "image": "i"} if model is CreateInstanceRequest else {}
         model.model_validate({**extra, "entrypoint": half})
         with pytest.raises(ValidationError, match="entrypoint and cmd take"):
             model.model_validate({**extra, "entrypoint": half, "cmd": half})
+        model.model_validate({**extra, "cmd": ["c" * MAX_EXEC_STRING_BYTES]})
+        with pytest.raises(ValidationError, match="an argument is"):  # execve's one-string limit
+            model.model_validate({**extra, "cmd": ["c" * (MAX_EXEC_STRING_BYTES + 1)]})
 
 
 def test_an_update_is_checked_as_the_merge_it_leaves() -> None:
