@@ -42,11 +42,23 @@ class SmallDisk:
     instance: str
 
     def fill(self, leave: int) -> Path:
-        """Take all free space but ``leave`` bytes."""
-        room = os.statvfs(self.mountpoint)
+        """Take all free space but about ``leave`` bytes (a little less: the file system's own
+        metadata for the filler's extents takes some too)."""
         filler = self.mountpoint / "filler"
+        step = 1 << 20
         with filler.open("wb") as f:
-            os.posix_fallocate(f.fileno(), 0, room.f_bavail * room.f_frsize - leave)
+            size = 0
+            while True:
+                room = os.statvfs(self.mountpoint)
+                free = room.f_bavail * room.f_frsize
+                if free <= leave or step < 4096:
+                    break
+                grow = min(step, free - leave)
+                try:
+                    os.posix_fallocate(f.fileno(), size, grow)
+                    size += grow
+                except OSError:
+                    step //= 2  # the last blocks go to extent metadata: take what still fits
         return filler
 
 
