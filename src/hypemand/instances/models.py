@@ -88,16 +88,20 @@ def validate_env(value: dict[str, str] | None) -> dict[str, str] | None:
     return value
 
 
+def validate_arguments(value: list[str] | None) -> list[str] | None:
+    """Entrypoint or cmd: each argument without NUL and of a size execve() takes in the guest."""
+    for arg in value or []:
+        if "\0" in arg:
+            raise ValueError("arguments must not contain NUL bytes")
+        size = _utf8_size(arg)
+        if size > MAX_EXEC_STRING_BYTES:
+            raise ValueError(f"an argument is {size} bytes; one may have at most {MAX_EXEC_STRING_BYTES}")
+    return value
+
+
 def validate_args(entrypoint: list[str] | None, cmd: list[str] | None) -> None:
-    """Entrypoint and cmd: no NUL (the guest passes them to execve) and, together, a size the
-    guest takes (see MAX_ARGS_TOTAL_BYTES)."""
-    arguments = [*(entrypoint or []), *(cmd or [])]
-    if any("\0" in arg for arg in arguments):
-        raise ValueError("arguments must not contain NUL bytes")
-    sizes = [_utf8_size(arg) for arg in arguments]
-    if sizes and max(sizes) > MAX_EXEC_STRING_BYTES:
-        raise ValueError(f"an argument is {max(sizes)} bytes; one may have at most {MAX_EXEC_STRING_BYTES}")
-    total = sum(size + 1 for size in sizes)
+    """Entrypoint and cmd together: a size the guest takes (see MAX_ARGS_TOTAL_BYTES)."""
+    total = sum(_utf8_size(arg) + 1 for arg in [*(entrypoint or []), *(cmd or [])])
     if total > MAX_ARGS_TOTAL_BYTES:
         raise ValueError(
             f"entrypoint and cmd take {total} bytes; at most {MAX_ARGS_TOTAL_BYTES} are allowed"
@@ -179,6 +183,11 @@ class CreateInstanceRequest(BaseModel):
     def _env_ok(cls, value: dict[str, str] | None) -> dict[str, str] | None:
         return validate_env(value)
 
+    @field_validator("entrypoint", "cmd")
+    @classmethod
+    def _each_argument_ok(cls, value: list[str] | None) -> list[str] | None:
+        return validate_arguments(value)
+
     @model_validator(mode="after")
     def _args_ok(self) -> CreateInstanceRequest:
         validate_args(self.entrypoint, self.cmd)
@@ -218,6 +227,11 @@ class StartInstanceRequest(BaseModel):
 
     entrypoint: list[str] | None = None
     cmd: list[str] | None = None
+
+    @field_validator("entrypoint", "cmd")
+    @classmethod
+    def _each_argument_ok(cls, value: list[str] | None) -> list[str] | None:
+        return validate_arguments(value)
 
     @model_validator(mode="after")
     def _args_ok(self) -> StartInstanceRequest:
