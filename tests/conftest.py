@@ -30,13 +30,11 @@ from hypeman import Hypeman
 from tests.support.harness import (
     MARKER,
     REPO,
-    SERVER_ARGV,
     SHARED,
     SHARED_SYSTEM_DIR,
     Harness,
     LogAllowance,
     ServerProcess,
-    launch,
     report,
     shared_harness,
     strict_client,
@@ -44,19 +42,13 @@ from tests.support.harness import (
 
 os.environ.setdefault("HYPEMAND_SYSTEM_DIR", str(SHARED_SYSTEM_DIR))
 
-__all__ = ["REPO", "SHARED_SYSTEM_DIR", "ServerProcess", "start_server", "strict_client"]
+__all__ = ["REPO", "SHARED_SYSTEM_DIR", "ServerProcess", "strict_client"]
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", f"{MARKER}(*patterns): server log records (regular expressions) this test provokes on "
         "purpose; the harness accepts those records and no others")
-
-
-def start_server(data_dir: Path, log_path: Path, port: int | None = None) -> ServerProcess:
-    """A server nobody checks or stops: use the ``harness`` fixture instead (kept for the
-    callers not moved yet)."""
-    return launch(SERVER_ARGV, data_dir, log_path, port)
 
 
 @pytest.fixture

@@ -24,6 +24,11 @@ from hypemand.errors import Conflict, InsufficientStorage
 NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
+def is_no_space(exc: BaseException) -> bool:
+    """The one test for "the file system is full" (a quota counts as full for us)."""
+    return isinstance(exc, OSError) and exc.errno in NO_SPACE
+
+
 @contextlib.contextmanager
 def storage_errors(what: str) -> Iterator[None]:
     """Turn a full file system into :class:`InsufficientStorage` (507) naming ``what`` was being
@@ -31,7 +36,7 @@ def storage_errors(what: str) -> Iterator[None]:
     try:
         yield
     except OSError as exc:
-        if exc.errno in NO_SPACE:
+        if is_no_space(exc):
             raise InsufficientStorage(f"no space left on the data disk to write {what}") from exc
         raise
 
@@ -81,11 +86,6 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     fsync_dir(path.parent)
-
-
-def write_json_atomic(path: Path, value: Any, mode: int = 0o644) -> None:
-    data = json.dumps(value, indent=2, sort_keys=True).encode() + b"\n"
-    write_atomic(path, data, mode)
 
 
 def write_model_atomic(path: Path, model: BaseModel, mode: int = 0o644) -> None:

@@ -24,6 +24,7 @@ from hypeman import Hypeman
 from hypemand.api import system
 from hypemand.images import demo
 from hypemand.instances import resources as resources_module
+from hypemand.instances.admission import DiskClaim
 from hypemand.instances.host import host_capacity
 from hypemand.layout import DataLayout
 from tests.api.conftest import SMALL
@@ -51,12 +52,17 @@ class ChangingManager:
         self.live: dict[str, SimpleNamespace] = {}
         self.allocations = spy.wrap("allocations", self._allocations)
         self.capacity = spy.wrap("capacity", lambda: host_capacity(root))
+        self.hypervisor = SimpleNamespace(writes_memory_file=lambda directory: True)
 
-    def _allocations(self) -> list[tuple[Any, bool]]:
+    def _allocations(self) -> list[tuple[Any, bool, DiskClaim]]:
         found = []
         for record in self.live.values():
             time.sleep(0.0005)  # the GIL is free here, as in a real entry's liveness poll
-            found.append((record, True))
+            paths = self.layout.instance(record.id)
+            claim = DiskClaim(overlay=paths.overlay_disk, overlay_bytes=record.overlay_bytes,
+                              memory_file=paths.memory_file, memory_bytes=record.memory_bytes,
+                              standby_record=paths.standby_record)
+            found.append((record, True, claim))
         return found
 
     def add(self, number: int) -> None:

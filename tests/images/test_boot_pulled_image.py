@@ -15,18 +15,19 @@ from hypemand.images.service import ImageService
 from hypemand.instances.boot import GuestSpec, boot_guest
 from hypemand.layout import DataLayout
 from hypemand.system.files import ensure_system_files
-from tests.conftest import SHARED_SYSTEM_DIR, start_server, strict_client
 from tests.images.conftest import PushedRegistry, wait_for_status
+from tests.support.harness import SHARED_SYSTEM_DIR, Harness, strict_client
 
 pytestmark = pytest.mark.vm
 
 
 @pytest.mark.parametrize("disk_format", ["ext4", "erofs"])
 async def test_pulled_image_boots_and_runs_its_config(
-    local_registry: PushedRegistry, tmp_path: Path, disk_format: str, monkeypatch: pytest.MonkeyPatch,
+    local_registry: PushedRegistry, tmp_path: Path, harness: Harness, disk_format: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("HYPEMAND_IMAGE_FORMAT", disk_format)
-    server = start_server(tmp_path / "data", tmp_path / "server.log")
+    server = harness.start()
     try:
         sdk = strict_client(server)
         name = local_registry.ref("test/single:1")

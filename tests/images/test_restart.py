@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import start_server, strict_client
 from tests.images.conftest import PushedRegistry, wait_for_status
+from tests.support.harness import Harness, strict_client
 from tests.support.registry import Registry, TokenService
 
 pytestmark = pytest.mark.registry
@@ -22,14 +22,14 @@ def record_statuses(data_dir: Path) -> dict[str, str]:
     return statuses
 
 
-def test_kill_mid_queue_then_restart(tmp_path: Path, local_registry: PushedRegistry,
+def test_kill_mid_queue_then_restart(tmp_path: Path, harness: Harness, local_registry: PushedRegistry,
                                      token_registry: tuple[Registry, TokenService, str]) -> None:
     data_dir = tmp_path / "data"
     refs = [local_registry.ref(f"restart/img{n}:1") for n in range(4)]
     registry, _, private_digest = token_registry
     private = f"{registry.host}/private/app:1"
 
-    first = start_server(data_dir, tmp_path / "server-1.log")
+    first = harness.start(data_dir)
     try:
         sdk = strict_client(first)
         digests = [sdk.images.create(name=ref).digest for ref in refs]
@@ -44,7 +44,7 @@ def test_kill_mid_queue_then_restart(tmp_path: Path, local_registry: PushedRegis
     in_progress = {d for d, s in at_kill.items() if s in ("pending", "pulling", "converting")}
     assert in_progress & set(digests), f"nothing was left in the queue to recover: {at_kill}"
 
-    second = start_server(data_dir, tmp_path / "server-2.log")
+    second = harness.start(data_dir)  # a restart on the same data directory
     try:
         sdk = strict_client(second)
         for ref in refs:

@@ -13,7 +13,7 @@ import pytest
 from hypemand.errors import BadRequest, Conflict, NotFound
 from hypemand.guest.markers import ConsoleMarkers
 from hypemand.hypervisor.base import Board, VMStatus
-from hypemand.instances.admission import Demand, check_capacity, open_disk_promise
+from hypemand.instances.admission import Demand, DiskClaim, check_capacity, open_disk_promise
 from hypemand.instances.host import HostCapacity
 from hypemand.instances.live import InstanceTable, LiveInstance
 from hypemand.instances.models import CreateInstanceRequest, InstanceRecord, InstanceState
@@ -218,8 +218,8 @@ def test_disk_admission_counts_what_instances_may_still_write() -> None:
     assert refused.value.code == "insufficient_resources"
 
 
-def test_open_disk_promise_of_sparse_reserved_and_shared_files(tmp_path: Path) -> None:
-    overlay, memory, fork_memory = tmp_path / "overlay.raw", tmp_path / "memory.ram", tmp_path / "fork.ram"
+def test_open_disk_promise_of_sparse_reserved_and_private_files(tmp_path: Path) -> None:
+    overlay, memory = tmp_path / "overlay.raw", tmp_path / "memory.ram"
     with overlay.open("wb") as sparse:
         sparse.truncate(64 << 20)
         sparse.write(b"x" * (1 << 20))  # 1 MiB written at the start, the rest a hole
@@ -230,11 +230,12 @@ def test_open_disk_promise_of_sparse_reserved_and_shared_files(tmp_path: Path) -
     with memory.open("wb") as ram:
         os.posix_fallocate(ram.fileno(), 0, 32 << 20)
     assert open_disk_promise(overlay, 64 << 20, memory, 32 << 20) == (64 << 20) - used
-    # A fork maps its snapshot's RAM file (a hard link) privately: it costs no disk.
-    os.link(memory, fork_memory)
+    # A fork maps a RAM file privately and never writes it: its claim leaves the file out.
     memory.unlink()
-    with fork_memory.open("r+b") as ram:
-        ram.truncate(0)
-        ram.truncate(32 << 20)
-    os.link(fork_memory, memory)
-    assert open_disk_promise(overlay, 64 << 20, memory, 32 << 20) == (64 << 20) - used
+    memory.touch()
+    claim = DiskClaim(overlay=overlay, overlay_bytes=64 << 20, memory_file=memory, memory_bytes=32 << 20,
+                      standby_record=tmp_path / "standby.json")
+    assert claim.open_promise(running=True, writes_memory_file=lambda _: False) == (64 << 20) - used
+    assert claim.open_promise(running=True, writes_memory_file=lambda _: True) == (96 << 20) - used
+    # Stopped (no VMM, no standby): only the overlay.
+    assert claim.open_promise(running=False, writes_memory_file=lambda _: True) == (64 << 20) - used

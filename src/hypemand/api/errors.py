@@ -6,7 +6,6 @@ HTTP status codes so that the domain never needs to know about HTTP.
 
 from __future__ import annotations
 
-import errno
 import logging
 
 from fastapi import FastAPI, Request
@@ -18,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hypemand.api.limits import summary
 from hypemand.errors import DomainError
+from hypemand.fsutil import is_no_space
 
 log = logging.getLogger(__name__)
 # Longer than any message the server writes itself; shorter than what a client could make one.
@@ -101,7 +101,7 @@ class UnexpectedErrors:
         except Exception as exc:
             if started:
                 raise  # the answer is under way: nothing better can be sent
-            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            if is_no_space(exc):
                 message = "no space left on the server's data disk"
                 response = error_response(507, "insufficient_storage", message)
             else:

@@ -25,6 +25,7 @@ def serve(
     import uvicorn
 
     from hypemand.api.app import create_app
+    from hypemand.api.limits import MAX_WEBSOCKET_MESSAGE_BYTES
     from hypemand.errors import DomainError
     from hypemand.runtime import check_host
 
@@ -41,6 +42,7 @@ def serve(
         port=port,
         log_level=log_level,
         ws="websockets-sansio",
+        ws_max_size=MAX_WEBSOCKET_MESSAGE_BYTES,  # one exec/cp message; uvicorn's default is 16 MiB
         # A SIGTERM waits this long for open requests (an exec into a VM paused on a full disk
         # may never end), then cancels them: the server always stops, and VMs outlive it anyway.
         timeout_graceful_shutdown=SHUTDOWN_GRACE_SECONDS,

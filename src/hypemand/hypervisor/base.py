@@ -469,6 +469,12 @@ class Hypervisor(ABC):
         mapped copy-on-write, so that many forks share one file and never write to it. Blocking."""
         raise NotImplementedByBackend(f"{self.name} does not support fork")
 
+    def writes_memory_file(self, directory: Path) -> bool:
+        """Whether the VM in ``directory`` writes its RAM file (so its blocks are reserved in
+        full), rather than mapping a file it shares privately, as a fork does. Blocking (reads
+        the launch record); True when nothing says otherwise."""
+        return True
+
 
 class ForkIdentity(BaseModel):
     """What makes a copied VM a different VM."""

@@ -274,6 +274,10 @@ class QemuHypervisor(Hypervisor):
     def check_restorable(self, directory: Path) -> None:
         qemu_migration.check_restorable(directory, self.version())
 
+    def writes_memory_file(self, directory: Path) -> bool:
+        launch = QemuLaunchRecord.load(directory)
+        return launch is None or launch.maps_memory_shared
+
     def prepare_fork(self, directory: Path, fork: ForkIdentity) -> None:
         launch = QemuLaunchRecord.load(directory)
         if launch is None:

@@ -16,10 +16,10 @@ from typing import Literal
 from pydantic import BaseModel
 
 from hypemand.errors import Conflict
-from hypemand.fsutil import write_model_atomic
+from hypemand.fsutil import is_no_space, write_model_atomic
 from hypemand.hypervisor.base import Accel, VMConfig, VMPaths
 from hypemand.hypervisor.qemu_cmdline import guest_mac
-from hypemand.hypervisor.storage import MIB, is_no_space, no_space, reserve_memory_file
+from hypemand.hypervisor.storage import MIB, no_space, reserve_memory_file
 
 INCOMING_DEFER = ["-incoming", "defer"]
 

@@ -16,11 +16,12 @@ import time
 from pathlib import Path
 
 from hypemand.errors import Conflict, InvalidState
+from hypemand.fsutil import is_no_space
 from hypemand.hypervisor.base import VMMError
 from hypemand.hypervisor.qemu_cmdline import machine_type
 from hypemand.hypervisor.qemu_launch import QemuLaunchRecord
 from hypemand.hypervisor.qemu_vm import QUIT_TIMEOUT, QemuVMHandle, vmm_log_tail
-from hypemand.hypervisor.storage import MIB, free_bytes, is_no_space, no_space
+from hypemand.hypervisor.storage import MIB, free_bytes, no_space
 
 _IGNORE_SHARED = {"capability": "x-ignore-shared", "state": True}
 MIGRATION_BANDWIDTH = 1 << 40

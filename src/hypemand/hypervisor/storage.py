@@ -23,6 +23,7 @@ import os
 from pathlib import Path
 
 from hypemand.errors import InsufficientStorage
+from hypemand.fsutil import is_no_space
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,6 @@ def free_bytes(path: Path) -> int:
     The root-only reserve is left alone: it keeps room for the records written when a VM ends."""
     stats = os.statvfs(path)
     return stats.f_bavail * stats.f_frsize
-
-
-def is_no_space(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def no_space(what: str, directory: Path, needed: int | None = None) -> InsufficientStorage:

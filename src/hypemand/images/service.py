@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hypemand.errors import BadRequest, DomainError
+from hypemand.fsutil import is_no_space
 from hypemand.images.disk import DiskFormat, build_disk
 from hypemand.images.errors import (
     CredentialConflict,
@@ -521,6 +522,14 @@ class ImageService:
                 raise
             except DomainError as exc:
                 await self._set_status(job, "failed", error=str(exc))
+            except OSError as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                if not is_no_space(exc):
+                    log.exception("image job %s failed", digest)
+                else:  # an expected condition: the pull fails saying so, the server goes on
+                    log.warning("image job %s failed: the data disk is full", digest)
+                    error = "insufficient_storage: no space left on the data disk for the image"
+                await self._set_status(job, "failed", error=error)
             except Exception as exc:
                 log.exception("image job %s failed", digest)
                 await self._set_status(job, "failed", error=f"{type(exc).__name__}: {exc}")

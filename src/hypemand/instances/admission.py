@@ -64,13 +64,12 @@ def check_capacity(capacity: HostCapacity, held: Iterable[Demand], wanted: Deman
         )
 
 
-def _allocated(path: Path) -> tuple[int, int]:
-    """Bytes allocated to a file and its link count (0, 0 if it does not exist)."""
+def _allocated(path: Path) -> int:
+    """Bytes allocated to a file (0 if it does not exist)."""
     try:
-        info = os.stat(path)
+        return os.stat(path).st_blocks * 512
     except FileNotFoundError:
-        return 0, 0
-    return info.st_blocks * 512, info.st_nlink
+        return 0
 
 
 def open_disk_promise(
@@ -78,34 +77,57 @@ def open_disk_promise(
 ) -> int:
     """Blocking (two stats): what an instance may still write beyond what it has allocated.
 
-    ``memory_file`` is given when the instance holds (or is about to hold) a RAM file of its own;
-    a RAM file shared by hard link (a fork maps its snapshot's privately) costs no disk."""
-    overlay_used, _ = _allocated(overlay)
+    ``memory_file`` is given when the instance writes a RAM file of its own, now or at its next
+    boot (not a fork, which maps a shared file privately and never writes it)."""
+    overlay_used = _allocated(overlay)
     promise = max(0, overlay_bytes - overlay_used)
     if memory_file is not None:
-        memory_used, links = _allocated(memory_file)
-        if links <= 1:
-            promise += max(0, memory_bytes - memory_used)
+        promise += max(0, memory_bytes - _allocated(memory_file))
     return promise
 
 
-def demand_of(live: LiveInstance, *, with_memory_file: bool) -> Demand:
-    """Blocking (stats the instance's disks)."""
+@dataclass(frozen=True)
+class DiskClaim:
+    """What an instance may still take on the data disk, by the one rule admission and
+    ``/resources`` share."""
+
+    overlay: Path
+    overlay_bytes: int
+    memory_file: Path
+    memory_bytes: int
+    standby_record: Path
+
+    def open_promise(self, *, running: bool, writes_memory_file: Callable[[Path], bool]) -> int:
+        """Blocking. A RAM file counts while the VM runs or is in Standby, and only if it is the
+        VM's own (reserved in full)."""
+        holds_memory = running or self.standby_record.exists()
+        own = holds_memory and writes_memory_file(self.overlay.parent)
+        return open_disk_promise(
+            self.overlay, self.overlay_bytes, self.memory_file if own else None, self.memory_bytes
+        )
+
+
+def claim_of(live: LiveInstance) -> DiskClaim:
     record = live.record
-    memory = record.memory_bytes + record.hotplug_bytes
-    disk = open_disk_promise(
-        live.paths.overlay_disk,
-        record.overlay_bytes,
-        live.paths.memory_file if with_memory_file else None,
-        memory,
+    return DiskClaim(
+        overlay=live.paths.overlay_disk,
+        overlay_bytes=record.overlay_bytes,
+        memory_file=live.paths.memory_file,
+        memory_bytes=record.memory_bytes + record.hotplug_bytes,
+        standby_record=live.paths.standby_record,
     )
-    return Demand(record.vcpus, memory, record.image_digest, disk)
 
 
 class Admission:
-    def __init__(self, table: InstanceTable, capacity: Callable[[], HostCapacity]) -> None:
+    def __init__(
+        self,
+        table: InstanceTable,
+        capacity: Callable[[], HostCapacity],
+        writes_memory_file: Callable[[Path], bool],
+    ) -> None:
         self._table = table
         self._capacity = capacity
+        self._writes_memory_file = writes_memory_file
         self._lock = asyncio.Lock()
         self._names: set[str] = set()  # names of creates and forks in flight
         self._pending: dict[str, Demand] = {}  # boots in flight, by instance id
@@ -122,10 +144,16 @@ class Admission:
         async with self._lock:
             if name in self._names or self._table.has_name(name):
                 raise Conflict(f"an instance named {name!r} already exists", code="name_conflict")
-            if demand is not None:
-                await self._check(demand)
-                self._pending[instance_id] = demand
             self._names.add(name)
+            try:
+                if demand is not None:
+                    # Its image counts as in use from now on, also while the check awaits.
+                    self._pending[instance_id] = demand
+                    await self._check(demand, excluding=instance_id)
+            except BaseException:
+                self._names.discard(name)
+                self._pending.pop(instance_id, None)
+                raise
         try:
             yield
         finally:
@@ -137,7 +165,7 @@ class Admission:
         """An existing instance about to hold host resources again (start, restore): admitted,
         and counted as pending until its VMM runs, so concurrent boots cannot overcommit."""
         async with self._lock:
-            demand = await asyncio.to_thread(demand_of, live, with_memory_file=True)
+            demand = await asyncio.to_thread(self._demand, live, True)
             await self._check(demand, excluding=live.id)
             self._pending[live.id] = demand
         try:
@@ -161,6 +189,13 @@ class Admission:
         for those running or in Standby)."""
         held = []
         for live, running in others:
-            demand = demand_of(live, with_memory_file=running or live.paths.standby_record.exists())
+            demand = self._demand(live, running)
             held.append(demand if running else Demand(0, 0, demand.image_digest, demand.disk))
         return self._capacity(), held
+
+    def _demand(self, live: LiveInstance, running: bool) -> Demand:
+        """Blocking (stats the instance's disks). ``running``: it holds, or is about to hold,
+        a VMM and so its RAM file."""
+        record = live.record
+        disk = claim_of(live).open_promise(running=running, writes_memory_file=self._writes_memory_file)
+        return Demand(record.vcpus, record.memory_bytes + record.hotplug_bytes, record.image_digest, disk)

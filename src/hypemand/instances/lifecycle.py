@@ -9,7 +9,6 @@ or fork that has not answered yet).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hypemand.errors import DomainError, InvalidState, NotFound
-from hypemand.fsutil import write_atomic
+from hypemand.fsutil import fsync_dir, is_no_space
 from hypemand.guest.config_disk import GuestConfig
 from hypemand.guest.markers import ConsoleMarkers
 from hypemand.hypervisor.base import Hypervisor, VMHandle, VMMExit, VMStatus, read_vmm_exit
@@ -117,27 +116,37 @@ class Lifecycle:
         provisioned (kept by the next server); a fork does that itself once it answers."""
         spec = guest_spec(live.record, image, live.paths.directory)
         launched = await launch_guest(self.hypervisor, self.system(), spec)
+        before = live.record
+        now = utcnow()
+        # This boot's history, in memory first: the watcher and readers must not see the last
+        # boot's markers as this one's. Then the VMM is watched and in the table before anything
+        # else is awaited, so that a failure below still finds it and ends it.
+        live.record = before.model_copy(update={
+            "provisioned": before.provisioned or provision,
+            "started_at": now,
+            "stopped_at": None,
+            "console_offset": launched.console_offset,
+            "program_started_at": None,
+            "agent_ready_at": None,
+            "identity_pending": False,  # a fresh boot has its own kernel and randomness
+            "exit": None,
+            "crash": None,
+            **phase_change(before, "initializing", now),
+        })
         live.handle = launched.handle
         live.exit_seen_at = None
         live.scanner = ConsoleScanner(live.paths.console_log, launched.console_offset)
         live.forget_status()
-        now = utcnow()
-        await records.update(
-            live,
-            provisioned=live.record.provisioned or provision,
-            started_at=now,
-            stopped_at=None,
-            console_offset=launched.console_offset,
-            program_started_at=None,
-            agent_ready_at=None,
-            identity_pending=False,  # a fresh boot has its own kernel and randomness
-            exit=None,
-            crash=None,
-            **phase_change(live.record, "initializing", now),
-        )
         self.table.add(live)
-        self.oplog.write(live, f"boot: VMM pid {launched.handle.pid} started")
         self.watch(live, launched.handle)
+        try:
+            await records.save(live)
+        except BaseException:
+            # Not recorded, so not started: the VMM goes, and the record stays what it was.
+            await self.end_vmm(live)
+            live.record = before
+            raise
+        self.oplog.write(live, f"boot: VMM pid {launched.handle.pid} started")
 
     def watch(self, live: LiveInstance, handle: VMHandle) -> None:
         live.watcher = asyncio.create_task(self._watch(live, handle), name=f"watch-{live.id}")
@@ -303,8 +312,12 @@ class Lifecycle:
     async def delete(self, live: LiveInstance, *, graceful: bool) -> None:
         # The intent first, durably: a server killed from here on finishes the delete at its next
         # start instead of listing an instance whose disks are half gone.
-        await asyncio.to_thread(write_atomic, live.paths.delete_intent, b"")
+        await asyncio.to_thread(_mark_deleting, live.paths.delete_intent)
         live.deleted = True
+        # A record write already under way (the watcher's, in a thread) finishes before the
+        # directory goes; every later one sees ``deleted`` and writes nothing.
+        async with live.write_lock:
+            pass
         await self.compression.cancel_for_instance(live.id)
         await self.end_vmm(live, graceful=graceful)
         if live.watcher is not None and live.watcher is not asyncio.current_task():
@@ -324,8 +337,10 @@ class Lifecycle:
             live.deleted = True
             if live.watcher is not None:
                 live.watcher.cancel()
-            with contextlib.suppress(Exception):
-                await self.end_vmm(live)  # best effort: the create or fork already failed
+            try:
+                await self.end_vmm(live)
+            except Exception as exc:  # the create or fork already failed; say what is left
+                log.warning("instance %s: could not end the VMM of a failed create or fork: %s", live.id, exc)
         await self.oplog.flush()
         await asyncio.to_thread(shutil.rmtree, directory, ignore_errors=True)
 
@@ -378,6 +393,18 @@ def _last_sign_of_life(live: LiveInstance) -> datetime:
     console or VMM output, never before the phase it was in began."""
     seen = [_mtime(live.paths.console_log), _mtime(live.paths.vmm_log), live.record.phase_since]
     return max(moment for moment in seen if moment is not None)
+
+
+def _mark_deleting(intent: Path) -> None:
+    """Blocking. An empty file needs no data block: even a full disk takes it (and if not, the
+    delete, which is what frees space, goes on without the mark)."""
+    try:
+        intent.touch()
+        fsync_dir(intent.parent)
+    except OSError as exc:
+        if not is_no_space(exc):
+            raise
+        log.warning("could not mark %s as being deleted (%s); deleting anyway", intent.parent.name, exc)
 
 
 def _free_bytes(directory: Path) -> int:

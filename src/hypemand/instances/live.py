@@ -2,7 +2,9 @@
 
 A :class:`LiveInstance` holds the record last written and what only a running server has (the
 VMM handle, the console scanner, the agent link, the watcher, a short-lived status answer). The
-collaborators of the instance manager share these objects; each touches only its own fields.
+collaborators of the instance manager share these objects: the VMM fields change only in
+``lifecycle`` and ``saved`` (under the instance's lock), the status cache in ``state``, the agent
+link in ``agents``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class LiveInstance:
     status_probe: asyncio.Task[VMStatus] | None = None
     status_value: VMStatus | None = None
     status_at: float = 0.0
+    status_of: VMHandle | None = None  # the VMM the probe and the cached answer are about
     deleted: bool = False
     clock_stale: bool = False  # restored: set the guest's clock before the agent is handed out
     reconnect: asyncio.Task[None] | None = None  # the agent reconnect a restore started
@@ -55,6 +58,7 @@ class LiveInstance:
         """The VMM changed (launched, paused, ended): the next read asks QEMU afresh."""
         self.status_value = None
         self.status_probe = None
+        self.status_of = None
 
 
 class InstanceTable:

@@ -26,7 +26,7 @@ from hypemand.images.errors import ImageNotFound
 from hypemand.images.models import ReadyImage
 from hypemand.images.service import ImageService
 from hypemand.instances import records
-from hypemand.instances.admission import Admission, Demand
+from hypemand.instances.admission import Admission, Demand, DiskClaim, claim_of
 from hypemand.instances.agents import AgentLinks
 from hypemand.instances.host import HostCapacity, host_capacity, process_usage
 from hypemand.instances.lifecycle import Lifecycle
@@ -65,8 +65,9 @@ log = logging.getLogger(__name__)
 
 MAX_WAIT = 300.0
 SWEEP_INTERVAL = 1.0
-# How long a create waits for an image that is still being pulled.
-IMAGE_WAIT = 300.0
+# How long a create waits for an image that is still being pulled: within the official SDK's
+# default 60 s request timeout, so a client never gives up on a create the server goes on with.
+IMAGE_WAIT = 50.0
 TERMINAL_FOR_WAIT = {InstanceState.STOPPED, InstanceState.STANDBY}
 
 
@@ -90,7 +91,7 @@ class InstanceManager:
         self.watch = StateWatch(self.reader)
         self.agents = AgentLinks()
         self.oplog = OperationsLog()
-        self.admission = Admission(self.table, self.capacity)
+        self.admission = Admission(self.table, self.capacity, hypervisor.writes_memory_file)
         self.lifecycle = Lifecycle(
             table=self.table,
             hypervisor=hypervisor,
@@ -170,6 +171,7 @@ class InstanceManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.watch.close()
         await self.oplog.close()
         for live in self.table:
             await self.agents.close(live)
@@ -183,9 +185,6 @@ class InstanceManager:
         return task
 
     # ---- reads ------------------------------------------------------------------------------------
-
-    def image_in_use(self, digest: str) -> bool:
-        return self.admission.image_in_use(digest)
 
     def record_of(self, ref: str) -> InstanceRecord:
         return self.table.resolve(ref).record
@@ -241,9 +240,10 @@ class InstanceManager:
     def capacity(self) -> HostCapacity:
         return host_capacity(self.layout.root)
 
-    def allocations(self) -> list[tuple[InstanceRecord, bool]]:
-        """Every instance with whether it holds host resources now (a VMM runs)."""
-        return [(live.record, live.vmm_alive()) for live in self.table]
+    def allocations(self) -> list[tuple[InstanceRecord, bool, DiskClaim]]:
+        """Every instance with whether it holds host resources now (a VMM runs) and what it may
+        take on the data disk."""
+        return [(live.record, live.vmm_alive(), claim_of(live)) for live in self.table]
 
     def available_boards(self) -> list[Board]:
         return list(BOARDS)
@@ -432,3 +432,6 @@ class InstanceManager:
                         await self.delete(live.id)
                     except DomainError as exc:
                         log.warning("instance %s: expiry delete failed: %s", live.id, exc)
+                    except Exception:
+                        # The sweep goes on for the other instances (and this one next time).
+                        log.exception("instance %s: expiry delete failed", live.id)

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import BaseModel
 
 from hypemand.hypervisor.base import Capabilities as BackendCapabilities
-from hypemand.instances.admission import open_disk_promise
+from hypemand.instances.admission import DiskClaim
 from hypemand.instances.host import (
     CPU_OVERSUBSCRIPTION,
     DISK_OVERSUBSCRIPTION,
@@ -157,10 +157,7 @@ class Holding:
     active: bool  # a VMM runs: its vCPUs and memory are in use
     vcpus: int
     memory_bytes: int
-    overlay_bytes: int  # the size its overlay may grow to
-    overlay_disk: Path
-    memory_file: Path
-    standby_record: Path
+    disk: DiskClaim  # what it may still take on the data disk (admission's rule)
 
 
 @dataclass(frozen=True)
@@ -169,6 +166,7 @@ class ResourceInputs:
     blocking part can run in a worker thread while the event loop goes on changing that state."""
 
     capacity: Callable[[], HostCapacity]  # the host's, read from the file system
+    writes_memory_file: Callable[[Path], bool]  # the hypervisor's: a VM's RAM file is its own
     images_dir: Path
     data_dirs: tuple[Path, ...]  # what the server keeps on the data disk besides images
     holdings: tuple[Holding, ...]
@@ -183,17 +181,14 @@ def resource_inputs(manager: InstanceManager) -> ResourceInputs:
             active=active,
             vcpus=record.vcpus,
             memory_bytes=record.memory_bytes + record.hotplug_bytes,
-            overlay_bytes=record.overlay_bytes,
-            overlay_disk=paths.overlay_disk,
-            memory_file=paths.memory_file,
-            standby_record=paths.standby_record,
+            disk=claim,
         )
-        for record, active in manager.allocations()
-        for paths in (manager.layout.instance(record.id),)
+        for record, active, claim in manager.allocations()
     )
     layout = manager.layout
     return ResourceInputs(
         capacity=manager.capacity,
+        writes_memory_file=manager.hypervisor.writes_memory_file,
         images_dir=layout.images,
         data_dirs=(layout.guests, layout.snapshots),
         holdings=holdings,
@@ -212,15 +207,10 @@ def resources(inputs: ResourceInputs) -> Resources:
     allocations: list[ResourceAllocation] = []
     cpu = memory = overlays = promised = 0
     for holding in inputs.holdings:
-        disk = sparse_size(holding.overlay_disk)
-        overlays += disk
-        with_memory = holding.active or holding.standby_record.exists()
-        promised += open_disk_promise(
-            holding.overlay_disk,
-            holding.overlay_bytes,
-            holding.memory_file if with_memory else None,
-            holding.memory_bytes,
-        )
+        claim = holding.disk
+        overlays += sparse_size(claim.overlay)
+        promised += claim.open_promise(running=holding.active, writes_memory_file=inputs.writes_memory_file)
+        with_memory = holding.active or claim.standby_record.exists()
         if holding.active:
             cpu += holding.vcpus
             memory += holding.memory_bytes
@@ -230,7 +220,7 @@ def resources(inputs: ResourceInputs) -> Resources:
                 instance_name=holding.instance_name,
                 cpu=holding.vcpus if holding.active else 0,
                 memory_bytes=holding.memory_bytes if holding.active else 0,
-                disk_bytes=holding.overlay_bytes + (holding.memory_bytes if with_memory else 0),
+                disk_bytes=claim.overlay_bytes + (holding.memory_bytes if with_memory else 0),
             )
         )
     images = _tree_size(inputs.images_dir)

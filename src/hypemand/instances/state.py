@@ -112,8 +112,10 @@ class StateReader:
             saved = live.paths.standby_record.exists()
             return derive_state(vmm_alive=False, saved=saved, status=None, markers=None, record=live.record)
         status = await self.vm_status(live)
-        if status is VMStatus.UNKNOWN and not live.vmm_alive():
-            status = VMStatus.EXITED
+        if status is VMStatus.EXITED or (status is VMStatus.UNKNOWN and not live.vmm_alive()):
+            # Gone while we asked (ended, or a standby finished): read it as a VMM-less instance.
+            saved = live.paths.standby_record.exists()
+            return derive_state(vmm_alive=False, saved=saved, status=None, markers=None, record=live.record)
         markers = await self.markers(live) if needs_markers(status) else None
         record = live.record
         observed = derive_state(vmm_alive=True, saved=False, status=status, markers=markers, record=record)
@@ -138,16 +140,21 @@ class StateReader:
         if handle is None:
             return VMStatus.EXITED  # ended (or put in standby) since the caller looked
         now = time.monotonic()
+        if live.status_of is not handle:
+            live.forget_status()  # an answer about an earlier VMM says nothing about this one
+            live.status_of = handle
         if live.status_value is not None and now - live.status_at < STATUS_TTL:
             return live.status_value
         if live.status_probe is None or live.status_probe.done():
             live.status_probe = asyncio.ensure_future(handle.status(timeout=STATUS_TIMEOUT))
+        probe = live.status_probe
         try:
             async with asyncio.timeout(STATUS_TIMEOUT + 0.25):
-                status = await asyncio.shield(live.status_probe)
+                status = await asyncio.shield(probe)
         except TimeoutError:
             return VMStatus.UNKNOWN
-        live.status_value, live.status_at = status, time.monotonic()
+        if live.status_of is handle and live.status_probe is probe:
+            live.status_value, live.status_at = status, time.monotonic()
         return status
 
     async def markers(self, live: LiveInstance) -> ConsoleMarkers:
@@ -252,6 +259,13 @@ class StateWatch:
             return ticker.observed or observed, True
         finally:
             ticker.waiters -= 1
+
+    async def close(self) -> None:
+        """End every observer (the server is stopping; its waiting requests are cancelled)."""
+        tasks = [ticker.task for ticker in self._tickers.values() if ticker.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     def _ticker(self, live: LiveInstance) -> _Ticker:
         key = id(live)

@@ -61,6 +61,19 @@ def ensure_raw_memory(raw: Path) -> str | None:
     raise FileNotFoundError(f"no memory file {raw.name} (raw or compressed) in {raw.parent}")
 
 
+def _compress_then_drop_raw(
+    raw: Path, compression: Compression, cancelled: threading.Event
+) -> CompressedMemory:
+    """Blocking. Compress, then remove the raw file in the same thread, so that a reader who
+    cancels the job and waits for this thread never finds the raw file about to vanish. A job
+    cancelled after the compressed copy was made keeps the raw file: the reader drops the copy."""
+    result = compress_memory(raw, compression, cancelled)
+    if not cancelled.is_set():
+        # The compressed copy is complete and durable: the raw file can go.
+        raw.unlink(missing_ok=True)
+    return result
+
+
 class CompressionJobs:
     def __init__(self, default: Compression | None = None) -> None:
         self.default = default
@@ -135,7 +148,8 @@ class CompressionJobs:
             except asyncio.CancelledError:
                 await on_done(None, None)
                 raise
-            work = asyncio.ensure_future(asyncio.to_thread(compress_memory, raw, compression, cancelled))
+            compressing = asyncio.to_thread(_compress_then_drop_raw, raw, compression, cancelled)
+            work = asyncio.ensure_future(compressing)
             try:
                 result = await asyncio.shield(work)
             except asyncio.CancelledError:
@@ -152,8 +166,6 @@ class CompressionJobs:
             except Exception as exc:  # the job's failure belongs in its record, not in the server
                 await on_done(None, f"{type(exc).__name__}: {exc}")
                 return
-            # The compressed copy is complete and durable: the raw file can go.
-            await asyncio.to_thread(raw.unlink, missing_ok=True)
             await on_done(result, None)
 
         task = asyncio.get_running_loop().create_task(run(), name=f"compress-{key}")
@@ -172,5 +184,6 @@ class CompressionJobs:
             return
         job.cancelled.set()  # stops the codec thread at its next chunk
         job.task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await job.task
+        # The job's own cancellation and failure are its business; the caller's cancellation
+        # (gather raises that one) is not swallowed.
+        await asyncio.gather(job.task, return_exceptions=True)
