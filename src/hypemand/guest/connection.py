@@ -23,6 +23,10 @@ from hypemand.unixsock import open_unix_connection
 
 _HELLO_FIRST_WAIT = 1.0
 _HELLO_RETRY_WAIT = 2.0
+# Waiting for the socket to appear: a restore dials while QEMU is still starting, and the guest
+# can answer only once the HELLO is there, so the first retries are close together.
+_DIAL_FIRST_RETRY = 0.002
+_DIAL_MAX_RETRY = 0.02
 
 
 class _Stream:
@@ -96,6 +100,7 @@ class AgentConnection:
         # The socket appears once QEMU is up; until then (or while it has another client, whose
         # waiting successors fill the backlog: BlockingIOError) retry. The path may exceed
         # sun_path: open_unix_connection goes through /proc/self/fd/<dirfd>/<name>.
+        retry = _DIAL_FIRST_RETRY
         while True:
             try:
                 reader, writer = await open_unix_connection(self.socket_path, limit=4 * p.MAX_PAYLOAD)
@@ -104,7 +109,8 @@ class AgentConnection:
                 if time.monotonic() >= deadline:
                     message = f"cannot connect to the guest agent at {self.socket_path}: {exc}"
                     raise AgentTimeout(message) from exc
-                await asyncio.sleep(0.05)
+                await asyncio.sleep(retry)
+                retry = min(retry * 2, _DIAL_MAX_RETRY)
 
     async def _handshake(self, conn: _Stream, deadline: float) -> p.HelloAck:
         # Only the ACK of the latest HELLO counts: an earlier one may still be queued in the guest,

@@ -2,6 +2,10 @@
 
 After a restore the guest's wall clock stood still while it slept: it is set before anyone gets
 the agent. A fork's new identity (randomness, MAC, hostname) is given through it too.
+
+A restore links the agent while QEMU loads the saved state (``dial_restoring``): the HELLO is
+waiting in the socket when the guest runs again, so the link and the clock are done by the time
+the restore answers ``Running`` (``adopt_restored``), and a first exec goes straight through.
 """
 
 from __future__ import annotations
@@ -9,9 +13,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from pathlib import Path
 
 from hypemand.errors import DomainError, InvalidState
 from hypemand.guest.client import AgentClient, AgentError
+from hypemand.hypervisor.base import VMPaths
 from hypemand.instances.live import LiveInstance
 
 log = logging.getLogger(__name__)
@@ -56,28 +62,69 @@ class AgentLinks:
         if agent is not None:
             await agent.close()
 
-    async def reconnect_after_restore(self, live: LiveInstance) -> None:
-        """Reconnect the agent (which sets the clock) now rather than at the first exec."""
+    def dial_restoring(self, live: LiveInstance, vm_directory: Path) -> asyncio.Task[AgentClient] | None:
+        """Start linking the agent of a VM about to be restored from ``vm_directory``: dial its
+        socket as soon as QEMU creates it and say HELLO, so the guest finds the HELLO waiting
+        when it runs again. None for a VM without an agent. Hand the task to
+        ``adopt_restored``, or to ``abandon`` if the restore fails."""
         if live.record.skip_guest_agent:
+            return None
+        socket_path = VMPaths(vm_directory).agent_socket
+        return asyncio.ensure_future(AgentClient.connect(socket_path, timeout=AGENT_CONNECT_TIMEOUT))
+
+    async def abandon(self, linking: asyncio.Task[AgentClient] | None) -> None:
+        """Drop a link ``dial_restoring`` started (the restore failed)."""
+        if linking is None:
             return
-        try:
-            async with asyncio.timeout(AGENT_CONNECT_TIMEOUT):
-                await self.agent(live)
-        except (DomainError, TimeoutError) as exc:
-            log.warning("instance %s: could not set the clock after restore: %s", live.id, exc)
+        linking.cancel()
+        (outcome,) = await asyncio.gather(linking, return_exceptions=True)
+        if isinstance(outcome, AgentClient):
+            await outcome.close()
+
+    async def adopt_restored(self, live: LiveInstance, linking: asyncio.Task[AgentClient] | None) -> bool:
+        """Make the link ``dial_restoring`` started the instance's agent once the guest has
+        answered, and set the guest's clock; True when both are done. Bounded: a guest whose
+        agent does not answer still runs; the next use of the agent links it (and sets the
+        clock) anew."""
+        if linking is None:
+            return False
+        async with live.agent_lock:
+            try:
+                async with asyncio.timeout(AGENT_CONNECT_TIMEOUT):
+                    agent = await linking
+                    previous, live.agent = live.agent, agent
+                    if previous is not None:
+                        await previous.close()
+                    if live.clock_stale:
+                        await agent.set_clock()
+                        live.clock_stale = False
+                    return True
+            except (DomainError, TimeoutError, OSError) as exc:
+                log.warning("instance %s: the agent did not answer after the restore: %s", live.id, exc)
+                linked = linking.done() and not linking.cancelled() and linking.exception() is None
+                if linked and live.agent is linking.result():
+                    live.agent = None
+                await self.abandon(linking)
+                return False
 
     async def give_identity(self, live: LiveInstance) -> None:
         """A fork resumed another VM's memory: fresh kernel randomness, the fork's MAC on its NIC
         and its name as hostname."""
         if live.record.skip_guest_agent:
             return
-        async with asyncio.timeout(AGENT_CONNECT_TIMEOUT * 3):
-            agent = await self.agent(live)
-            await agent.set_identity(
-                os.urandom(64),
-                mac=live.record.mac if live.record.network_enabled else None,
-                hostname=live.record.name,
-            )
+        try:
+            async with asyncio.timeout(AGENT_CONNECT_TIMEOUT * 3):
+                agent = await self.agent(live)
+                await agent.set_identity(
+                    os.urandom(64),
+                    mac=live.record.mac if live.record.network_enabled else None,
+                    hostname=live.record.name,
+                )
+        except TimeoutError:
+            raise InvalidState(
+                f"instance {live.name}: the fork's guest agent did not answer, so it has no identity of "
+                f"its own (randomness, MAC, hostname) yet"
+            ) from None
 
     async def network_counters(self, live: LiveInstance) -> tuple[int, int]:
         """Bytes the guest's NIC received and sent (user-mode networking has no host TAP to

@@ -101,7 +101,10 @@ class SavedVMOperations:
         assert handle is not None
         files = own_files(live)
         self.oplog.write(live, "standby requested")
-        await self.agents.close(live)
+        # The agent stays linked until QEMU is gone: the guest is saved believing its host is
+        # there, so after a restore (which links before the guest runs) it reads the new HELLO at
+        # once instead of noticing the host on its next reconnect poll. Closed earlier, QEMU would
+        # also tell a paused, already saved guest that the host left.
         await self.hypervisor.save_state(handle, files.device_state)
         try:
             standby = StandbyRecord(
@@ -122,7 +125,10 @@ class SavedVMOperations:
         # From here the saved VM is complete on disk; ending QEMU cannot lose it.
         live.handle = None
         live.forget_status()
-        await self.hypervisor.end_saved(handle)
+        try:
+            await self.hypervisor.end_saved(handle)
+        finally:
+            await self.agents.close(live)
         now = utcnow()
         await records.update(live, stopped_at=now, **phase_change(live.record, "standby", now))
         self.oplog.write(live, "standby: device state saved, VMM ended")
@@ -138,26 +144,35 @@ class SavedVMOperations:
         await asyncio.to_thread(files.verify_standby, standby)
         await self.lifecycle.image_of(live)
         self.oplog.write(live, "restore requested")
-        async with self.admission.boot(live):
-            handle = await self.hypervisor.restore(files.directory, files.device_state)
-        # Running again: the saved VM is used up. Remove the record first, so that a crash in
-        # between leaves a running VM and a stale state file, never a second claim to Standby.
-        live.handle = handle
-        live.exit_seen_at = None
-        live.clock_stale = True
-        live.forget_status()
-        await asyncio.to_thread(files.forget_standby)
-        now = utcnow()
-        await records.update(
-            live, stopped_at=None, exit=None, crash=None, **phase_change(live.record, "running", now)
-        )
-        self.lifecycle.watch(live, handle)
-        self.oplog.write(live, f"restore: VMM pid {handle.pid} running")
+        linking = None
+        try:
+            async with self.admission.boot(live):
+                # The agent is dialled while QEMU starts and loads the state: the guest finds
+                # the HELLO waiting when it runs again (see AgentLinks.dial_restoring).
+                linking = self.agents.dial_restoring(live, files.directory)
+                handle = await self.hypervisor.restore(files.directory, files.device_state)
+            # Running again: the saved VM is used up. Remove the record first, so that a crash in
+            # between leaves a running VM and a stale state file, never a second claim to Standby.
+            live.handle = handle
+            live.exit_seen_at = None
+            live.clock_stale = True
+            live.forget_status()
+            await asyncio.to_thread(files.forget_standby)
+            now = utcnow()
+            await records.update(
+                live, stopped_at=None, exit=None, crash=None, **phase_change(live.record, "running", now)
+            )
+            self.lifecycle.watch(live, handle)
+            self.oplog.write(live, f"restore: VMM pid {handle.pid} running")
+        except BaseException:
+            await self.agents.abandon(linking)
+            raise
+        # Running means usable: the agent has answered and the guest's clock is set before the
+        # answer. The handshake went on during the steps above, so little of it is waited for.
+        if await self.agents.adopt_restored(live, linking):
+            self.oplog.write(live, "restore: guest agent answered, guest clock set")
         if live.record.identity_pending:
             await self.new_identity(live)
-        # The clock is set in the background: the VM already runs, and the agent's reconnect
-        # after a restore must not hold the answer back.
-        live.reconnect = self.spawn(self.agents.reconnect_after_restore(live), f"reconnect-{live.id}")
 
     # ---- snapshots: capture, restore in place, fork ---------------------------------------------
 

@@ -142,15 +142,20 @@ class SnapshotService:
     async def _using(self, snapshot_id: str) -> AsyncIterator[SavedVM]:
         """The snapshot's files, ready to start a guest on, for one restore or fork. Any number
         of them run at once; only making the files ready (stopping a compression, expanding,
-        the first digest check of each file) is done one at a time. A delete waits for them."""
+        the first digest check of each file) is done one at a time, and files still as they
+        were when last made ready need no turn at all. A delete waits for them."""
         use = self._use_of(snapshot_id)
         if use.deleting:
             raise NotFound(f"snapshot {snapshot_id!r} is being deleted")
         use.users += 1
         use.idle.clear()
         try:
-            async with use.preparing:
-                saved = await self._ready(snapshot_id)
+            saved = await self._still_ready(snapshot_id, use)
+            if saved is None:
+                async with use.preparing:
+                    saved = await self._ready(snapshot_id)
+                    digests = self._record(snapshot_id).digests
+                    use.ready = await asyncio.to_thread(_ReadyFiles.of, saved, digests)
             yield saved
         finally:
             use.users -= 1
@@ -363,6 +368,22 @@ class SnapshotService:
             board = offered[hypervisor]
         return target, board
 
+    async def _still_ready(self, snapshot_id: str, use: _Use) -> SavedVM | None:
+        """The files as an earlier restore or fork made them ready, if nothing has touched them
+        since (same inode, size and mtime each; no compression): many forks at once then need
+        no turn at the preparation lock, only a few stats. None: prepare them under the lock."""
+        ready = use.ready
+        record = self._record(snapshot_id)
+        if (
+            ready is None
+            or use.preparing.locked()
+            or record.snapshot.compression_state not in ("none", "error")
+            or record.digests != ready.digests
+        ):
+            return None
+        now = await asyncio.to_thread(_identities, ready.saved.files, ready.digests)
+        return ready.saved if now == ready.identities else None
+
     async def _ready(self, snapshot_id: str) -> SavedVM:
         """Stop any compression of the snapshot, make its RAM file raw again, and check every
         file against its digest: a guest never starts on a truncated or altered file."""
@@ -398,6 +419,33 @@ class SnapshotService:
         )
 
 
+@dataclass(frozen=True)
+class _ReadyFiles:
+    """A snapshot's files as they were when last made ready and checked against ``digests``."""
+
+    saved: SavedVM
+    digests: dict[str, str]
+    identities: dict[str, tuple[int, int, int]]
+
+    @classmethod
+    def of(cls, saved: SavedVM, digests: dict[str, str]) -> _ReadyFiles:
+        """Blocking (stats the files)."""
+        return cls(saved, dict(digests), _identities(saved.files, digests))
+
+
+def _identities(files: SavedVMFiles, digests: dict[str, str]) -> dict[str, tuple[int, int, int]]:
+    """Blocking. Inode, size and mtime of each file with a digest: any write or replacement
+    changes one of them (a fork's hard link to the RAM file changes only the ctime)."""
+    found = {}
+    for name in digests:
+        try:
+            info = files.paths.file(name).stat()
+        except FileNotFoundError:
+            continue
+        found[name] = (info.st_ino, info.st_size, info.st_mtime_ns)
+    return found
+
+
 @dataclass
 class _Use:
     """Who is using a snapshot's files."""
@@ -406,6 +454,7 @@ class _Use:
     deleting: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     preparing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    ready: _ReadyFiles | None = None  # what the last preparation left; see _still_ready
 
     def __post_init__(self) -> None:
         self.idle.set()
