@@ -11,7 +11,6 @@ middle of completing.
 from __future__ import annotations
 
 import os
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +25,7 @@ from hypeman.types import Instance
 
 from hypemand.images import demo
 from tests.support.harness import ServerProcess, shared_harness, strict_client
+from tests.support.smallfs import fill, mounted_ext4
 
 pytestmark = [
     pytest.mark.vm,
@@ -42,36 +42,8 @@ class SmallDisk:
     instance: str
 
     def fill(self, leave: int) -> Path:
-        """Take all free space but about ``leave`` bytes (a little less: the file system's own
-        metadata for the filler's extents takes some too)."""
-        filler = self.mountpoint / "filler"
-        step = 1 << 20
-        with filler.open("wb") as f:
-            size = 0
-            while True:
-                room = os.statvfs(self.mountpoint)
-                free = room.f_bavail * room.f_frsize
-                if free <= leave or step < 4096:
-                    break
-                grow = min(step, free - leave)
-                try:
-                    os.posix_fallocate(f.fileno(), size, grow)
-                    size += grow
-                except OSError:
-                    step //= 2  # the last blocks go to extent metadata: take what still fits
-        return filler
-
-
-def _run(*argv: str | Path) -> None:
-    subprocess.run([str(a) for a in argv], check=True, capture_output=True)
-
-
-def _unmount(mountpoint: Path) -> None:
-    for _ in range(20):
-        if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode == 0:
-            return
-        time.sleep(0.25)  # a QEMU the harness just ended may still hold a file open
-    subprocess.run(["umount", "-l", str(mountpoint)], check=True, capture_output=True)
+        """Take all free space but about ``leave`` bytes (delete the file to give it back)."""
+        return fill(self.mountpoint, leave)
 
 
 @pytest.fixture(scope="module")
@@ -79,24 +51,17 @@ def small_disk(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[SmallDisk]:
     root = tmp_path_factory.mktemp("small-disk")
-    image, mountpoint = root / "disk.img", root / "mnt"
-    mountpoint.mkdir()
-    _run("truncate", "-s", "768M", image)
-    _run("mkfs.ext4", "-q", "-F", "-m", "0", image)
-    _run("mount", "-o", "loop", image, mountpoint)
-    try:
-        with shared_harness(root / "harness", request.node) as harness:
-            server = harness.start(mountpoint / "data")
-            demo.install(server.base_url, server.token, wait_seconds=300)
-            with strict_client(server) as sdk:
-                created = sdk.instances.create(
-                    name="writer", image=demo.DEMO_NAME, size="128MB", overlay_size="256MB", vcpus=1,
-                    entrypoint=["/bin/sh", "-c"], cmd=["while true; do sleep 3600; done"],
-                )
-                assert sdk.instances.wait(created.id, state="Running", api_timeout="120s").state == "Running"
-            yield SmallDisk(server, mountpoint, created.id)
-    finally:
-        _unmount(mountpoint)
+    # The harness (deletes, stops, checks) finishes before the file system is unmounted.
+    with mounted_ext4(root / "fs", 768) as mountpoint, shared_harness(root / "harness", request.node) as hm:
+        server = hm.start(mountpoint / "data")
+        demo.install(server.base_url, server.token, wait_seconds=300)
+        with strict_client(server) as sdk:
+            created = sdk.instances.create(
+                name="writer", image=demo.DEMO_NAME, size="128MB", overlay_size="256MB", vcpus=1,
+                entrypoint=["/bin/sh", "-c"], cmd=["while true; do sleep 3600; done"],
+            )
+            assert sdk.instances.wait(created.id, state="Running", api_timeout="120s").state == "Running"
+        yield SmallDisk(server, mountpoint, created.id)
 
 
 def test_a_guest_on_a_full_disk_is_paused_says_why_and_continues_once_there_is_room(

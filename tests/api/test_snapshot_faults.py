@@ -22,7 +22,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -34,8 +33,9 @@ from hypeman import APIStatusError, ConflictError, Hypeman
 from hypeman.lib.exec import exec as sdk_exec
 
 from hypemand.images import demo
-from hypemand.savedvm.sparse import copy_sparse
+from hypemand.savedvm.sparse import copy_sparse, data_extents
 from tests.support.harness import Harness, ServerProcess, shared_harness, strict_client
+from tests.support.smallfs import fill, mounted_ext4
 
 pytestmark = pytest.mark.vm
 
@@ -168,52 +168,30 @@ class Crowded:
     source: str
 
     def fill_disk(self) -> Path:
-        """Leave room for the instance to go on, but not for a copy of its RAM."""
-        touched = (self.data / "guests" / self.source / "memory.ram").stat().st_blocks * 512
-        room = os.statvfs(self.mountpoint)
-        filler = self.mountpoint / "filler"
-        with filler.open("wb") as f:
-            os.posix_fallocate(f.fileno(), 0, room.f_bavail * room.f_frsize - touched // 2)
-        return filler
-
-
-def _run(*argv: str | Path) -> None:
-    subprocess.run([str(a) for a in argv], check=True, capture_output=True)
-
-
-def _unmount(mountpoint: Path) -> None:
-    for _ in range(20):
-        if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode == 0:
-            return
-        time.sleep(0.25)
-    subprocess.run(["umount", "-l", str(mountpoint)], check=True, capture_output=True)
+        """Leave room for the instance to go on, but not for a copy of its RAM (whose blocks
+        are reserved in full: the copy needs as much as the RAM it holds data in)."""
+        memory = self.data / "guests" / self.source / "memory.ram"
+        touched = sum(length for _, length in data_extents(memory))
+        return fill(self.mountpoint, leave=touched // 2)
 
 
 @pytest.fixture(scope="class")
 def crowded(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Crowded]:
     root = tmp_path_factory.mktemp("crowded")
-    image, mountpoint = root / "disk.img", root / "mnt"
-    mountpoint.mkdir()
-    _run("truncate", "-s", "640M", image)
-    _run("mkfs.ext4", "-q", "-F", "-m", "0", image)
-    _run("mount", "-o", "loop", image, mountpoint)
-    data = mountpoint / "data"
-    try:
-        # The harness deletes, stops and checks before the file system goes.
-        with shared_harness(root / "harness", request.node) as harness:
-            server = harness.start(data)
-            demo.install(server.base_url, server.token, wait_seconds=300)
-            with strict_client(server) as sdk:
-                # An idle program: nothing in the guest writes while the disk is full.
-                source = sdk.instances.create(
-                    name="crowded", image=demo.DEMO_NAME, size="256MB", overlay_size="64MB", vcpus=1,
-                    entrypoint=["/bin/sh", "-c"], cmd=["while true; do sleep 3600; done"],
-                )
-                assert sdk.instances.wait(source.id, state="Running", api_timeout="120s").state == "Running"
-                sh(sdk, source.id, fill_script(96))
-            yield Crowded(server, mountpoint, data, source.id)
-    finally:
-        _unmount(mountpoint)
+    # The harness (deletes, stops, checks) finishes before the file system is unmounted.
+    with mounted_ext4(root / "fs", 640) as mountpoint, shared_harness(root / "harness", request.node) as hm:
+        data = mountpoint / "data"
+        server = hm.start(data)
+        demo.install(server.base_url, server.token, wait_seconds=300)
+        with strict_client(server) as sdk:
+            # An idle program: nothing in the guest writes while the disk is full.
+            source = sdk.instances.create(
+                name="crowded", image=demo.DEMO_NAME, size="256MB", overlay_size="64MB", vcpus=1,
+                entrypoint=["/bin/sh", "-c"], cmd=["while true; do sleep 3600; done"],
+            )
+            assert sdk.instances.wait(source.id, state="Running", api_timeout="120s").state == "Running"
+            sh(sdk, source.id, fill_script(96))
+        yield Crowded(server, mountpoint, data, source.id)
 
 
 def _http(conn: socket.socket, request: bytes) -> tuple[int, dict[str, str], bytes]:

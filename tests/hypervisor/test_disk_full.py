@@ -37,8 +37,8 @@ from hypemand.hypervisor.storage import free_bytes, reserve_memory_file
 from hypemand.instances.boot import OVERLAY_SERIAL
 from hypemand.savedvm.sparse import copy_sparse, data_extents
 from hypemand.system.files import SystemFiles
-from tests.hypervisor.smallfs import MIB, fill, mounted_ext4, mounted_tmpfs
 from tests.support.guest import guest_spec, launched_vm, prepared_vm_config, wait_for_console
+from tests.support.smallfs import MIB, fill, mounted_ext4, mounted_tmpfs
 
 pytestmark = pytest.mark.vm
 
