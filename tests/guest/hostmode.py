@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import tty
 from pathlib import Path
@@ -123,8 +124,16 @@ class HostAgent:
             start_new_session=True,
         )
 
+    def children(self) -> list[int]:
+        """Pids of the agent's child processes (its file workers and exec'd commands)."""
+        assert self.process is not None
+        pid = self.process.pid
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
     async def stop(self) -> None:
         if self.process is not None and self.process.returncode is None:
-            self.process.kill()
+            # The agent's group (it started its own session) holds its file workers too.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             await self.process.wait()
         await self.chardev.stop()

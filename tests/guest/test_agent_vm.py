@@ -134,6 +134,60 @@ async def test_tree_and_stat(vm: RunningGuest) -> None:
     assert not (await c.stat("/tmp/tree/missing")).exists
 
 
+async def test_a_file_without_end_blocks_nothing_and_ends_with_an_error(vm: RunningGuest) -> None:
+    """Issue 13, finding 6: /proc/kmsg blocks when empty. The old agent read it in its one loop,
+    so every later request on the instance hung for good."""
+    c = vm.agent
+    copy = asyncio.ensure_future(c.read_file("/proc/kmsg"))
+    started = time.monotonic()
+    async with asyncio.timeout(20):
+        assert (await c.run(["echo", "served"])).stdout == b"served\n"
+        assert (await c.stat("/proc/kmsg")).is_file
+        await c.put_file("/tmp/beside-kmsg", b"beside")
+        assert await c.read_file("/tmp/beside-kmsg") == b"beside"
+        await c.ping()
+    # The copy itself ends with the agent's own limit for a file that gives no data (5 s).
+    with pytest.raises(AgentError, match="no data for 5 s"):
+        async with asyncio.timeout(30):
+            await copy
+    assert time.monotonic() - started < 30
+    assert (await c.run(["echo", "after"])).stdout == b"after\n"
+
+
+async def test_fifos_are_not_read(vm: RunningGuest) -> None:
+    """A FIFO without a writer, also bind-mounted over a regular file, is an entry without data."""
+    c = vm.agent
+    async with asyncio.timeout(30):
+        script = "mkfifo /tmp/pipe && echo x > /tmp/covered && mount --bind /tmp/pipe /tmp/covered"
+        setup = await c.run(["sh", "-c", script])
+        assert setup.exit_code == 0, setup
+        for path in ("/tmp/pipe", "/tmp/covered"):
+            items = [(i, await i.read_all()) async for i in c.get(path) if isinstance(i, GetEntry)]
+            assert [(item.header.type, data) for item, data in items] == [(EntryType.OTHER, b"")]
+        await c.run(["umount", "/tmp/covered"])
+
+
+async def test_a_cancelled_copy_of_a_file_without_end_ends_its_worker(vm: RunningGuest) -> None:
+    c = vm.agent
+    async with asyncio.timeout(30):
+        agent_pid = (await c.run(["sh", "-c", "echo $PPID"])).stdout.strip().decode()
+        children = f"/proc/{agent_pid}/task/{agent_pid}/children"
+        walk = c.get("/proc/kmsg")
+        entry = await anext(walk)
+        assert isinstance(entry, GetEntry)
+        listed = await c.run(["sh", "-c", f"cat {children}; echo; echo $$"])
+        workers, shell = listed.stdout.decode().split("\n")[:2]
+        assert len(set(workers.split()) - {shell}) == 1, listed  # the copy's worker, waiting for data
+        await walk.aclose()  # CANCEL, well within the worker's 5 s wait
+    async with asyncio.timeout(20):
+        while True:
+            listed = await c.run(["sh", "-c", f"cat {children}; echo; echo $$"])
+            workers, shell = listed.stdout.decode().split("\n")[:2]
+            if not set(workers.split()) - {shell}:
+                break
+            await asyncio.sleep(0.1)
+
+
 async def test_set_clock(vm: RunningGuest) -> None:
     target = 2_000_000_000  # 2033-05-18
     await vm.agent.set_clock(target * 1_000_000_000)

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from hypemand.guest import deadlines
 from hypemand.guest import protocol as p
 from hypemand.guest.session import AgentDisconnected, AgentError, AgentTimeout, Session, error_from
 from hypemand.unixsock import open_unix_connection
@@ -52,6 +53,10 @@ class AgentConnection:
         self._conn: _Stream | None = None
         self._sessions: dict[int, Session] = {}
         self._ids = itertools.count(1)
+        # The bounds of deadlines.py; per client so that a test can shorten them.
+        self.request_timeout = deadlines.REQUEST_TIMEOUT
+        self.stream_idle_timeout = deadlines.STREAM_IDLE_TIMEOUT
+        self.exec_liveness_interval = deadlines.EXEC_LIVENESS_INTERVAL
 
     # ---------- lifecycle ----------
 
@@ -244,11 +249,11 @@ class AgentConnection:
 
     async def _request(self, build: Callable[[int], bytes], expect: p.Msg) -> tuple[Session, p.Frame]:
         """Open a session with a request and wait for its first answer, which must be ``expect``
-        (an ERROR frame raises the guest's error)."""
+        (an ERROR frame raises the guest's error; none within ``request_timeout``, AgentTimeout)."""
         sid = next(self._ids)
         session = self._new_session(build(sid), sid)
         try:
-            frame = await session.next_frame()
+            frame = await session.next_frame(self.request_timeout, f"{expect.name} answer")
         except asyncio.CancelledError:
             session.cancel()
             raise
@@ -262,3 +267,8 @@ class AgentConnection:
     async def _simple(self, build: Callable[[int], bytes], expect: p.Msg) -> p.Frame:
         _, frame = await self._request(build, expect)
         return frame
+
+    async def check_alive(self) -> None:
+        """A PING the agent must answer within ``request_timeout`` (AgentTimeout otherwise): how a
+        caller waiting on a quiet session tells a frozen guest from an idle process."""
+        await self._simple(lambda sid: p.ping(sid, 0), p.Msg.PONG)

@@ -5,22 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 from typing import Literal, Self
 
 from hypemand.guest import protocol as p
 from hypemand.guest.connection import AgentConnection
 from hypemand.guest.models import CompletedExec, ExecResult, OutputChunk
-from hypemand.guest.session import AgentError, Session, error_from
+from hypemand.guest.session import AgentError, AgentTimeout, Session, error_from
 
 
 class ExecSession:
-    """A running guest process. Iterate it for output; ``wait()`` for the result."""
+    """A running guest process. Iterate it for output; ``wait()`` for the result.
 
-    def __init__(self, session: Session, pid: int, tty: bool) -> None:
+    A quiet process is never timed out here (``timeout`` of ``exec`` is the guest's limit for
+    the program); a frozen guest is: see ``_next_frame``."""
+
+    def __init__(self, session: Session, pid: int, tty: bool, time_limit: float | None = None) -> None:
         self._s = session
         self.pid = pid
         self.tty = tty
+        # When the guest should have killed the process (its time limit), on the monotonic clock.
+        self._limit_at = None if time_limit is None else time.monotonic() + time_limit
         self._result: ExecResult | None = None
         self._readers = 0
         self._done = asyncio.Event()
@@ -50,12 +56,36 @@ class ExecSession:
     def __aiter__(self) -> Self:
         return self
 
+    async def _next_frame(self) -> p.Frame:
+        """The next frame, however long the process stays quiet, as long as the guest is alive:
+        after each ``exec_liveness_interval`` without a frame the agent must answer a ping, and a
+        process past its time limit must have been reported. AgentTimeout otherwise (and the
+        process is killed should the guest come back)."""
+        client = self._s.client
+        while True:
+            try:
+                async with asyncio.timeout(client.exec_liveness_interval):
+                    return await self._s.next_frame()
+            except TimeoutError:
+                pass
+            if self._limit_at is not None and time.monotonic() >= self._limit_at:
+                self._s.cancel()
+                raise AgentTimeout(
+                    f"the guest has not reported the end of process {self.pid}, "
+                    f"{client.exec_liveness_interval:g} s or more past its time limit"
+                )
+            try:
+                await client.check_alive()
+            except AgentTimeout as exc:
+                self._s.cancel()
+                raise AgentTimeout(f"process {self.pid}: {exc}") from None
+
     async def __anext__(self) -> OutputChunk:
         """The next output chunk; StopAsyncIteration once the process has exited."""
         self._readers += 1
         try:
             while self._result is None:
-                frame = await self._s.next_frame()
+                frame = await self._next_frame()
                 if frame.type in (p.Msg.STDOUT, p.Msg.STDERR):
                     self._s.consumed(len(frame.payload))
                     stream: Literal["stdout", "stderr"] = "stdout" if frame.type == p.Msg.STDOUT else "stderr"
@@ -108,7 +138,7 @@ class ExecOperations(AgentConnection):
             lambda sid: p.exec_request(sid, argv, env, cwd or "", tty, rows, cols, timeout_ms, merge_stderr),
             p.Msg.STARTED,
         )
-        return ExecSession(session, p.decode_u32(started.payload), tty)
+        return ExecSession(session, p.decode_u32(started.payload), tty, timeout)
 
     async def run(
         self,

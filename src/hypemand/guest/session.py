@@ -40,6 +40,9 @@ class AgentDisconnected(AgentError):
 
 
 class AgentTimeout(AgentError):
+    """The guest agent did not answer within a bound of ``deadlines.py`` (the guest is frozen, or
+    a request is stuck on a hung mount in the guest)."""
+
     status = 504
     code = "agent_timeout"
 
@@ -81,8 +84,18 @@ class Session:
         self.frames.put_nowait(error)
         self.credit_changed.set()
 
-    async def next_frame(self) -> p.Frame:
-        item = await self.frames.get()
+    async def next_frame(self, timeout: float | None = None, waiting_for: str = "an answer") -> p.Frame:  # noqa: ASYNC109
+        """The next frame; with ``timeout``, AgentTimeout if none comes within that many seconds
+        (the session is then cancelled in the guest)."""
+        if timeout is None:
+            item = await self.frames.get()
+        else:
+            try:
+                async with asyncio.timeout(timeout):
+                    item = await self.frames.get()
+            except TimeoutError:
+                self.cancel()
+                raise AgentTimeout(f"the guest agent sent no {waiting_for} for {timeout:g} s") from None
         if isinstance(item, AgentError):
             raise item
         return item
@@ -94,16 +107,26 @@ class Session:
             self.client.send_control(p.window(self.id, self._grant_pending))
             self._grant_pending = 0
 
-    async def send_data(self, msg_type: p.Msg, data: bytes | memoryview) -> None:
+    async def send_data(
+        self, msg_type: p.Msg, data: bytes | memoryview, idle_timeout: float | None = None
+    ) -> None:
+        """Send within the guest's credit. With ``idle_timeout``, AgentTimeout (and the session
+        cancelled) if the guest takes that long to grant credit or to take the bytes: only for a
+        receiver that must consume (a file), never a process's stdin."""
         view = memoryview(data)
         while view:
-            while self.send_credit <= 0 and not self.closed:
-                self.credit_changed.clear()
-                await self.credit_changed.wait()
-            if self.closed:
-                raise self.failure or AgentError("session ended while sending")
-            n = min(len(view), self.send_credit, SEND_CHUNK)
-            await self.client.send_data(p.encode_frame(self.id, msg_type, bytes(view[:n])))
+            try:
+                async with asyncio.timeout(idle_timeout):
+                    while self.send_credit <= 0 and not self.closed:
+                        self.credit_changed.clear()
+                        await self.credit_changed.wait()
+                    if self.closed:
+                        raise self.failure or AgentError("session ended while sending")
+                    n = min(len(view), self.send_credit, SEND_CHUNK)
+                    await self.client.send_data(p.encode_frame(self.id, msg_type, bytes(view[:n])))
+            except TimeoutError:
+                self.cancel()
+                raise AgentTimeout(f"the guest agent took no data for {idle_timeout:g} s") from None
             self.send_credit -= n
             view = view[n:]
 

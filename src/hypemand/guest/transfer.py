@@ -26,7 +26,7 @@ class GetEntry:
 
     async def _chunks(self) -> AsyncIterator[bytes]:
         while not self.finished:
-            frame = await self._s.next_frame()
+            frame = await self._s.next_frame(self._s.client.stream_idle_timeout, "file data")
             if frame.type == p.Msg.FILE_DATA:
                 self._s.consumed(len(frame.payload))
                 yield frame.payload
@@ -68,19 +68,22 @@ class FileOperations(AgentConnection):
         gid: int | None = None,
         mtime_ns: int | None = None,
     ) -> int:
-        """Write a file in the guest (parents created, replaced atomically). Returns bytes written."""
+        """Write a file in the guest (parents created, replaced atomically). Returns bytes written.
+        The guest must take the data and answer within ``stream_idle_timeout`` of each wait
+        (AgentTimeout otherwise); the caller's source may take as long as it likes."""
         sid = next(self._ids)
         session = self._new_session(p.put_request(sid, guest_path, mode, uid, gid, mtime_ns), sid)
+        idle = self.stream_idle_timeout
         try:
             if isinstance(source, bytes | bytearray | memoryview):
-                await session.send_data(p.Msg.FILE_DATA, source)
+                await session.send_data(p.Msg.FILE_DATA, source, idle)
             else:
                 async for chunk in source:
-                    await session.send_data(p.Msg.FILE_DATA, chunk)
+                    await session.send_data(p.Msg.FILE_DATA, chunk, idle)
             if session.closed:
                 raise session.failure or AgentError("put ended early")
             self.send_control(p.encode_frame(sid, p.Msg.FILE_END))
-            frame = await session.next_frame()
+            frame = await session.next_frame(idle, "PUT_DONE answer")
         except BaseException:
             # Whatever ended the transfer (cancellation, the agent, the caller's source failing),
             # the guest must drop its temporary file and we must forget the session.
@@ -129,7 +132,8 @@ class FileOperations(AgentConnection):
     ) -> AsyncIterator[GetEntry | GetEntryError]:
         """Stream a file or a directory tree out of the guest, entry by entry (parents first).
         Read each entry's data before moving on (unread data is skipped). Raises AgentError if
-        the path itself cannot be read."""
+        the path itself cannot be read, AgentTimeout if the guest sends nothing for
+        ``stream_idle_timeout`` while a frame is awaited."""
         sid = next(self._ids)
         session = self._new_session(p.get_request(sid, guest_path, follow_links, recursive), sid)
         current: GetEntry | None = None
@@ -138,7 +142,7 @@ class FileOperations(AgentConnection):
                 if current is not None and not current.finished:
                     async for _ in current:
                         pass
-                frame = await session.next_frame()
+                frame = await session.next_frame(self.stream_idle_timeout, "entry")
                 if frame.type == p.Msg.ENTRY:
                     current = GetEntry(p.decode_entry(frame.payload), session)
                     yield current
@@ -156,11 +160,15 @@ class FileOperations(AgentConnection):
             self.forget(sid)
 
     async def read_file(self, guest_path: str, follow_links: bool = True) -> bytes:
-        """Convenience: the content of one regular file."""
+        """Convenience: the content of one regular file. A read that failed part-way (including a
+        file that never ends, such as /proc/kmsg) raises AgentError rather than returning less."""
         async for item in self.get(guest_path, follow_links=follow_links, recursive=False):
             if isinstance(item, GetEntryError):
                 raise AgentError(f"{item.path}: {item.message}", errno_mod.EIO)
             if item.header.type is not EntryType.FILE:
                 raise AgentError(f"{guest_path} is not a regular file", errno_mod.EISDIR)
-            return await item.read_all()
+            data = await item.read_all()
+            if item.error is not None:
+                raise AgentError(f"{item.header.path}: {item.error}", errno_mod.EIO)
+            return data
         raise AgentError(f"{guest_path}: nothing returned", errno_mod.EIO)

@@ -1,6 +1,13 @@
 /* Guest agent: serves exec, file copy, stat and clock requests from the host over one byte stream
  * (the virtio-serial port), multiplexing many sessions. Single-threaded poll() loop; every fd is
- * non-blocking; all buffers are bounded by per-session credit windows (see guest/README.md). */
+ * non-blocking; all buffers are bounded by per-session credit windows (see guest/README.md).
+ *
+ * Nothing that touches the file system runs in the loop: open() of a FIFO, read() of /proc/kmsg,
+ * stat() on a hung FUSE or NFS mount can block for good, and the loop serves every session. Each
+ * file request (STAT, MKDIR, SYMLINK, GET, PUT) is served by a worker process forked for it, which
+ * runs the same handlers below against a pipe instead of the port and exits with its session; the
+ * loop relays its frames (under the session's credit) and can kill it at any time. An exec waits
+ * for its child's execvp (which may block on a hung cwd) through a pipe in the loop too. */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -35,13 +42,22 @@
 #define EXIT_DRAIN_MS 300
 #define RECONNECT_CHECK_MS 100
 #define GET_MAX_DEPTH 128
+/* A file read that returns EAGAIN (/proc/kmsg, a FIFO swapped in after the stat) and then stays
+ * without data this long ends the entry with an error: such a file has no end to copy up to. */
+#define GET_IDLE_READ_MS 5000
+/* How much of a worker's output the loop holds before it stops reading the worker's pipe (the
+ * worker then blocks on the full pipe: that is its flow control). */
+#define WORK_FROM_LIMIT (2 * (AP_HEADER_LEN + AP_MAX_PAYLOAD))
+/* Frames queued for a PUT worker; the host's window keeps it below about AP_INITIAL_WINDOW. */
+#define WORK_TO_LIMIT (2 * AP_INITIAL_WINDOW + 64 * AP_HEADER_LEN)
 
 struct buf {
     uint8_t *p;
     size_t off, len, cap;
 };
 
-enum kind { S_FREE = 0, S_EXEC, S_PUT, S_GET };
+/* S_WORK lives in the loop (a worker relaying a file request); S_PUT and S_GET only inside a worker. */
+enum kind { S_FREE = 0, S_EXEC, S_PUT, S_GET, S_WORK };
 
 struct exec_state {
     pid_t pid;
@@ -53,6 +69,9 @@ struct exec_state {
     int pty_eof;               /* the pty master reported EIO: the slave side is all closed */
     int64_t deadline;          /* timeout, ms on the monotonic clock; 0 = none */
     int64_t drain_until;       /* after exit: give up on pipes at this time */
+    int status_fd;             /* until execvp: closes on success, carries its errno on failure */
+    int started;               /* STARTED was sent (EXIT never precedes it) */
+    char *what;                /* "exec <argv0> (cwd <dir>)", for the ERROR of a failed start */
 };
 
 struct put_state {
@@ -65,6 +84,16 @@ struct put_state {
     uint64_t written;
 };
 
+/* A worker serving one file request; the loop relays its frames to the host and the host's
+ * FILE_DATA / FILE_END to it. */
+struct work_state {
+    pid_t pid;
+    int from_fd;      /* the worker's frames (read end, non-blocking) */
+    int to_fd;        /* frames for the worker (write end, non-blocking); -1 unless PUT */
+    int is_put;       /* a PUT worker cleans up its temporary file itself: never SIGKILLed */
+    struct buf from_q, to_q;
+};
+
 struct get_state {
     int started;
     int follow, recursive;
@@ -73,6 +102,7 @@ struct get_state {
     size_t rel_len[GET_MAX_DEPTH];
     int depth;
     int file_fd;
+    int64_t idle_since; /* first EAGAIN of the current file since it last gave data; 0 = none */
     char rel[PATH_MAX];
 };
 
@@ -84,6 +114,7 @@ struct session {
         struct exec_state x;
         struct put_state put;
         struct get_state *get;
+        struct work_state w;
     } u;
 };
 
@@ -94,6 +125,8 @@ static int connected = 1, hunting = 1, port_is_stream;
 static int64_t reconnect_check_at;
 static int sigchld_pipe[2] = {-1, -1};
 static uint8_t scratch[AP_MAX_PAYLOAD];
+/* Set in a worker process: file requests are served here rather than handed to a new worker. */
+static int in_worker;
 
 /* ---------- small helpers ---------- */
 
@@ -271,6 +304,27 @@ static void send_window(uint32_t session, uint32_t n)
     send_frame(session, AP_WINDOW, p, 4);
 }
 
+/* In a worker: hand everything queued to the loop (a blocking pipe write). -1 once the loop has
+ * dropped the session (EPIPE). */
+static int worker_flush(void)
+{
+    while (out.len) {
+        ssize_t n = write(port_fd, out.p + out.off, out.len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        buf_consume(&out, (size_t)n);
+    }
+    return 0;
+}
+
+static int is_terminal(uint8_t type)
+{
+    return type == AP_PONG || type == AP_EXIT || type == AP_PUT_DONE || type == AP_GET_DONE ||
+           type == AP_STAT_RESULT || type == AP_OK || type == AP_ERROR;
+}
+
 static int can_produce(const struct session *s)
 {
     return connected && s->credit > 0 && out.len < OUT_PRODUCE_LIMIT;
@@ -371,7 +425,17 @@ static void put_abort(struct put_state *p)
     p->tmp_path = p->path = NULL;
 }
 
-/* Free a session without any reply; kills an exec child's whole process group. */
+static void work_close(struct work_state *w)
+{
+    close_fd(&w->from_fd);
+    close_fd(&w->to_fd);
+    buf_free(&w->from_q);
+    buf_free(&w->to_q);
+}
+
+/* Free a session without any reply; kills an exec child's whole process group and a worker that
+ * may be stuck. A PUT worker is not killed: it sees its input close, deletes its temporary file
+ * and exits (if a hung file system holds it, whenever that returns). */
 static void drop_session(struct session *s)
 {
     switch (s->kind) {
@@ -381,7 +445,14 @@ static void drop_session(struct session *s)
             kill(s->u.x.pid, SIGKILL);
         }
         exec_close_fds(&s->u.x);
+        close_fd(&s->u.x.status_fd);
+        free(s->u.x.what);
         buf_free(&s->u.x.stdin_q);
+        break;
+    case S_WORK:
+        if (!s->u.w.is_put && s->u.w.pid > 0)
+            kill(s->u.w.pid, SIGKILL);
+        work_close(&s->u.w);
         break;
     case S_PUT:
         put_abort(&s->u.put);
@@ -444,7 +515,7 @@ static void handle_exec(uint32_t id, struct rd *r)
     if (!s)
         goto out;
     struct exec_state *x = &s->u.x;
-    x->in_fd = x->out_fd = x->err_fd = -1;
+    x->in_fd = x->out_fd = x->err_fd = x->status_fd = -1;
     x->tty = flags & AP_EXEC_TTY;
     int merge = flags & AP_EXEC_MERGE_STDERR;
     int pin[2] = {-1, -1}, pout[2] = {-1, -1}, perr[2] = {-1, -1}, pstatus[2] = {-1, -1};
@@ -530,31 +601,13 @@ static void handle_exec(uint32_t id, struct rd *r)
         s->kind = S_FREE;
         goto out;
     }
-    /* The status pipe closes on a successful exec (CLOEXEC) or carries the child's errno. */
-    int child_err = 0;
-    if (pstatus[0] >= 0) {
-        ssize_t n;
-        do
-            n = read(pstatus[0], &child_err, sizeof(child_err));
-        while (n < 0 && errno == EINTR);
-        if (n != (ssize_t)sizeof(child_err))
-            child_err = 0;
-        close_fd(&pstatus[0]);
-    }
-    if (child_err) {
-        waitpid(pid, NULL, 0);
-        close_fd(&pin[1]);
-        close_fd(&pout[0]);
-        close_fd(&perr[0]);
-        if (master >= 0)
-            close(master);
-        char what[600];
-        snprintf(what, sizeof(what), "exec %.256s (cwd %.256s)", argv[0], cwd[0] ? cwd : "/");
-        send_error(id, child_err, what);
-        s->kind = S_FREE;
-        goto out;
-    }
     x->pid = pid;
+    /* The status pipe closes on a successful exec (CLOEXEC) or carries the child's errno. It is
+     * read in the loop (exec_check_started): chdir or execvp on a hung mount may take forever. */
+    x->status_fd = pstatus[0];
+    char what[600];
+    snprintf(what, sizeof(what), "exec %.256s (cwd %.256s)", argv[0], cwd[0] ? cwd : "/");
+    x->what = strdup(what);
     if (x->tty) {
         x->in_fd = x->out_fd = master;
     } else {
@@ -562,15 +615,21 @@ static void handle_exec(uint32_t id, struct rd *r)
         x->out_fd = pout[0];
         x->err_fd = perr[0];
     }
-    int fds[3] = {x->in_fd, x->out_fd, x->err_fd};
-    for (int i = 0; i < 3; i++)
-        if (fds[i] >= 0)
-            fcntl(fds[i], F_SETFL, fcntl(fds[i], F_GETFL) | O_NONBLOCK);
+    int fds[4] = {x->in_fd, x->out_fd, x->err_fd, x->status_fd};
+    for (int i = 0; i < 4; i++)
+        if (fds[i] >= 0 && fcntl(fds[i], F_SETFL, fcntl(fds[i], F_GETFL) | O_NONBLOCK) < 0) {
+            send_error(id, errno, "fcntl");
+            drop_session(s);
+            goto out;
+        }
     if (timeout_ms)
         x->deadline = now_ms() + timeout_ms;
-    uint8_t p[4];
-    put_be32(p, (uint32_t)pid);
-    send_frame(id, AP_STARTED, p, 4);
+    if (x->status_fd < 0) { /* no status pipe (pipe2 failed): report the start at once */
+        x->started = 1;
+        uint8_t p[4];
+        put_be32(p, (uint32_t)pid);
+        send_frame(id, AP_STARTED, p, 4);
+    }
 out:
     free(argv);
     free(envv);
@@ -629,6 +688,30 @@ static void exec_flush_stdin(struct session *s)
     }
 }
 
+/* The status pipe is readable: EOF means execvp succeeded (STARTED), an int is its errno (ERROR,
+ * and the session ends; the child exits with 127 and is reaped like any other). */
+static void exec_check_started(struct session *s)
+{
+    struct exec_state *x = &s->u.x;
+    int child_err = 0;
+    ssize_t n;
+    do
+        n = read(x->status_fd, &child_err, sizeof(child_err));
+    while (n < 0 && errno == EINTR);
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        return;
+    close_fd(&x->status_fd);
+    if (n == (ssize_t)sizeof(child_err) && child_err) {
+        send_error(s->id, child_err, x->what ? x->what : "exec");
+        drop_session(s);
+        return;
+    }
+    x->started = 1;
+    uint8_t p[4];
+    put_be32(p, (uint32_t)x->pid);
+    send_frame(s->id, AP_STARTED, p, 4);
+}
+
 /* Output may still arrive from the child (or whatever holds its pipes / terminal). */
 static int exec_output_open(const struct exec_state *x)
 {
@@ -640,7 +723,7 @@ static int exec_output_open(const struct exec_state *x)
 static void exec_finish_if_done(struct session *s)
 {
     struct exec_state *x = &s->u.x;
-    if (!x->exited || exec_output_open(x))
+    if (!x->started || !x->exited || exec_output_open(x))
         return;
     uint8_t p[6];
     if (WIFSIGNALED(x->status)) {
@@ -1084,6 +1167,14 @@ static void send_entry_error(uint32_t id, const char *rel, int err)
     send_wr(id, AP_ENTRY_ERROR, &w);
 }
 
+static void send_entry_error_text(uint32_t id, const char *rel, const char *message)
+{
+    struct wr w = wr_begin();
+    wr_str(&w, rel);
+    wr_str(&w, message);
+    send_wr(id, AP_ENTRY_ERROR, &w);
+}
+
 static void handle_get(uint32_t id, struct rd *r)
 {
     uint8_t flags = rd_u8(r);
@@ -1133,13 +1224,16 @@ static void get_visit(struct session *s, int dirfd, const char *name, int follow
     static char link[PATH_MAX];
     link[0] = 0;
     if (S_ISREG(st.st_mode)) {
-        int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC | O_NOCTTY | (follow ? 0 : O_NOFOLLOW));
+        /* O_NONBLOCK: the path may have become a FIFO since the stat (open would wait for a
+         * writer), and some "regular" files block on read when empty (/proc/kmsg). */
+        int fd = openat(dirfd, name, O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK | (follow ? 0 : O_NOFOLLOW));
         if (fd < 0) {
             send_entry_error(s->id, g->rel, errno);
             return;
         }
         send_entry(s->id, g->rel, &st, link);
         g->file_fd = fd; /* data follows, then ENTRY_END */
+        g->idle_since = 0;
         return;
     }
     if (S_ISLNK(st.st_mode))
@@ -1165,6 +1259,32 @@ static void get_visit(struct session *s, int dirfd, const char *name, int follow
     }
 }
 
+/* A file gave EAGAIN (it is open O_NONBLOCK). Hand the loop what is queued, then wait for data up
+ * to GET_IDLE_READ_MS since the file last gave some. Returns 0 once that time is up. Only ever
+ * runs in a worker: the wait blocks nobody else. */
+static int get_wait_for_data(struct session *s)
+{
+    struct get_state *g = s->u.get;
+    int64_t now = now_ms();
+    if (!g->idle_since)
+        g->idle_since = now;
+    else
+        /* poll said readable but read still found nothing (a file without poll support): do
+         * not spin */
+        nanosleep(&(struct timespec){0, 20 * 1000000}, NULL);
+    if (worker_flush() < 0)
+        return 0;
+    int64_t left = g->idle_since + GET_IDLE_READ_MS - now_ms();
+    if (left <= 0)
+        return 0;
+    struct pollfd pfd = {g->file_fd, POLLIN, 0};
+    int rc;
+    do
+        rc = poll(&pfd, 1, (int)left);
+    while (rc < 0 && errno == EINTR);
+    return rc > 0;
+}
+
 /* Advance a get session by a bounded amount of work. Returns 1 if it may progress further now. */
 static int get_step(struct session *s)
 {
@@ -1176,10 +1296,20 @@ static int get_step(struct session *s)
             if (s->credit == 0)
                 return 0;
             ssize_t n = produce_from_fd(s, g->file_fd, AP_FILE_DATA);
-            if (n > 0)
+            if (n > 0) {
+                g->idle_since = 0;
                 continue;
-            if (n == -2)
+            }
+            if (n == -1 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+                if (get_wait_for_data(s))
+                    continue;
+                char msg[128];
+                snprintf(msg, sizeof(msg), "no data for %d s: a file that never ends (a FIFO, /proc/kmsg?) "
+                         "cannot be copied", GET_IDLE_READ_MS / 1000);
+                send_entry_error_text(s->id, g->rel, msg);
+            } else if (n < 0) {
                 send_entry_error(s->id, g->rel, errno);
+            }
             close_fd(&g->file_fd);
             send_empty(s->id, AP_ENTRY_END);
             continue;
@@ -1219,6 +1349,232 @@ static int get_step(struct session *s)
         get_visit(s, dirfd(d), de->d_name, 0);
     }
     return 1;
+}
+
+/* ---------- workers: file requests outside the loop ---------- */
+
+static void handle_file_request(uint32_t id, uint8_t type, struct rd *r)
+{
+    switch (type) {
+    case AP_PUT:
+        handle_put(id, r);
+        break;
+    case AP_MKDIR:
+        handle_mkdir(id, r);
+        break;
+    case AP_SYMLINK:
+        handle_symlink(id, r);
+        break;
+    case AP_GET:
+        handle_get(id, r);
+        break;
+    default:
+        handle_stat(id, r);
+        break;
+    }
+}
+
+static void handle_frame(uint32_t id, uint8_t type, uint8_t *payload, size_t len);
+static void parse_input(void);
+
+/* The worker process: serve the one request, writing frames to the loop through `to_loop` (and,
+ * for PUT, reading the host's FILE_DATA / FILE_END the loop relays through `from_loop`), then exit.
+ * The loop's own fds are closed first, never used: a worker that outlives the agent (stuck on a
+ * hung mount) must not keep the virtio port open (it admits one opener) or a child's terminal. */
+static void worker_run(uint32_t id, uint8_t type, uint8_t *payload, size_t len, int to_loop, int from_loop)
+{
+    in_worker = 1;
+    for (int i = 0; i < MAX_SESSIONS; i++) {
+        struct session *o = &sessions[i];
+        if (o->kind == S_EXEC) {
+            exec_close_fds(&o->u.x);
+            close_fd(&o->u.x.status_fd);
+        } else if (o->kind == S_WORK) {
+            close_fd(&o->u.w.from_fd);
+            close_fd(&o->u.w.to_fd);
+        }
+        o->kind = S_FREE;
+    }
+    close_fd(&port_fd);
+    close_fd(&sigchld_pipe[0]);
+    close_fd(&sigchld_pipe[1]);
+    signal(SIGCHLD, SIG_DFL);
+    port_fd = to_loop;
+    connected = 1;
+    hunting = 0;
+    out.off = out.len = 0;
+    /* payload points into this process's copy of `in`, intact until `in` is reused below */
+    handle_frame(id, type, payload, len);
+    in.off = in.len = 0;
+    for (;;) {
+        if (worker_flush() < 0)
+            break;
+        struct session *s = find_session(id);
+        if (!s)
+            break; /* the terminal frame is out */
+        if (s->kind == S_GET) {
+            s->credit = UINT32_MAX; /* the loop applies the host's window */
+            get_step(s);
+            continue;
+        }
+        if (from_loop < 0 || buf_reserve(&in, READ_CHUNK) < 0)
+            break;
+        ssize_t n = read(from_loop, in.p + in.off + in.len, READ_CHUNK);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break; /* the loop dropped the session (CANCEL, HELLO): abandon the file */
+        in.len += (size_t)n;
+        parse_input();
+    }
+    drop_all_sessions(); /* an unfinished PUT deletes its temporary file */
+    _exit(0);
+}
+
+static void start_worker(uint32_t id, uint8_t type, uint8_t *payload, size_t len)
+{
+    struct session *s = new_session(id, S_WORK);
+    if (!s)
+        return;
+    struct work_state *w = &s->u.w;
+    w->from_fd = w->to_fd = -1;
+    w->is_put = type == AP_PUT;
+    int from[2] = {-1, -1}, to[2] = {-1, -1};
+    if (pipe2(from, O_CLOEXEC) < 0 || (w->is_put && pipe2(to, O_CLOEXEC) < 0)) {
+        int e = errno;
+        for (int i = 0; i < 2; i++) {
+            close_fd(&from[i]);
+            close_fd(&to[i]);
+        }
+        send_error(id, e, "pipe");
+        drop_session(s);
+        return;
+    }
+    pid_t pid = fork();
+    if (pid == 0) {
+        close_fd(&from[0]);
+        close_fd(&to[1]);
+        worker_run(id, type, payload, len, from[1], to[0]);
+    }
+    int fork_err = errno;
+    close_fd(&from[1]);
+    close_fd(&to[0]);
+    w->from_fd = from[0];
+    w->to_fd = to[1];
+    if (pid < 0) {
+        send_error(id, fork_err, "fork");
+        drop_session(s);
+        return;
+    }
+    w->pid = pid;
+    int fds[2] = {w->from_fd, w->to_fd};
+    for (int i = 0; i < 2; i++)
+        if (fds[i] >= 0 && fcntl(fds[i], F_SETFL, fcntl(fds[i], F_GETFL) | O_NONBLOCK) < 0) {
+            send_error(id, errno, "fcntl");
+            drop_session(s);
+            return;
+        }
+}
+
+/* Relay the worker's complete frames to the host while the outbound buffer has room, data frames
+ * only within the session's credit. The terminal frame ends the session. */
+static void work_forward(struct session *s)
+{
+    struct work_state *w = &s->u.w;
+    while (connected && out.len < OUT_PRODUCE_LIMIT && w->from_q.len >= AP_HEADER_LEN) {
+        const uint8_t *f = w->from_q.p + w->from_q.off;
+        uint32_t len = get_be32(f);
+        uint8_t type = f[8];
+        if (len > AP_MAX_PAYLOAD) {
+            send_error(s->id, EIO, "file worker sent a malformed frame");
+            drop_session(s);
+            return;
+        }
+        if (w->from_q.len < AP_HEADER_LEN + len)
+            break;
+        if (type == AP_FILE_DATA) {
+            if (len > s->credit)
+                break;
+            s->credit -= len;
+        }
+        send_frame(s->id, type, f + AP_HEADER_LEN, len);
+        buf_consume(&w->from_q, AP_HEADER_LEN + len);
+        if (is_terminal(type)) {
+            drop_session(s);
+            return;
+        }
+    }
+    if (w->from_fd < 0 && (w->from_q.len < AP_HEADER_LEN ||
+                           w->from_q.len < AP_HEADER_LEN + get_be32(w->from_q.p + w->from_q.off))) {
+        /* killed (OOM?) or crashed before its answer: the host must not wait for one */
+        send_error(s->id, EIO, "file worker ended without an answer");
+        drop_session(s);
+    }
+}
+
+static void work_read(struct session *s)
+{
+    struct work_state *w = &s->u.w;
+    while (w->from_fd >= 0 && w->from_q.len < WORK_FROM_LIMIT) {
+        size_t room = WORK_FROM_LIMIT - w->from_q.len;
+        if (buf_reserve(&w->from_q, room) < 0)
+            break;
+        ssize_t n = read(w->from_fd, w->from_q.p + w->from_q.off + w->from_q.len, room);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            break;
+        if (n <= 0) {
+            close_fd(&w->from_fd);
+            break;
+        }
+        w->from_q.len += (size_t)n;
+    }
+    work_forward(s);
+}
+
+static void work_flush_to(struct session *s)
+{
+    struct work_state *w = &s->u.w;
+    while (w->to_fd >= 0 && w->to_q.len) {
+        ssize_t n = write(w->to_fd, w->to_q.p + w->to_q.off, w->to_q.len);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        if (n <= 0) { /* the worker is gone; its closed pipe ends the session */
+            close_fd(&w->to_fd);
+            buf_consume(&w->to_q, w->to_q.len);
+            return;
+        }
+        buf_consume(&w->to_q, (size_t)n);
+    }
+}
+
+/* A host frame for a PUT worker, queued in order. The host's window bounds the queue. */
+static void work_to_worker(struct session *s, uint8_t type, const uint8_t *payload, size_t len)
+{
+    struct work_state *w = &s->u.w;
+    if (w->to_fd < 0)
+        return;
+    if (w->to_q.len + AP_HEADER_LEN + len > WORK_TO_LIMIT) {
+        send_error(s->id, ENOBUFS, "put: the host sent more than its window");
+        drop_session(s);
+        return;
+    }
+    if (buf_reserve(&w->to_q, AP_HEADER_LEN + len) < 0) {
+        send_error(s->id, ENOMEM, "put");
+        drop_session(s);
+        return;
+    }
+    uint8_t *h = w->to_q.p + w->to_q.off + w->to_q.len;
+    put_be32(h, (uint32_t)len);
+    put_be32(h + 4, s->id);
+    h[8] = type;
+    if (len)
+        memcpy(h + AP_HEADER_LEN, payload, len);
+    w->to_q.len += AP_HEADER_LEN + len;
+    work_flush_to(s);
 }
 
 /* ---------- inbound frames ---------- */
@@ -1269,19 +1625,14 @@ static void handle_frame(uint32_t id, uint8_t type, uint8_t *payload, size_t len
         handle_exec(id, &r);
         return;
     case AP_PUT:
-        handle_put(id, &r);
-        return;
     case AP_MKDIR:
-        handle_mkdir(id, &r);
-        return;
     case AP_SYMLINK:
-        handle_symlink(id, &r);
-        return;
     case AP_GET:
-        handle_get(id, &r);
-        return;
     case AP_STAT:
-        handle_stat(id, &r);
+        if (in_worker)
+            handle_file_request(id, type, &r);
+        else
+            start_worker(id, type, payload, len);
         return;
     case AP_SET_CLOCK:
         handle_set_clock(id, &r);
@@ -1323,10 +1674,14 @@ static void handle_frame(uint32_t id, uint8_t type, uint8_t *payload, size_t len
     case AP_FILE_DATA:
         if (s && s->kind == S_PUT)
             put_data(s, payload, len);
+        else if (s && s->kind == S_WORK && s->u.w.is_put)
+            work_to_worker(s, type, payload, len);
         return;
     case AP_FILE_END:
         if (s && s->kind == S_PUT)
             put_end(s);
+        else if (s && s->kind == S_WORK && s->u.w.is_put)
+            work_to_worker(s, type, payload, len);
         return;
     case AP_WINDOW:
         if (s) {
@@ -1465,7 +1820,7 @@ static void make_raw(int fd)
 
 /* ---------- main loop ---------- */
 
-enum role { R_PORT, R_SIGNAL, R_IN, R_OUT, R_ERR };
+enum role { R_PORT, R_SIGNAL, R_IN, R_OUT, R_ERR, R_STATUS, R_WORK_FROM, R_WORK_TO };
 
 int agent_serve(int fd)
 {
@@ -1495,13 +1850,14 @@ int agent_serve(int fd)
      * notice is dropped like any other output. */
     send_hello_ack(AP_AGENT_STARTED_NONCE);
 
-    static struct pollfd pfd[2 + 3 * MAX_SESSIONS];
-    static short role[2 + 3 * MAX_SESSIONS];
-    static struct session *owner[2 + 3 * MAX_SESSIONS];
+    enum { MAX_POLLED = 2 + 4 * MAX_SESSIONS };
+    static struct pollfd pfd[MAX_POLLED];
+    static short role[MAX_POLLED];
+    static struct session *owner[MAX_POLLED];
+    static uint32_t owner_id[MAX_POLLED]; /* a slot freed and reused within one turn is not ours */
     for (;;) {
         int64_t now = now_ms();
         int timeout = -1;
-        int busy = 0;
         /* timers and fd-less work */
         for (int i = 0; i < MAX_SESSIONS; i++) {
             struct session *s = &sessions[i];
@@ -1512,7 +1868,7 @@ int agent_serve(int fd)
                     exec_signal(x, SIGKILL);
                     x->deadline = 0;
                 }
-                if (x->exited && exec_output_open(x)) {
+                if (x->started && x->exited && exec_output_open(x)) {
                     if (!can_produce(s))
                         x->drain_until = now + EXIT_DRAIN_MS; /* blocked on the host, not idle */
                     else if (now >= x->drain_until) {
@@ -1525,7 +1881,7 @@ int agent_serve(int fd)
                 int64_t next = 0;
                 if (!x->exited && x->deadline)
                     next = x->deadline;
-                else if (x->exited && can_produce(s))
+                else if (x->started && x->exited && can_produce(s))
                     next = x->drain_until;
                 if (next) {
                     int64_t d = next - now;
@@ -1533,13 +1889,11 @@ int agent_serve(int fd)
                     if (timeout < 0 || d < timeout)
                         timeout = (int)d;
                 }
-            } else if (s->kind == S_GET) {
-                busy |= get_step(s);
+            } else if (s->kind == S_WORK) {
+                work_forward(s); /* credit or room may have come since */
             }
         }
         write_port();
-        if (busy)
-            timeout = 0;
         if (!connected) {
             int64_t d = reconnect_check_at - now;
             d = d < 0 ? 0 : d;
@@ -1562,9 +1916,32 @@ int agent_serve(int fd)
         owner[n++] = NULL;
         for (int i = 0; i < MAX_SESSIONS; i++) {
             struct session *s = &sessions[i];
+            if (s->kind == S_WORK) {
+                struct work_state *w = &s->u.w;
+                if (w->from_fd >= 0 && w->from_q.len < WORK_FROM_LIMIT) {
+                    pfd[n] = (struct pollfd){w->from_fd, POLLIN, 0};
+                    role[n] = R_WORK_FROM;
+                    owner_id[n] = s->id;
+                    owner[n++] = s;
+                }
+                if (w->to_fd >= 0 && w->to_q.len) {
+                    pfd[n] = (struct pollfd){w->to_fd, POLLOUT, 0};
+                    role[n] = R_WORK_TO;
+                    owner_id[n] = s->id;
+                    owner[n++] = s;
+                }
+                continue;
+            }
             if (s->kind != S_EXEC)
                 continue;
             struct exec_state *x = &s->u.x;
+            if (x->status_fd >= 0) {
+                pfd[n] = (struct pollfd){x->status_fd, POLLIN, 0};
+                role[n] = R_STATUS;
+                owner_id[n] = s->id;
+                owner[n++] = s;
+                continue; /* no output, and no STDOUT, before STARTED */
+            }
             int produce = can_produce(s);
             if (x->tty) {
                 if (x->out_fd < 0 || x->pty_eof)
@@ -1572,22 +1949,26 @@ int agent_serve(int fd)
                 short ev = (short)((produce ? POLLIN : 0) | (x->stdin_q.len ? POLLOUT : 0));
                 pfd[n] = (struct pollfd){ev ? x->out_fd : -1, ev, 0};
                 role[n] = R_OUT;
+                owner_id[n] = s->id;
                 owner[n++] = s;
                 continue;
             }
             if (x->in_fd >= 0 && x->stdin_q.len) {
                 pfd[n] = (struct pollfd){x->in_fd, POLLOUT, 0};
                 role[n] = R_IN;
+                owner_id[n] = s->id;
                 owner[n++] = s;
             }
             if (x->out_fd >= 0 && produce) {
                 pfd[n] = (struct pollfd){x->out_fd, POLLIN, 0};
                 role[n] = R_OUT;
+                owner_id[n] = s->id;
                 owner[n++] = s;
             }
             if (x->err_fd >= 0 && produce) {
                 pfd[n] = (struct pollfd){x->err_fd, POLLIN, 0};
                 role[n] = R_ERR;
+                owner_id[n] = s->id;
                 owner[n++] = s;
             }
         }
@@ -1626,10 +2007,22 @@ int agent_serve(int fd)
                 }
                 continue;
             }
-            /* sessions may have been dropped by a HELLO handled above */
-            if (s->kind != S_EXEC)
+            /* sessions may have been dropped (by a HELLO or CANCEL handled above, or an earlier
+             * entry of this turn) and their slot even reused */
+            if (s->kind == S_FREE || s->id != owner_id[i])
                 continue;
+            if (s->kind == S_WORK) {
+                if (role[i] == R_WORK_TO)
+                    work_flush_to(s);
+                else if (role[i] == R_WORK_FROM)
+                    work_read(s);
+                continue;
+            }
             struct exec_state *x = &s->u.x;
+            if (role[i] == R_STATUS) {
+                exec_check_started(s);
+                continue;
+            }
             if (role[i] == R_IN || (x->tty && (re & POLLOUT)))
                 exec_flush_stdin(s);
             if (role[i] == R_OUT && (re & (POLLIN | POLLHUP | POLLERR)))
