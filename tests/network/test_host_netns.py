@@ -78,6 +78,9 @@ async def test_a_vm_fetches_a_page_from_the_internet_through_nat(net_lab: Lab, h
     assert net_lab.run(net_lab.net, "connect", str(IP1), "7000", "2") == "timeout"
     # The server's own namespace reaches the VM (what the ingress proxy will do).
     assert net_lab.run(net_lab.srv, "connect", str(IP1), "7000", "5") == "connected"
+    # Released: the address's tracked connections go, so its next owner inherits none.
+    assert await host.forget_connections(IP1) >= 2
+    assert await host.forget_connections(IP1) == 0
 
 
 async def test_two_vms_cannot_reach_each_other(net_lab: Lab, host: NetworkHost) -> None:

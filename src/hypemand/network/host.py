@@ -9,13 +9,16 @@ methods await it, so they never block the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from socket import AF_INET
 from typing import ParamSpec, TypeVar
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from hypemand.network import firewall, shaping, tap
 from hypemand.network.config import (
@@ -91,7 +94,7 @@ class NetworkHost:
                                          + "; ".join(problems))
             uplink = choose_uplink(config, names.values(), default_ifaces)
             self._ensure_forwarding()
-            bridge_index = tap.ensure_bridge(ipr, config.bridge, str(config.gateway),
+            tap.ensure_bridge(ipr, config.bridge, str(config.gateway),
                                              config.subnet.prefixlen)
             if self._upload_capacity is None:
                 self.capacity = _link_speed(uplink) or DEFAULT_UPLOAD_CAPACITY
@@ -108,7 +111,6 @@ class NetworkHost:
                 for offset in sorted(shaping.upload_class_offsets(ipr, ifb_index) - used):
                     shaping.release_upload(ipr, ifb_index, offset)
                     stray_classes.append(offset)
-            del bridge_index
         rewritten = firewall.ensure_rules(config, uplink)
         self.uplink = uplink
         if removed or stray_classes or rewritten:
@@ -211,6 +213,25 @@ class NetworkHost:
         if offset is not None and ifb_index is not None:
             shaping.release_upload(ipr, ifb_index, offset)
         return tap.delete_link(ipr, name)
+
+    async def forget_connections(self, ip: IPv4Address) -> int:
+        """Drop the conntrack entries of a released address (connections from or to it), so
+        replies of its old NATed connections cannot reach the next VM given that address.
+        For stop and delete, never for standby: a restored VM keeps its connections."""
+        def forget() -> int:
+            from pyroute2 import Conntrack
+            from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
+
+            dropped = 0
+            with Conntrack() as conntrack:
+                for side in ({"saddr": str(ip)}, {"daddr": str(ip)}):
+                    match = NFCTAttrTuple(family=AF_INET, **side)
+                    for entry in list(conntrack.dump_entries(tuple_orig=match)):
+                        with contextlib.suppress(NetlinkError):  # gone meanwhile
+                            conntrack.delete(entry)
+                            dropped += 1
+            return dropped
+        return await self._run(forget)
 
     async def open_tap(self, vm_id: str, vnet_hdr: bool = True) -> int:
         """An fd on the VM's TAP for QEMU's ``-netdev tap,fd=N,vhost=off`` (the caller closes
