@@ -177,3 +177,16 @@ async def test_upload_limit_holds_at_its_ceiling(net_lab: Lab) -> None:
         await own.set_limits(VM1, IP1, BandwidthLimits(upload=rate, download=None))
     finally:
         own.close()
+
+
+async def test_a_missing_namespace_is_created() -> None:
+    with lab() as own:
+        name = f"{own.prefix}-new"
+        own.namespaces.append(name)  # the lab removes it
+        fresh = NetworkHost(NetworkConfig.parse(subnet=SUBNET, namespace=name))
+        try:
+            with pytest.raises(NetworkConfigError, match=f"namespace {name} has no default route"):
+                await fresh.start()
+        finally:
+            fresh.close()
+        assert "lo" in links(name)

@@ -9,6 +9,7 @@ methods await it, so they never block the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable
@@ -70,7 +71,7 @@ class NetworkHost:
         :class:`NetworkConfigError` for a subnet in use or an uplink that does not exist."""
         if self._worker is None:
             if self.config.namespace is not None:
-                ensure_namespace(self.config.namespace)
+                await asyncio.to_thread(ensure_namespace, self.config.namespace)
             self._worker = NamespaceWorker(self.config.namespace)
         return await self.reconcile(expected_vm_ids)
 

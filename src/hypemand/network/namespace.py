@@ -22,6 +22,7 @@ import functools
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.thread import BrokenThreadPool
 from pathlib import Path
 from typing import ParamSpec, TypeVar
 
@@ -116,7 +117,11 @@ class NamespaceWorker:
     async def run(self, function: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """Await ``function(*args, **kwargs)`` run in the namespace thread."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, functools.partial(function, *args, **kwargs))
+        try:
+            return await loop.run_in_executor(self._pool, functools.partial(function, *args, **kwargs))
+        except BrokenThreadPool:
+            raise NamespaceError(f"the thread for network namespace {self.namespace} could not "
+                                 "join it (does it still exist?)") from None
 
     def call(self, function: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         """The same, blocking the caller (never call it from the event loop)."""
