@@ -157,12 +157,14 @@ class SavedVMOperations:
             live.exit_seen_at = None
             live.clock_stale = True
             live.forget_status()
+            # Watched before anything else is awaited: a failure below leaves a VM whose end is
+            # still recorded.
+            self.lifecycle.watch(live, handle)
             await asyncio.to_thread(files.forget_standby)
             now = utcnow()
             await records.update(
                 live, stopped_at=None, exit=None, crash=None, **phase_change(live.record, "running", now)
             )
-            self.lifecycle.watch(live, handle)
             self.oplog.write(live, f"restore: VMM pid {handle.pid} running")
         except BaseException:
             await self.agents.abandon(linking)
@@ -345,7 +347,20 @@ class SavedVMOperations:
                 if live.handle is not None and live.record.identity_pending:
                     await self.new_identity(live)
         except (DomainError, TimeoutError) as exc:
-            log.error("instance %s: could not complete the fork's identity: %s", live.id, exc)
+            # A fork without its own identity must not run on as a copy of another VM: it ends,
+            # and says why.
+            log.warning("instance %s: could not complete the fork's identity (%s): ending it", live.id, exc)
+            async with live.lock:
+                if live.deleted or live.handle is None:
+                    return
+                await self.lifecycle.end_vmm(live)
+                now = utcnow()
+                await records.note(
+                    live,
+                    stopped_at=now,
+                    crash=f"its identity as a fork could not be set: {exc}",
+                    **phase_change(live.record, "stopped", now),
+                )
 
     async def finish_interrupted(self, live: LiveInstance) -> None:
         """At server start: a VMM left paused by a standby, restore or snapshot that the last
