@@ -53,11 +53,6 @@ class AgentLinks:
         return live.agent
 
     async def close(self, live: LiveInstance) -> None:
-        reconnect, live.reconnect = live.reconnect, None
-        if reconnect is not None and reconnect is not asyncio.current_task():
-            # A reconnect after a restore must not finish after the VM it connects to is gone.
-            reconnect.cancel()
-            await asyncio.gather(reconnect, return_exceptions=True)
         agent, live.agent = live.agent, None
         if agent is not None:
             await agent.close()

@@ -40,7 +40,6 @@ class LiveInstance:
     status_of: VMHandle | None = None  # the VMM the probe and the cached answer are about
     deleted: bool = False
     clock_stale: bool = False  # restored: set the guest's clock before the agent is handed out
-    reconnect: asyncio.Task[None] | None = None  # the agent reconnect a restore started
     exit_seen_at: datetime | None = None  # when a read first found the VMM gone, before the watcher
 
     @property

@@ -3,7 +3,9 @@ answered from this host and its backends, never from constants that might not ho
 
 from __future__ import annotations
 
+import os
 import platform as platform_module
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -258,13 +260,15 @@ def resources(inputs: ResourceInputs) -> Resources:
 
 
 def _tree_size(root: Path) -> int:
+    """Bytes the files under ``root`` occupy. Directories come and go while it walks (instances
+    are created and deleted meanwhile): what vanished is simply not counted."""
     total = 0
-    if not root.exists():
-        return 0
-    for path in root.rglob("*"):
-        try:
-            if path.is_file() and not path.is_symlink():
-                total += path.stat().st_blocks * 512
-        except OSError:
-            continue
+    for directory, _, files in os.walk(root, onerror=lambda _error: None):
+        for name in files:
+            try:
+                info = os.lstat(os.path.join(directory, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(info.st_mode):
+                total += info.st_blocks * 512
     return total
