@@ -27,6 +27,7 @@ from hypemand.guest.config_disk import GuestConfig, make_overlay_disk, write_con
 from hypemand.guest.markers import Marker, wait_for_markers
 from hypemand.hypervisor.base import DiskConfig, VMConfig
 from hypemand.hypervisor.qemu import QemuHypervisor
+from hypemand.layout import SystemPaths
 from hypemand.system.files import ensure_system_files
 
 
@@ -63,7 +64,7 @@ async def measure(label: str, client: AgentClient, runs: int, scratch: str) -> N
 
 
 async def host_mode(runs: int, work: Path) -> None:
-    binary = await asyncio.to_thread(build_guest_binary, work / "system")
+    binary = await asyncio.to_thread(build_guest_binary, SystemPaths(work / "system"))
     agent = HostAgent(binary, work / "agent.sock")
     await agent.start()
     try:

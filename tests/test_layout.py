@@ -31,6 +31,8 @@ NOT_DATA_DIR: dict[str, set[str]] = {
     "hypervisor/qemu_host.py": {"directory / QEMU_BINARY_NAME", "Path(tmp) / 'probe.bin'"},
     # A temporary sibling of a state file whose path the caller chose (same filesystem rename).
     "hypervisor/qemu_migration.py": {"state_file.with_name(f'.{state_file.name}.partial')"},
+    # The C sources shipped inside the package, not the data directory.
+    "guest/build.py": {"Path(__file__).parent / 'init'"},
     # A temporary sibling for an atomic write of a path the caller chose.
     "guest/config_disk.py": {"path.with_name(f'.{path.name}.tmp')"},
     "savedvm/sparse.py": {"dst.parent / f'.{dst.name}.{secrets.token_hex(6)}.tmp'"},
@@ -53,7 +55,6 @@ NOT_DATA_DIR: dict[str, set[str]] = {
 # Modules whose owners have still to move their joins into the layout (reported to the lead).
 # The test fails once a listed module is clean, so that the entry is removed.
 PENDING: dict[str, str] = {
-    "guest/build.py": "system/guest/<hash>/<binary>: should take SystemPaths.guest_binaries",
 }
 
 ROOT_NAMES = {"data_dir", "system_dir", "images_dir", "state_dir", "guests_root"}

@@ -290,6 +290,7 @@ class ImageStorePaths:
 KERNEL_INFO = "kernel.json"
 INITRD_ARCHIVE = "initrd"
 INITRD_INFO = "initrd.json"
+GUEST_BINARY = "hypeman-init"
 
 
 class KernelPaths:
@@ -363,6 +364,9 @@ class SystemPaths:
     def guest_binaries(self) -> Path:
         """``guest/<source hash>/<binary>``: the guest init, built by ``hypemand.guest.build``."""
         return self.root / "guest"
+
+    def guest_binary(self, version: str) -> Path:
+        return self.guest_binaries / version / GUEST_BINARY
 
 
 class DataLayout:

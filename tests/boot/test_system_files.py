@@ -114,13 +114,13 @@ def test_initrd_is_rebuilt_when_init_source_changes(
     shutil.copytree(guest_build.SOURCE_DIR, sources)
     monkeypatch.setattr(guest_build, "SOURCE_DIR", sources)
     system_dir = tmp_path / "system"
-    binary_before = guest_build.build_guest_binary(system_dir)
+    binary_before = guest_build.build_guest_binary(SystemPaths(system_dir))
     before = build_initrd(SystemPaths(system_dir), kernel, binary_before)
 
     (sources / "zz_test_change.c").write_text(
         '__attribute__((used)) const char hm_test_change[] = "initrd must notice this";\n'
     )
-    binary_after = guest_build.build_guest_binary(system_dir)
+    binary_after = guest_build.build_guest_binary(SystemPaths(system_dir))
     after = build_initrd(SystemPaths(system_dir), kernel, binary_after)
 
     assert binary_after != binary_before

@@ -11,6 +11,7 @@ import pytest
 
 from hypemand.guest.build import build_guest_binary
 from hypemand.guest.client import AgentClient
+from hypemand.layout import SystemPaths
 from tests.support.guest import accel_cache_dir, busybox_ext4, busybox_tree, system_files
 
 from .hostmode import HostAgent
@@ -24,7 +25,7 @@ def guest_binary(tmp_path_factory: pytest.TempPathFactory) -> Path:
     override = os.environ.get("HYPEMAN_TEST_GUEST_BINARY")
     if override:
         return Path(override)
-    return build_guest_binary(tmp_path_factory.mktemp("system"))
+    return build_guest_binary(SystemPaths(tmp_path_factory.mktemp("system")))
 
 
 @pytest.fixture

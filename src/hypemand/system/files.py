@@ -50,7 +50,7 @@ def ensure_system_files(system_dir: Path) -> SystemFiles:
     system = SystemPaths(system_dir)
     with _system_lock(system):
         kernel = install_kernel(system)
-        guest_binary = build_guest_binary(system.root)
+        guest_binary = build_guest_binary(system)
         initrd = build_initrd(system, kernel, guest_binary)
     return SystemFiles(
         kernel_path=kernel.vmlinux,

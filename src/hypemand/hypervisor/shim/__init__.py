@@ -12,21 +12,14 @@ source gets a new binary, and the old one stays for the supervisors still runnin
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
-import os
-import subprocess
-import tempfile
 from pathlib import Path
 
+from hypemand.cbuild import build_version, compile_static, find_compiler
 from hypemand.errors import DomainError
-from hypemand.fsutil import fsync_dir
-from hypemand.guest.build import find_compiler
 from hypemand.hypervisor.base import HypervisorStatePaths
 
 SOURCE_DIR = Path(__file__).parent
-CFLAGS = ["-static", "-Os", "-Wall", "-Wextra", "-Werror", "-std=gnu11", "-D_GNU_SOURCE"]
 
 
 class ShimBuildError(DomainError):
@@ -41,41 +34,14 @@ def _sources() -> list[Path]:
 
 @functools.cache
 def _build_version() -> str:
-    """Hash of compiler, flags and sources; computed once per process (it runs the compiler)."""
-    compiler = find_compiler()
-    digest = hashlib.sha256()
-    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, check=False).stdout
-    digest.update(" ".join([*compiler, *CFLAGS, version]).encode())
-    for source in _sources():
-        digest.update(source.name.encode() + b"\0" + source.read_bytes() + b"\0")
-    return digest.hexdigest()[:16]
+    """Computed once per process (it runs the compiler)."""
+    return build_version(find_compiler(), _sources())
 
 
 def ensure_vmm_shim(state: HypervisorStatePaths) -> Path:
     """The supervisor binary, compiled first if these sources were never built here. Blocking
-    (runs the compiler, ~0.2 s, once per source change): async code calls it in a thread.
-    Concurrent builders (two servers, test sessions) each compile and rename; the last one wins
-    with identical content."""
+    (runs the compiler, ~0.2 s, once per source change): async code calls it in a thread."""
     target = state.vmm_shim(_build_version())
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=target.parent, prefix=".build-")
-    os.close(fd)
-    try:
-        result = subprocess.run(
-            [*find_compiler(), *CFLAGS, "-o", partial, *map(str, _sources())],
-            capture_output=True, text=True, check=False,
-        )  # fmt: skip
-        if result.returncode != 0:
-            raise ShimBuildError(f"compiling the VMM supervisor failed:\n{result.stderr}")
-        subprocess.run(["strip", partial], check=False, capture_output=True)
-        os.chmod(partial, 0o755)
-        with open(partial, "rb") as binary:
-            os.fsync(binary.fileno())
-        os.replace(partial, target)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(partial)
-    fsync_dir(target.parent)
+    if not target.exists():
+        compile_static(find_compiler(), _sources(), target, ShimBuildError, "the VMM supervisor")
     return target
