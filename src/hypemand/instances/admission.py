@@ -4,8 +4,9 @@ vCPUs are oversubscribed 4x, memory and disk not at all (see ``host.py``). CPU a
 counted over instances whose VMM runs plus boots in flight. Disk is counted as promises still
 open: every instance's overlay may grow to its full size and a VM's RAM file must be backed in
 full, so the free space must cover what those may still take plus what the new one asks for. A
-create, start, restore or fork beyond that is refused (409 ``insufficient_resources``) before
-anything is made. Decisions are taken one at a time under one lock; a boot in flight stays
+create, start or restore beyond that is refused (409 ``insufficient_resources``) before anything
+is made; a fork is admitted when it is brought up (after its disks are copied, which its failure
+removes again). Decisions are taken one at a time under one lock; a boot in flight stays
 counted until its VMM runs.
 """
 

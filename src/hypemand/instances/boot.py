@@ -11,8 +11,10 @@ It turns a root disk plus a :class:`GuestConfig` into a running VM:
    the outcome carries the exit instead of an agent. Only a guest that never reaches its program
    (no markers in time, or QEMU dying without an exit marker) is a boot failure.
 
-:func:`boot_guest` is both in one call. The instance manager uses the two halves separately: it
-returns from a create as soon as QEMU runs, and watches the boot in the background.
+:func:`boot_guest` is both in one call. The instance manager uses only :func:`launch_guest`: it
+returns from a create as soon as QEMU runs, and its watcher follows the markers from there
+(``lifecycle.py``); :func:`await_guest` and :func:`boot_guest` serve the benches and tests that
+boot a guest without a server.
 """
 
 from __future__ import annotations

@@ -104,6 +104,7 @@ class InstanceManager:
             compression=compression,
         )
         self.saved = SavedVMOperations(
+            table=self.table,
             hypervisor=hypervisor,
             lifecycle=self.lifecycle,
             admission=self.admission,
@@ -244,6 +245,10 @@ class InstanceManager:
         """Every instance with whether it holds host resources now (a VMM runs) and what it may
         take on the data disk."""
         return [(live.record, live.vmm_alive(), claim_of(live)) for live in self.table]
+
+    async def hypervisor_version(self) -> str:
+        """The VMM version saved VMs are recorded with (a restore needs the same one)."""
+        return await asyncio.to_thread(self.hypervisor.version)
 
     def available_boards(self) -> list[Board]:
         return list(BOARDS)

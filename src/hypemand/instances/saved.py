@@ -27,7 +27,7 @@ from hypemand.instances.admission import Admission
 from hypemand.instances.agents import AgentLinks
 from hypemand.instances.console import ConsoleScanner
 from hypemand.instances.lifecycle import Lifecycle
-from hypemand.instances.live import LiveInstance, mutating
+from hypemand.instances.live import InstanceTable, LiveInstance, mutating
 from hypemand.instances.models import InstanceRecord, InstanceState, StandbyInstanceRequest
 from hypemand.instances.records import OperationsLog, phase_change, utcnow
 from hypemand.instances.state import StateReader
@@ -65,6 +65,7 @@ class SavedVMOperations:
     def __init__(
         self,
         *,
+        table: InstanceTable,
         hypervisor: Hypervisor,
         lifecycle: Lifecycle,
         admission: Admission,
@@ -74,6 +75,7 @@ class SavedVMOperations:
         compression: CompressionJobs,
         spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
     ) -> None:
+        self.table = table
         self.hypervisor = hypervisor
         self.lifecycle = lifecycle
         self.admission = admission
@@ -304,7 +306,7 @@ class SavedVMOperations:
         live = LiveInstance(record=record, paths=paths)
         live.scanner = ConsoleScanner(paths.console_log, 0)
         await records.save(live)
-        self.lifecycle.table.add(live)
+        self.table.add(live)
         self.oplog.write(live, f"forked from snapshot {source.snapshot_id} of {source.record.name}")
         async with mutating(live):
             await self.bring_to(live, source, target)

@@ -218,7 +218,7 @@ class SnapshotService:
                 snapshot=snapshot,
                 instance=instance,
                 digests=digests,
-                qemu_version=await asyncio.to_thread(self.instances.hypervisor.version),
+                qemu_version=await self.instances.hypervisor_version(),
             )
             await asyncio.to_thread(write_model_atomic, paths.record, record)
         except BaseException:
@@ -334,7 +334,7 @@ class SnapshotService:
                 state_digest=(
                     await asyncio.to_thread(file_digest, files.device_state) if kind == "Standby" else None
                 ),
-                qemu_version=await asyncio.to_thread(self.instances.hypervisor.version),
+                qemu_version=await self.instances.hypervisor_version(),
             )
             return await self.instances.fork(saved, request.name, target, None)
         finally:
