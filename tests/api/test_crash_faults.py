@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -201,3 +202,40 @@ def test_a_delete_interrupted_by_a_server_crash_is_finished_at_the_next_start(ri
     while not gone(pid):
         assert time.monotonic() < deadline, "the deleted instance's QEMU still runs"
     assert "removing deleted instance" in rig.server.log()
+
+
+# The bounded shutdown cancels what is still running, and uvicorn says so at ERROR level, with
+# the cancelled request's traceback: that is this test's point, and nothing else is accepted.
+@pytest.mark.server_log_allows(
+    r"Cancel \d+ running task\(s\), timeout graceful shutdown exceeded",
+    r"Exception in ASGI application",
+)
+def test_a_sigterm_ends_the_server_even_with_requests_that_never_end(rig: Rig) -> None:
+    """Requests that would not end for minutes (a long-poll ``wait``, an exec whose program never
+    ends) must not hold the server's shutdown (before: SIGTERM waited for them); the VM outlives
+    the server as always."""
+    instance_id = running(rig, "sleeper")
+    waiting_client = strict_client(rig.server, timeout=400)
+
+    def long_poll() -> None:
+        with contextlib.suppress(Exception):  # the server goes away under it, by design
+            waiting_client.instances.wait(instance_id, state="Stopped", api_timeout="300s")
+
+    with rig.client() as sdk:
+        threading.Thread(target=long_poll, daemon=True).start()
+        threading.Thread(
+            target=lambda: _quietly(sdk, instance_id, ["/bin/sh", "-c", "exec sleep 100000"]), daemon=True
+        ).start()
+        deadline = time.monotonic() + 60
+        while "sleep 100000" not in sdk_exec(sdk, instance_id, ["/bin/ps"]).output.decode():
+            assert time.monotonic() < deadline, "the exec never started"
+        rig.server.process.send_signal(signal.SIGTERM)
+        try:
+            rig.server.process.wait(timeout=60)  # a bound on a hang, not a speed target
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the server did not stop within a minute of SIGTERM") from None
+    waiting_client.close()
+    rig.restart()
+    with rig.client() as sdk:
+        assert sdk.instances.get(instance_id).state == "Running"  # the VM outlived the server
+        sdk.instances.delete(instance_id)
