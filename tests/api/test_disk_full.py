@@ -126,3 +126,20 @@ def _wait_for(sdk: Hypeman, instance: str, done: Callable[[Instance], bool], sec
             return seen
         assert time.monotonic() < deadline, f"still {seen.state} ({seen.state_error})"
         time.sleep(0.1)  # a poll: the guest fills the disk in its own time
+
+
+def test_resources_tells_the_disk_this_server_can_really_use(small_disk: SmallDisk) -> None:
+    """The disk's capacity is what the server can fill (free space plus its own files), not the
+    size of a file system others use too (before: the file system's size); its allocation counts
+    the running instance's promises (overlay up to its size, RAM backed in full)."""
+    with strict_client(small_disk.server) as sdk:
+        filler = small_disk.fill(leave=64 << 20)
+        try:
+            disk = sdk.resources.get().disk
+            taken_by_others = filler.stat().st_blocks * 512
+            total = os.statvfs(small_disk.mountpoint)
+            assert disk.capacity <= total.f_blocks * total.f_frsize - taken_by_others, disk
+            assert disk.allocated >= (256 + 128) << 20, disk  # the writer's overlay and RAM
+            assert disk.available <= 64 << 20, disk
+        finally:
+            filler.unlink()
