@@ -11,6 +11,7 @@ import platform as host
 import re
 from dataclasses import dataclass
 
+from hypemand.errors import BadRequest
 from hypemand.images.errors import InvalidName, InvalidPlatform
 
 DEFAULT_DOMAIN = "docker.io"
@@ -207,3 +208,18 @@ def parse_platform(text: str) -> Platform:
 def host_platform() -> Platform:
     arch = _ARCH_ALIASES.get(host.machine().lower(), "amd64")
     return Platform(os="linux", architecture=arch)
+
+
+def check_registry_allowed(ref: Reference, allowed: frozenset[str] | None) -> None:
+    """Refuse, before any lookup or connection, a registry a server may not reach (``allowed``
+    names hosts or host:port; None allows any)."""
+    if allowed is None:
+        return
+    domain = ref.domain.lower()
+    host = domain.rsplit(":", 1)[0] if not domain.endswith("]") else domain
+    if domain not in allowed and host not in allowed:
+        raise BadRequest(
+            f"registry {ref.domain} is not one this server may pull from "
+            f"(allowed: {', '.join(sorted(allowed))})",
+            code="registry_not_allowed",
+        )

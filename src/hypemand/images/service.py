@@ -65,6 +65,7 @@ from hypemand.images.models import (
 from hypemand.images.reference import (
     Platform,
     Reference,
+    check_registry_allowed,
     host_platform,
     parse_platform,
     parse_reference,
@@ -179,7 +180,7 @@ class ImageService:
 
     async def create(self, request: CreateImageRequest) -> Image:
         ref = parse_reference(request.name)
-        self._check_registry_allowed(ref)
+        check_registry_allowed(ref, self.allowed_registries)
         platform = parse_platform(request.platform) if request.platform else self.platform
         tags = validate_tags(request.tags)
         credentials = request.credentials if request.credentials and request.credentials.present else None
@@ -303,20 +304,6 @@ class ImageService:
             await job.done.wait()
 
     # ---- booting by name --------------------------------------------------------------
-
-    def _check_registry_allowed(self, ref: Reference) -> None:
-        """Refuse, before any lookup or connection, a registry this server may not reach."""
-        allowed = self.allowed_registries
-        if allowed is None:
-            return
-        domain = ref.domain.lower()
-        host = domain.rsplit(":", 1)[0] if not domain.endswith("]") else domain
-        if domain not in allowed and host not in allowed:
-            raise BadRequest(
-                f"registry {ref.domain} is not one this server may pull from "
-                f"(allowed: {', '.join(sorted(allowed))})",
-                code="registry_not_allowed",
-            )
 
     async def ready_for_boot(self, name: str, timeout: float) -> ReadyImage:  # noqa: ASYNC109
         """The ready image ``name`` for an instance about to boot from it, waited for if need be:
