@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from hypemand.errors import BadRequest
 from hypemand.images import uploads
 from hypemand.images.errors import InvalidName, InvalidPlatform
 from hypemand.images.reference import (
     SHA256_DIGEST_RE,
     TAG_RE,
+    check_registry_allowed,
     parse_platform,
     parse_reference,
     pushed_image_reference,
@@ -133,3 +135,26 @@ def test_the_upload_module_has_no_grammar_of_its_own() -> None:
     assert uploads.TAG_RE is TAG_RE
     assert uploads.SHA256_DIGEST_RE is SHA256_DIGEST_RE
     assert not hasattr(uploads, "REPOSITORY_RE")
+
+
+@pytest.mark.parametrize(
+    ("name", "allowed"),
+    [
+        ("127.0.0.1:5000/app:1", True),
+        ("localhost:5000/app:1", True),
+        ("[::1]:5000/app:1", True),
+        ("docker.io/library/busybox:latest", False),
+        ("busybox", False),  # docker.io by default: refused before any lookup
+        ("ghcr.io/team/app:1", False),
+    ],
+)
+def test_only_allowed_registries_are_pulled_from(name: str, allowed: bool) -> None:
+    ref = parse_reference(name)
+    check_registry_allowed(ref, None)  # no list: any registry
+    local = frozenset({"127.0.0.1", "localhost", "[::1]"})
+    if allowed:
+        check_registry_allowed(ref, local)
+    else:
+        with pytest.raises(BadRequest) as refused:
+            check_registry_allowed(ref, local)
+        assert refused.value.code == "registry_not_allowed"
