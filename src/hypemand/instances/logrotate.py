@@ -237,8 +237,6 @@ class LogRotator:
         done: list[Rotation] = []
         for live in present:
             due = [path for path in instance_logs(live) if sizes[path] > self.max_size]
-            if not due or live.lock.locked():
-                continue  # an operation in progress keeps its instance's logs for the next pass
             try:
                 done += await self._rotate_instance(live, due)
             except OSError as exc:
@@ -247,36 +245,47 @@ class LogRotator:
 
     async def _rotate_instance(self, live: LiveInstance, due: list[Path]) -> list[Rotation]:
         done = []
-        async with live.lock:
-            for path in due:
-                if live.deleted:
-                    break
-                if path == live.paths.console_log:
-                    rotation = await self._rotate_console(live)
-                else:
-                    rotation = await asyncio.to_thread(rotate_file, path, self.max_files, self.ledger)
-                if rotation is not None:
-                    log.info("instance %s: rotated %s (%d bytes into %s)",
-                             live.id, path.name, rotation.removed, rotation.copy.name)
-                    done.append(rotation)
+        for path in due:
+            if live.deleted:
+                break
+            if path == live.paths.console_log:
+                rotation = await self._rotate_console(live)
+            else:
+                # Their writers append (O_APPEND) and nothing keeps offsets into them: no lock.
+                rotation = await asyncio.to_thread(rotate_file, path, self.max_files, self.ledger)
+            if rotation is not None:
+                log.info("instance %s: rotated %s (%d bytes into %s)",
+                         live.id, path.name, rotation.removed, rotation.copy.name)
+                done.append(rotation)
         return done
 
     async def _rotate_console(self, live: LiveInstance) -> Rotation | None:
-        """The caller holds the instance's lock."""
-        scanner = live.scanner
+        """The head is copied first, outside the instance's lock (a stop or delete need not wait
+        for up to ``max_size`` bytes of copying); the cut, the scanner's and the record's boot
+        offsets move together under it. An instance busy with an operation waits for the next
+        pass."""
         path = live.paths.console_log
-        if scanner is None:
-            return await asyncio.to_thread(rotate_file, path, self.max_files, self.ledger)
+        if live.lock.locked():
+            return None
         prepared = await asyncio.to_thread(prepare_rotation, path)
         if prepared is None:
             return None
         try:
-            # Held scanned to the end: every byte about to be cut has been read for markers.
-            async with scanner.hold():
-                rotation = await asyncio.to_thread(prepared.commit, self.max_files, self.ledger)
-                await asyncio.to_thread(scanner.rebase, rotation.removed, rotation.copy)
+            if live.lock.locked() or live.deleted:
+                return None
+            async with live.lock:
+                if live.deleted:
+                    return None
+                scanner = live.scanner
+                if scanner is None:
+                    rotation = await asyncio.to_thread(prepared.commit, self.max_files, self.ledger)
+                else:
+                    # Held scanned to the end: every byte about to be cut has been read for markers.
+                    async with scanner.hold():
+                        rotation = await asyncio.to_thread(prepared.commit, self.max_files, self.ledger)
+                        await asyncio.to_thread(scanner.rebase, rotation.removed, rotation.copy)
+                boot_offset = max(0, live.record.console_offset - rotation.removed)
+                await records.update(live, console_offset=boot_offset)
         finally:
             await asyncio.to_thread(prepared.close)
-        boot_offset = max(0, live.record.console_offset - rotation.removed)
-        await records.update(live, console_offset=boot_offset)
         return rotation
