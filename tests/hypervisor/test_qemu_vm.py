@@ -281,14 +281,9 @@ STARTER = textwrap.dedent(
 )
 
 
-async def test_vm_survives_the_death_of_the_process_that_started_it(
-    hypervisor: QemuHypervisor,
-    accel_cache_dir: Path,
-    system_files: SystemFiles,
-    busybox_ext4: Path,
-    tmp_path: Path,
-) -> None:
-    config = sleeper_vm(system_files, busybox_ext4, tmp_path / "vm")
+async def start_in_another_process(config: VMConfig, accel_cache_dir: Path) -> int:
+    """Start ``config``'s VM from a process that then exits (as a crashing server would); the
+    QEMU's pid."""
     starter = await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-c", STARTER, config.model_dump_json(), str(accel_cache_dir)],
@@ -298,7 +293,19 @@ async def test_vm_survives_the_death_of_the_process_that_started_it(
         cwd=REPO,
     )
     assert starter.returncode == 0, starter.stderr
-    pid = json.loads(starter.stdout)["pid"]
+    pid: int = json.loads(starter.stdout)["pid"]
+    return pid
+
+
+async def test_vm_survives_the_death_of_the_process_that_started_it(
+    hypervisor: QemuHypervisor,
+    accel_cache_dir: Path,
+    system_files: SystemFiles,
+    busybox_ext4: Path,
+    tmp_path: Path,
+) -> None:
+    config = sleeper_vm(system_files, busybox_ext4, tmp_path / "vm")
+    pid = await start_in_another_process(config, accel_cache_dir)
     try:
         adopted = await hypervisor.adopt(config.directory)
         assert adopted is not None, "the VM did not survive its starter"

@@ -7,11 +7,7 @@ handle), the way a crash, the OOM killer or an operator's ``kill`` would end it.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import signal
-import subprocess
-import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -23,7 +19,7 @@ from hypemand.hypervisor.process import ProcessRecord, ProcessWatch, process_cmd
 from hypemand.hypervisor.qemu import QemuHypervisor
 from hypemand.system.files import SystemFiles
 from tests.hypervisor.conftest import kill_pid_if_ours
-from tests.hypervisor.test_qemu_vm import REPO, STARTER
+from tests.hypervisor.test_qemu_vm import start_in_another_process
 from tests.support.guest import guest_spec, launched_vm, prepared_vm_config
 
 pytestmark = pytest.mark.vm
@@ -87,17 +83,7 @@ async def test_a_vmm_killed_while_no_server_held_it_is_reported_after_the_fact(
     tmp_path: Path,
 ) -> None:
     config = sleeper_config(system_files, busybox_ext4, tmp_path / "vm")
-    # Started by another process that then exits, as a crashing server would.
-    starter = await asyncio.to_thread(
-        subprocess.run,
-        [sys.executable, "-c", STARTER, config.model_dump_json(), str(accel_cache_dir)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-    )
-    assert starter.returncode == 0, starter.stderr
-    pid = json.loads(starter.stdout)["pid"]
+    pid = await start_in_another_process(config, accel_cache_dir)
     try:
         record = ProcessRecord.load(config.paths.process_record)
         assert record is not None and record.pid == pid
