@@ -78,6 +78,14 @@ class Settings(BaseModel):
     # suite that must send nothing beyond loopback) names its own, and a pull of anything else
     # is refused before a single lookup or connection is made.
     allowed_registries: frozenset[str] | None = None
+    # The VM network (network/README.md). None: the host's namespace, as the reference; a name:
+    # the bridge, TAPs, rules and the ingress proxy live in that namespace (made if missing).
+    network_namespace: str | None = None
+    uplink: str | None = None  # None: the namespace's default route
+    subnet: str = "10.100.0.0/16"
+    bridge: str = "vmbr0"
+    dns_server: str = "1.1.1.1"
+    network_limit: str | None = None  # the uplink's capacity ("10Gbps", "125MB/s"); None: read it
 
     @classmethod
     def load(
@@ -103,6 +111,12 @@ class Settings(BaseModel):
             "qemu_binary": env.get("HYPEMAND_QEMU") or None,
             "accel": accel,
             "allowed_registries": _registries(env.get("HYPEMAND_REGISTRIES")),
+            "network_namespace": env.get("HYPEMAND_NETWORK_NAMESPACE") or None,
+            "uplink": env.get("UPLINK_INTERFACE") or None,
+            "subnet": env.get("SUBNET_CIDR") or "10.100.0.0/16",
+            "bridge": env.get("BRIDGE_NAME") or "vmbr0",
+            "dns_server": env.get("DNS_SERVER") or "1.1.1.1",
+            "network_limit": env.get("NETWORK_LIMIT") or None,
             **{key: value for key, value in log_rotation.items() if value is not None},
         })
 

@@ -1,7 +1,7 @@
 """The VM network of one server: configuration, address allocation, and the host side (bridge,
 TAPs, NAT rules, bandwidth shaping) inside a network namespace. See README.md beside this file."""
 
-from hypemand.network.addresses import AddressesExhausted, Allocation, allocate
+from hypemand.network.addresses import AddressesExhausted, Allocation, InstanceAddress, allocate
 from hypemand.network.config import NetworkConfig, NetworkConfigError, tap_name
 from hypemand.network.host import NetworkHost, ReconcileReport
 from hypemand.network.shaping import BandwidthLimits
@@ -10,6 +10,7 @@ from hypemand.network.tap import TapError
 __all__ = [
     "AddressesExhausted",
     "Allocation",
+    "InstanceAddress",
     "BandwidthLimits",
     "NetworkConfig",
     "NetworkConfigError",

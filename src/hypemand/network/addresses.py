@@ -101,3 +101,13 @@ def _pick(first: int, last: int, free: Callable[[int], bool], tries: int, rng: r
             return candidate
     return None
 
+
+
+@dataclass(frozen=True)
+class InstanceAddress:
+    """Where an instance is on the VM network now: what the ingress's resolver answers for its
+    name. ``ip`` is None while the instance holds no address (stopped, or no NIC)."""
+
+    id: str
+    name: str
+    ip: str | None
