@@ -11,7 +11,7 @@ want_tests=0
 
 RUNTIME_PACKAGES=(qemu-system-x86 qemu-utils e2fsprogs erofs-utils busybox-static kmod cpio zstd lz4
                   musl-tools gcc libc6-dev binutils make skopeo umoci ca-certificates curl
-                  iproute2 nftables conntrack)
+                  iproute2 nftables conntrack caddy)
 TEST_PACKAGES=(docker-registry nodejs npm tmux xfsprogs)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
-from hypeman_cli import __version__, images, instances, snapshots, state, system
+from hypeman_cli import __version__, images, ingress, instances, snapshots, state, system
 from hypeman_cli.copy import cp
 from hypeman_cli.errors import CLIError, describe
 from hypeman_cli.execute import exec_
@@ -133,6 +133,7 @@ app.command("pull")(images.pull)
 app.command("push")(push)
 app.add_typer(images.image_app, name="image")
 app.add_typer(snapshots.snapshot_app, name="snapshot")
+app.add_typer(ingress.ingress_app, name="ingress")
 app.command("resources")(system.resources)
 app.command("health")(system.health)
 

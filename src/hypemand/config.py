@@ -14,16 +14,24 @@ that the services receive as arguments.
                                    (default 50MB, the reference's)
     HYPEMAND_LOG_MAX_FILES         rotated copies kept: app.log.1 ... (default 1, the reference's)
     HYPEMAND_LOG_ROTATE_INTERVAL   how often the log sizes are checked (default 10s)
+    HYPEMAND_CADDY                 the Caddy binary of the ingress proxy (default /usr/bin/caddy)
+    CADDY_LISTEN_ADDRESS           where Caddy listens on the ingresses' ports (default 0.0.0.0)
+    CADDY_STOP_ON_SHUTDOWN         true: Caddy stops with the server (default: it outlives it)
+    ACME_EMAIL, ACME_CA            certificates from an ACME CA (default: Caddy's internal CA)
+    TLS_ALLOWED_DOMAINS            hostnames tls may be asked for: name, *.example.com or *
+    HYPEMAND_INGRESS_DNS_PORT      the UDP port of the ingress's DNS responder (default 5353)
 """
 
 from __future__ import annotations
 
 import os
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
+from hypemand.ingress.hostnames import check_allowed_domain
 from hypemand.layout import DataLayout
 from hypemand.units import parse_duration, parse_size
 
@@ -61,6 +69,12 @@ def _registries(text: str | None) -> frozenset[str] | None:
     return frozenset(part.strip().lower() for part in text.split(",") if part.strip())
 
 
+def _domains(text: str | None) -> list[str] | None:
+    if text is None or not text.strip():
+        return None
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
 class Settings(BaseModel):
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
@@ -86,6 +100,24 @@ class Settings(BaseModel):
     bridge: str = "vmbr0"
     dns_server: str = "1.1.1.1"
     network_limit: str | None = None  # the uplink's capacity ("10Gbps", "125MB/s"); None: read it
+    # Ingress (ingress/README.md): Caddy, run in the network's namespace.
+    caddy_binary: Path = Path("/usr/bin/caddy")
+    caddy_listen_address: str = "0.0.0.0"  # where Caddy listens on every ingress port
+    caddy_stop_on_shutdown: bool = False  # else Caddy outlives the server (and is adopted back)
+    acme_email: str | None = None  # None: certificates from Caddy's internal CA, never ACME
+    acme_ca: str | None = None  # the ACME directory URL; None: Caddy's default (Let's Encrypt)
+    tls_allowed_domains: tuple[str, ...] | None = None  # None: any hostname may have tls
+    ingress_dns_port: int = Field(default=5353, ge=1, le=65535)  # UDP, 127.0.0.1 in the namespace
+
+    @field_validator("caddy_listen_address")
+    @classmethod
+    def _listen_address_ok(cls, value: str) -> str:
+        return str(ip_address(value))
+
+    @field_validator("tls_allowed_domains")
+    @classmethod
+    def _allowed_domains_ok(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        return None if value is None else tuple(check_allowed_domain(entry) for entry in value)
 
     @classmethod
     def load(
@@ -117,6 +149,13 @@ class Settings(BaseModel):
             "bridge": env.get("BRIDGE_NAME") or "vmbr0",
             "dns_server": env.get("DNS_SERVER") or "1.1.1.1",
             "network_limit": env.get("NETWORK_LIMIT") or None,
+            "caddy_binary": env.get("HYPEMAND_CADDY") or "/usr/bin/caddy",
+            "caddy_listen_address": env.get("CADDY_LISTEN_ADDRESS") or "0.0.0.0",
+            "caddy_stop_on_shutdown": env.get("CADDY_STOP_ON_SHUTDOWN") or False,
+            "acme_email": env.get("ACME_EMAIL") or None,
+            "acme_ca": env.get("ACME_CA") or None,
+            "tls_allowed_domains": _domains(env.get("TLS_ALLOWED_DOMAINS")),
+            "ingress_dns_port": env.get("HYPEMAND_INGRESS_DNS_PORT") or 5353,
             **{key: value for key, value in log_rotation.items() if value is not None},
         })
 

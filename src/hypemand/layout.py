@@ -8,6 +8,8 @@
       hypervisor/                host-wide hypervisor caches (see HypervisorStatePaths)
       guests/<instance id>/      one directory per instance (see InstancePaths)
       snapshots/<snapshot id>/   stored snapshots: snapshot.json and guest/ (see hypemand.snapshots)
+      ingresses/<id>.json        one ingress each (see hypemand.ingress)
+      caddy/                     the ingress proxy's config, pid, log, certificates (see CaddyPaths)
 
 An instance directory is shared by two owners with a fixed split: the instance domain owns
 the record, the disks it writes and its operations log; the hypervisor owns the VM files
@@ -369,6 +371,59 @@ class SystemPaths:
         return self.guest_binaries / version / GUEST_BINARY
 
 
+# ---- ingresses/ and caddy/ ---------------------------------------------------------------------
+
+
+class CaddyPaths:
+    """``caddy/``: the ingress proxy's own directory (see hypemand/ingress/README.md). Caddy runs
+    with it as its working directory, so its admin socket has a short relative name."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def boot_config(self) -> Path:
+        """What Caddy starts with: its admin socket, log and storage, no ingress yet."""
+        return self.directory / "boot.json"
+
+    @property
+    def config(self) -> Path:
+        """The complete configuration Caddy accepted last (for people; never read back)."""
+        return self.directory / "config.json"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.directory / "caddy.pid"
+
+    @property
+    def log(self) -> Path:
+        """Caddy's own log, rolled by Caddy."""
+        return self.directory / "caddy.log"
+
+    @property
+    def output(self) -> Path:
+        """The process' stdout and stderr: what it says before its log is open, or when it dies."""
+        return self.directory / "caddy.out"
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.directory / "admin.sock"
+
+    @property
+    def storage(self) -> Path:
+        """Certificates and the internal CA (also Caddy's XDG_DATA_HOME)."""
+        return self.directory / "data"
+
+    @property
+    def xdg_config(self) -> Path:
+        return self.directory / "config"
+
+    @property
+    def local_ca_root(self) -> Path:
+        """The internal CA's root certificate, for clients to trust."""
+        return self.storage / "pki/authorities/local/root.crt"
+
+
 class DataLayout:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -411,3 +466,15 @@ class DataLayout:
     def fork_staging(self, token: str) -> SnapshotPaths:
         """A fork of an instance copies its saved VM here first (removed after, or at start)."""
         return SnapshotPaths(self.snapshots / f"{FORK_STAGING_PREFIX}{token}")
+
+    @property
+    def ingresses(self) -> Path:
+        return self.root / "ingresses"
+
+    def ingress(self, ingress_id: str) -> Path:
+        """``ingresses/<id>.json``: one ingress, as the API shows it."""
+        return self.ingresses / f"{ingress_id}.json"
+
+    @property
+    def caddy(self) -> CaddyPaths:
+        return CaddyPaths(self.root / "caddy")

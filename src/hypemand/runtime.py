@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from hypemand.auth import load_secret
 from hypemand.config import Settings
@@ -16,11 +17,15 @@ from hypemand.hypervisor.base import Accel
 from hypemand.hypervisor.qemu import QemuHypervisor
 from hypemand.images.disk import DiskFormat
 from hypemand.images.service import ImageService
+from hypemand.ingress.service import IngressOptions, IngressService
 from hypemand.instances.logrotate import LogRotator
 from hypemand.instances.manager import InstanceManager
 from hypemand.savedvm.jobs import CompressionJobs
 from hypemand.snapshots.service import SnapshotService
 from hypemand.system.files import SystemFiles, ensure_system_files
+
+if TYPE_CHECKING:
+    from hypemand.network import InstanceAddress
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +38,31 @@ def check_host(settings: Settings) -> SystemFiles:
     """
     QemuHypervisor(binary=settings.qemu_binary).version()
     return ensure_system_files(settings.system_dir)
+
+
+def ingress_options(settings: Settings) -> IngressOptions:
+    return IngressOptions(
+        namespace=settings.network_namespace,
+        caddy_binary=settings.caddy_binary,
+        listen_address=settings.caddy_listen_address,
+        stop_on_shutdown=settings.caddy_stop_on_shutdown,
+        api_port=settings.port,
+        dns_port=settings.ingress_dns_port,
+        acme_email=settings.acme_email,
+        acme_ca=settings.acme_ca,
+        tls_allowed_domains=settings.tls_allowed_domains,
+    )
+
+
+class _InstanceAddresses:
+    """The ingress's view of the instances (``InstanceManager.find_address``)."""
+
+    def __init__(self, manager: InstanceManager) -> None:
+        self.manager = manager
+
+    def find_address(self, ref: str) -> InstanceAddress | None:
+        find = getattr(self.manager, "find_address", None)
+        return find(ref) if find is not None else None
 
 
 class Runtime:
@@ -59,6 +89,10 @@ class Runtime:
             self.layout, self.hypervisor, self.images, self.system_files, self.compression
         )
         self.snapshots = SnapshotService(self.layout, self.instances, self.compression)
+        self.ingresses = IngressService(
+            self.layout, ingress_options(settings), _InstanceAddresses(self.instances),
+            self._ingress_unavailable,
+        )
         self.log_rotator = LogRotator(
             lambda: self.instances.table,
             max_size=settings.log_max_size,
@@ -66,6 +100,15 @@ class Runtime:
             interval=settings.log_rotate_interval,
         )
         self.system: SystemFiles | None = None
+
+    def _ingress_unavailable(self) -> str | None:
+        """Why ingress has no bridge network to route to, or None when it has one."""
+        network = getattr(self.instances, "network", None)
+        if network is None:
+            return None if self.settings.network_namespace else "no bridge network is configured"
+        if network.model != "bridge":
+            return str(network.user_mode_reason or "user-mode networking")
+        return None
 
     def system_files(self) -> SystemFiles:
         if self.system is None:
@@ -81,12 +124,14 @@ class Runtime:
         # Every VMM runs under a small supervisor; build it now, not in the first create.
         await self.hypervisor.vmm_shim()
         await self.instances.take_charge()
+        await self.ingresses.start()  # after the network, whose namespace Caddy runs in
         self.log_rotator.start()
         await self.snapshots.start()
         await self.images.start()
 
     async def stop(self) -> None:
         """Stop the server's own work. VMs are never stopped here: they outlive the server."""
+        await self.ingresses.stop()  # Caddy too only with CADDY_STOP_ON_SHUTDOWN
         await self.log_rotator.close()
         await self.images.stop()
         await self.compression.close()
