@@ -13,10 +13,13 @@ Everything callers use is importable from this module.
 
 from __future__ import annotations
 
+import errno
 import secrets
 import time
+from ipaddress import IPv4Address
 
 from hypemand.guest import protocol as p
+from hypemand.guest.config_disk import GuestNetwork
 from hypemand.guest.exec_session import ExecOperations, ExecSession
 from hypemand.guest.session import AgentDisconnected, AgentError, AgentTimeout
 from hypemand.guest.transfer import FileOperations, GetEntry, GetEntryError
@@ -49,12 +52,36 @@ class AgentClient(ExecOperations, FileOperations):
         value = time.time_ns() if unix_ns is None else unix_ns
         await self._simple(lambda sid: p.set_clock_request(sid, value), p.Msg.OK)
 
-    async def set_identity(self, entropy: bytes, mac: str | None = None, hostname: str | None = None) -> None:
+    async def set_identity(
+        self,
+        entropy: bytes,
+        mac: str | None = None,
+        hostname: str | None = None,
+        network: GuestNetwork | None = None,
+    ) -> None:
         """Give a guest resumed from a shared memory image its own identity: ``entropy`` (the
         caller's ``os.urandom(64)``; at most 512 bytes) is mixed into the kernel's pool, credited,
-        and the CRNG reseeded at once; ``mac`` (``"52:54:00:…"``) becomes eth0's address (its
-        IPv4 address and routes are kept); ``hostname`` is set. ``None`` or empty keeps the
-        current value. Raises ``AgentError`` with the guest's errno; steps before the failing one
-        (entropy, hostname, MAC, in that order) stay done."""
+        and the CRNG reseeded at once; ``mac`` (``"52:54:00:…"``) becomes eth0's address (without
+        ``network`` its IPv4 address and routes are kept); ``hostname`` is set; ``network``
+        (its ip, prefix and gateway; ``dns`` is not touched) replaces eth0's IPv4 address, its
+        default route goes via the gateway, and the neighbour cache is flushed. ``None`` or empty
+        keeps the current value. Everything is checked before anything changes (EINVAL: a
+        network address that is not a host of its subnet, a gateway outside it); then a failing
+        step raises ``AgentError`` with the guest's errno, and the steps before it (entropy,
+        hostname, MAC, network, in that order) stay done. An agent that predates the network
+        part (a snapshot made by an older hypemand) raises ``AgentError`` (ENOTSUP) after doing
+        the rest."""
         raw_mac = p.parse_mac(mac) if mac else b""
-        await self._simple(lambda sid: p.identity_request(sid, entropy, raw_mac, hostname or ""), p.Msg.OK)
+        address = None
+        if network is not None:
+            gateway = IPv4Address(network.gateway) if network.gateway else None
+            address = p.IdentityNetwork(IPv4Address(network.ip), network.prefix, gateway)
+        frame = await self._simple(
+            lambda sid: p.identity_request(sid, entropy, raw_mac, hostname or "", address), p.Msg.OK
+        )
+        if address is not None and not p.identity_replaced_network(frame.payload):
+            raise AgentError(
+                "the guest agent predates re-addressing (a snapshot of an older hypemand): its "
+                "identity changed but its address did not",
+                errno.ENOTSUP,
+            )

@@ -11,6 +11,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from ipaddress import IPv4Address
 
 from hypemand.guest.models import EntryType, ExecResult, FileEntry, PathInfo
 
@@ -78,6 +79,8 @@ GET_RECURSIVE = 0x02
 # IDENTITY: the agent refuses more (EINVAL) before changing anything.
 IDENTITY_MAX_ENTROPY = 512
 IDENTITY_MAX_HOSTNAME = 64
+IDENTITY_NET_LEN = 9  # u32 ip, u8 prefix, u32 gateway
+IDENTITY_DONE_NETWORK = 0x01  # in the OK of an IDENTITY: the address was replaced
 
 _ENTRY_TYPES = (EntryType.FILE, EntryType.DIR, EntryType.SYMLINK, EntryType.OTHER)
 
@@ -245,15 +248,39 @@ def parse_mac(text: str) -> bytes:
         raise ValueError(f"invalid MAC address {text!r}") from None
 
 
-def identity_request(session: int, entropy: bytes, mac: bytes = b"", hostname: str = "") -> bytes:
-    """``u16 entropy_len | entropy | u8 mac_len (0 keep, 6) | mac | hostname\\0 (empty: keep)``.
-    Limits (entropy, hostname length, unicast MAC) are the agent's to enforce."""
+@dataclass(frozen=True, slots=True)
+class IdentityNetwork:
+    """The IPv4 address an IDENTITY gives eth0 instead of its old one."""
+
+    ip: IPv4Address
+    prefix: int
+    gateway: IPv4Address | None = None
+
+
+def identity_request(
+    session: int, entropy: bytes, mac: bytes = b"", hostname: str = "", network: IdentityNetwork | None = None
+) -> bytes:
+    """``u16 entropy_len | entropy | u8 mac_len (0 keep, 6) | mac | hostname\\0 (empty: keep)``,
+    then, only with a network, ``u8 9 | u32 ip | u8 prefix | u32 gateway (0.0.0.0: none)`` (a
+    request without it is the one agents before the network part know). Limits (entropy, hostname
+    length, unicast MAC, a host address and a gateway in its subnet) are the agent's to enforce."""
     if len(entropy) > 0xFFFF:
         raise ValueError(f"{len(entropy)} bytes of entropy do not fit a u16 length")
     if len(mac) not in (0, 6):
         raise ValueError(f"a MAC address has 6 bytes, not {len(mac)}")
     body = struct.pack(">H", len(entropy)) + entropy + struct.pack(">B", len(mac)) + mac + _cstr(hostname)
+    if network is not None:
+        if not 0 <= network.prefix <= 0xFF:
+            raise ValueError(f"prefix {network.prefix} does not fit a byte")
+        gateway = network.gateway or IPv4Address(0)
+        body += struct.pack(">B4sB4s", IDENTITY_NET_LEN, network.ip.packed, network.prefix, gateway.packed)
     return encode_frame(session, Msg.IDENTITY, body)
+
+
+def identity_replaced_network(ok_payload: bytes) -> bool:
+    """Whether the OK of an IDENTITY says the address was replaced (an agent older than the
+    network part answers an empty OK)."""
+    return bool(ok_payload[:1]) and bool(ok_payload[0] & IDENTITY_DONE_NETWORK)
 
 
 # ---------- guest -> host ----------

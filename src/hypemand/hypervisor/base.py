@@ -48,6 +48,7 @@ _VM_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # virtio-blk serials are at most 20 bytes; keep them to characters that survive every layer.
 _DISK_SERIAL = re.compile(r"^[A-Za-z0-9_.-]{1,20}$")
 _SOCKET_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,40}$")
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
 
 class VMMError(DomainError):
@@ -230,7 +231,11 @@ class VMConfig(BaseModel):
     agent_socket: str = DEFAULT_AGENT_SOCKET
     user_network: bool = False
     port_forwards: list[PortForward] = Field(default_factory=list)
-    # Extension point: TAP networking (bridge, vhost=off) will add an optional field here.
+    # A NIC on the VM's TAP, which lives in the network's namespace: the backend gets an open
+    # descriptor from its ``tap_opener`` at every launch (start, restore, a fork's restore).
+    tap_network: bool = False
+    # The NIC's MAC (lower case, unicast) for either NIC kind; None: ``guest_mac(vm_id)``.
+    nic_mac: str | None = None
 
     @field_validator("vm_id")
     @classmethod
@@ -253,11 +258,18 @@ class VMConfig(BaseModel):
             raise ValueError("agent_socket must be a plain file name of at most 40 characters")
         return value
 
+    @field_validator("nic_mac")
+    @classmethod
+    def _mac_ok(cls, value: str | None) -> str | None:
+        return None if value is None else unicast_mac(value)
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         serials = [disk.serial for disk in self.disks]
         if len(serials) != len(set(serials)):
             raise ValueError("disk serials must be unique")
+        if self.user_network and self.tap_network:
+            raise ValueError("a VM has one NIC: user_network or tap_network, not both")
         if self.port_forwards and not self.user_network:
             raise ValueError("port forwards need user_network")
         ports = [(fwd.protocol, fwd.host_port) for fwd in self.port_forwards]
@@ -268,6 +280,17 @@ class VMConfig(BaseModel):
     @property
     def paths(self) -> VMPaths:
         return VMPaths(self.directory, agent_socket=self.agent_socket)
+
+
+def unicast_mac(value: str) -> str:
+    """``value`` as six lower-case octets (``02:00:00:0a:0b:0c``); ValueError unless it is a
+    unicast address other than all zeros (a NIC cannot use a group address)."""
+    mac = value.lower().replace("-", ":")
+    if not _MAC.match(mac):
+        raise ValueError(f"{value!r} is not a MAC address (six octets like 02:00:00:0a:0b:0c)")
+    if int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
+        raise ValueError(f"{value} is not a unicast MAC address")
+    return mac
 
 
 class VMPaths:
@@ -401,6 +424,11 @@ class VMHandle(ABC):
             return None
         return await asyncio.to_thread(read_vmm_exit, self.directory)
 
+    async def set_nic_link(self, up: bool) -> None:
+        """Plug (``up``) or unplug the VM's NIC: while unplugged, no frame goes in or out and the
+        guest sees its carrier off. See :meth:`Hypervisor.restore` (``nic_down``)."""
+        raise NotImplementedByBackend(f"VM {self.vm_id}: this backend cannot change the NIC's link")
+
     @abstractmethod
     async def disk_io_status(self) -> dict[str, DiskIOStatus]:
         """Each disk's I/O state by serial. A VM in ``VMStatus.IO_ERROR`` has at least one disk
@@ -458,10 +486,15 @@ class Hypervisor(ABC):
         as it is now (another VMM version or board), before anything is started."""
         raise NotImplementedByBackend(f"{self.name} does not support restore")
 
-    async def restore(self, directory: Path, state_file: Path) -> VMHandle:
+    async def restore(self, directory: Path, state_file: Path, *, nic_down: bool = False) -> VMHandle:
         """Relaunch the VM recorded in ``directory`` from ``state_file`` and its RAM file, and run it.
         A VM's own RAM file is reserved first (``InsufficientStorage`` if it cannot be; the saved VM
-        stays as it was); a fork's, mapped copy-on-write, needs no space."""
+        stays as it was); a fork's, mapped copy-on-write, needs no space.
+
+        ``nic_down``: the VM runs with its NIC unplugged until ``handle.set_nic_link(True)``. For a
+        fork: until the agent gave it its own identity, its guest still has the source's MAC and
+        IP, and whatever it sends (the announcements every restored guest makes, a retransmit)
+        would teach the network that the source lives behind the fork's port."""
         raise NotImplementedByBackend(f"{self.name} does not support restore")
 
     def prepare_fork(self, directory: Path, fork: ForkIdentity) -> None:
@@ -482,3 +515,10 @@ class ForkIdentity(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     vm_id: str
+    # The fork's NIC MAC (an allocated one for a TAP); None: ``guest_mac(vm_id)``.
+    mac: str | None = None
+
+    @field_validator("mac")
+    @classmethod
+    def _mac_ok(cls, value: str | None) -> str | None:
+        return None if value is None else unicast_mac(value)

@@ -14,6 +14,10 @@ Lifecycle of a VMM process:
   VM with a different configuration than the one asked for.
 - ``reap_orphans`` ends the QEMUs that no ``vmm.json`` names: a server that died between spawning
   QEMU and recording it leaves one that nothing adopts and that holds its overlay disk's lock.
+- A VM with a TAP NIC (``VMConfig.tap_network``) gets its TAP as an open descriptor at every
+  launch: the TAP lives in the network's namespace, QEMU in the host's, so QEMU cannot open it by
+  name. ``tap_opener`` (the network's ``open_tap``) opens it; the descriptor's number goes into
+  the recorded argv, QEMU inherits it, and the server's copy is closed once QEMU has it.
 
 :class:`QemuHypervisor` launches and adopts; its collaborators do the rest: the launch record
 (``qemu_launch``), the handle of a running VM (``qemu_vm``), saving and loading device state
@@ -25,12 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
 
-from hypemand.errors import Conflict, InvalidState
+from hypemand.errors import Conflict, DomainError, InvalidState
 from hypemand.fsutil import exclusive_lock
 from hypemand.hypervisor import qemu_migration, qemu_spawn
 from hypemand.hypervisor.base import (
@@ -66,15 +72,25 @@ log = logging.getLogger(__name__)
 QMP_READY_TIMEOUT = 15.0  # process start -> QMP answering; ~40 ms when idle, more under load
 QMP_POLL_INTERVAL = 0.005  # QMP is usually up ~40 ms after spawn: poll finely, it costs a connect()
 
+# Given a VM id, a fresh descriptor on that VM's TAP, owned by the caller (the backend).
+TapOpener = Callable[[str], Awaitable[int]]
+
 
 class QemuHypervisor(Hypervisor):
     name: ClassVar[str] = "qemu"
 
     def __init__(
-        self, state_dir: Path | None = None, binary: Path | None = None, forced_accel: Accel | None = None
+        self,
+        state_dir: Path | None = None,
+        binary: Path | None = None,
+        forced_accel: Accel | None = None,
+        tap_opener: TapOpener | None = None,
     ) -> None:
         """``state_dir`` holds host-wide caches (see ``HypervisorStatePaths``); None: no caching.
-        ``binary`` and ``forced_accel`` come from the settings (HYPEMAND_QEMU, HYPEMAND_ACCEL)."""
+        ``binary`` and ``forced_accel`` come from the settings (HYPEMAND_QEMU, HYPEMAND_ACCEL).
+        ``tap_opener`` (``NetworkHost.open_tap``) opens the TAP of a VM with ``tap_network``; it is
+        also a public attribute, for a network that starts after the backend is made."""
+        self.tap_opener = tap_opener
         self._state = HypervisorStatePaths(state_dir) if state_dir is not None else None
         self._configured_binary = binary
         self._binary = binary
@@ -98,8 +114,8 @@ class QemuHypervisor(Hypervisor):
 
     def capabilities(self) -> Capabilities:
         return Capabilities(
-            pause=True, graceful_shutdown=True, user_networking=True, disk_io_limit=False,
-            snapshot=True, standby=True, live_snapshot=True, fork=True,
+            pause=True, graceful_shutdown=True, user_networking=True, tap_networking=True,
+            disk_io_limit=False, snapshot=True, standby=True, live_snapshot=True, fork=True,
         )
 
     async def vmm_shim(self) -> Path:
@@ -139,35 +155,72 @@ class QemuHypervisor(Hypervisor):
             tsc_khz = await asyncio.to_thread(host_tsc_khz) if accel is Accel.TCG else None
             version = await asyncio.to_thread(self.version)
             resolved = config.model_copy(update={"accel": accel})
-            argv = build_qemu_argv(resolved, binary=self.binary, accel=accel, tsc_khz=tsc_khz)
-            launch = QemuLaunchRecord(
-                qemu_version=version,
-                qemu_binary=str(self.binary),
-                machine=machine_type(config.board),
-                accel=accel,
-                tsc_khz=tsc_khz,
-                config=resolved,
-                argv=argv,
-                launched_at=datetime.now(UTC),
-            )
-            await asyncio.to_thread(prepare_fresh_boot, launch)
-            return await self._launch(launch)
+            tap_fd = await self._open_tap(config)
+            try:
+                argv = build_qemu_argv(
+                    resolved, binary=self.binary, accel=accel, tsc_khz=tsc_khz, tap_fd=tap_fd
+                )
+                launch = QemuLaunchRecord(
+                    qemu_version=version,
+                    qemu_binary=str(self.binary),
+                    machine=machine_type(config.board),
+                    accel=accel,
+                    tsc_khz=tsc_khz,
+                    config=resolved,
+                    argv=argv,
+                    launched_at=datetime.now(UTC),
+                )
+                await asyncio.to_thread(prepare_fresh_boot, launch)
+            except BaseException:
+                _close(tap_fd)
+                raise
+            return await self._launch(launch, tap_fd)
 
-    async def _launch(self, launch: QemuLaunchRecord) -> QemuVMHandle:
+    async def _open_tap(self, config: VMConfig) -> int | None:
+        """A descriptor on the VM's TAP (None for a VM without one), for the caller to hand to
+        ``_launch`` or close."""
+        if not config.tap_network:
+            return None
+        if self.tap_opener is None:
+            raise VMMError(f"VM {config.vm_id} has a TAP NIC, but the server has no VM network to open it in")
+        # Shielded, so that a cancelled launch still gets the descriptor, and closes it.
+        opening = asyncio.ensure_future(self.tap_opener(config.vm_id))
+        try:
+            return await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            opening.add_done_callback(_close_opened)
+            raise
+        except DomainError:
+            raise
+        except Exception as exc:  # the network's TapError, a namespace gone, ...
+            raise VMMError(f"VM {config.vm_id}: cannot open its TAP: {exc}") from exc
+
+    async def _launch(self, launch: QemuLaunchRecord, tap_fd: int | None) -> QemuVMHandle:
+        """Start the recorded ``launch`` and wait for QMP. Owns ``tap_fd`` (the number the argv
+        names): QEMU inherits it and the server's copy is closed whatever happens."""
         config = launch.config
         directory = config.directory
         started = time.monotonic()
         vmm_log = config.paths.vmm_log
-        shim = await self.vmm_shim()
+        vmm_fds = () if tap_fd is None else (tap_fd,)
+        try:
+            shim = await self.vmm_shim()
+        except BaseException:
+            _close(tap_fd)
+            raise
         spawn = qemu_spawn.spawn_supervised
-        spawning = asyncio.ensure_future(asyncio.to_thread(spawn, shim, launch.argv, directory, vmm_log))
+        # From here the thread owns the descriptors (it closes them once the shim has them).
+        spawning = asyncio.ensure_future(
+            asyncio.to_thread(spawn, shim, launch.argv, directory, vmm_log, vmm_fds)
+        )
         try:
             # Shielded: a cancellation cannot stop the thread, and the QEMU it starts must not be
             # left running unrecorded (it would hold the overlay disk's write lock).
             spawned = await asyncio.shield(spawning)
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
-                await qemu_spawn.abandon(await spawning)
+                # Shielded too: the spawn must run, or the descriptors it owns would stay open.
+                await qemu_spawn.abandon(await asyncio.shield(spawning))
             raise
         try:
             record = await self._record(launch, spawned)
@@ -282,9 +335,9 @@ class QemuHypervisor(Hypervisor):
         launch = QemuLaunchRecord.load(directory)
         if launch is None:
             raise Conflict(f"{directory.name}: no launch record to fork from")
-        launch.for_fork(directory, fork.vm_id).save()
+        launch.for_fork(directory, fork.vm_id, fork.mac).save()
 
-    async def restore(self, directory: Path, state_file: Path) -> QemuVMHandle:
+    async def restore(self, directory: Path, state_file: Path, *, nic_down: bool = False) -> QemuVMHandle:
         busy = f"another start of the VM in {directory} is in progress"
         with exclusive_lock(VMPaths(directory).start_lock, busy):
             existing = await self._adopt_unlocked(directory, connect=False)
@@ -296,9 +349,16 @@ class QemuHypervisor(Hypervisor):
             launch = QemuLaunchRecord.load(directory)
             assert launch is not None
             restored = launch.for_restore(directory)
-            await asyncio.to_thread(prepare_restore, restored)
-            handle = await self._launch(restored)
-        await qemu_migration.load_state(handle, state_file)
+            tap_fd = await self._open_tap(restored.config)
+            try:
+                if tap_fd is not None:
+                    restored = restored.with_tap_fd(tap_fd)
+                await asyncio.to_thread(prepare_restore, restored)
+            except BaseException:
+                _close(tap_fd)
+                raise
+            handle = await self._launch(restored, tap_fd)
+        await qemu_migration.load_state(handle, state_file, nic_down=nic_down)
         return handle
 
     # ---- orphans: QEMUs spawned by a server that died before writing vmm.json (see qemu_orphans)
@@ -310,3 +370,14 @@ class QemuHypervisor(Hypervisor):
     async def reap_orphans(self, guests_root: Path) -> list[OrphanVMM]:
         """See ``OrphanReaper.reap``. Call it once at server start, before ``adopt``."""
         return await self._orphans.reap(guests_root)
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def _close_opened(opening: asyncio.Future[int]) -> None:
+    """Done-callback of a TAP open whose launch was cancelled: nobody else will close it."""
+    if not opening.cancelled() and opening.exception() is None:
+        os.close(opening.result())

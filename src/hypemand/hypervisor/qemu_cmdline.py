@@ -54,8 +54,21 @@ def kernel_command_line(config: VMConfig, accel: Accel, tsc_khz: int | None) -> 
     return " ".join(args)
 
 
-def build_qemu_argv(config: VMConfig, *, binary: Path, accel: Accel, tsc_khz: int | None) -> list[str]:
-    """The full argv (binary first) that boots ``config``; run it with cwd = ``config.directory``."""
+def nic_mac(config: VMConfig) -> str:
+    return config.nic_mac or guest_mac(config.vm_id)
+
+
+def tap_netdev(fd: int) -> str:
+    """The TAP backend on an open descriptor QEMU inherits. No vhost: these hosts have no
+    /dev/vhost-net (QEMU asserts with vhost=on)."""
+    return f"tap,id=net0,fd={fd},vhost=off"
+
+
+def build_qemu_argv(
+    config: VMConfig, *, binary: Path, accel: Accel, tsc_khz: int | None, tap_fd: int | None = None
+) -> list[str]:
+    """The full argv (binary first) that boots ``config``; run it with cwd = ``config.directory``.
+    ``tap_fd``: the descriptor number of the VM's TAP in QEMU (required with ``tap_network``)."""
     directory = config.directory
     microvm = config.board is Board.QEMU_MICROVM
     # virtio devices: virtio-mmio on microvm, PCI on q35.
@@ -126,5 +139,10 @@ def build_qemu_argv(config: VMConfig, *, binary: Path, accel: Accel, tsc_khz: in
                 f"hostfwd={forward.protocol.value}:127.0.0.1:{forward.host_port}-:{forward.guest_port}"
             )
         argv += ["-netdev", ",".join(netdev)]
-        argv += ["-device", f"virtio-net-{bus},netdev=net0,mac={guest_mac(config.vm_id)}"]
+        argv += ["-device", f"virtio-net-{bus},netdev=net0,mac={nic_mac(config)}"]
+    elif config.tap_network:
+        if tap_fd is None:
+            raise ValueError(f"VM {config.vm_id}: a TAP NIC needs the TAP's descriptor")
+        argv += ["-netdev", tap_netdev(tap_fd)]
+        argv += ["-device", f"virtio-net-{bus},netdev=net0,mac={nic_mac(config)}"]
     return argv

@@ -18,10 +18,11 @@ from pydantic import BaseModel
 from hypemand.errors import Conflict
 from hypemand.fsutil import is_no_space, write_model_atomic
 from hypemand.hypervisor.base import Accel, VMConfig, VMPaths
-from hypemand.hypervisor.qemu_cmdline import guest_mac
+from hypemand.hypervisor.qemu_cmdline import guest_mac, tap_netdev
 from hypemand.hypervisor.storage import MIB, no_space, reserve_memory_file
 
 INCOMING_DEFER = ["-incoming", "defer"]
+_TAP_NETDEV = re.compile(r"^tap,(.*,)?fd=[0-9]+(,|$)")
 
 
 class QemuLaunchRecord(BaseModel):
@@ -67,16 +68,23 @@ class QemuLaunchRecord(BaseModel):
             "config": config, "argv": [*self.fresh_argv(), *INCOMING_DEFER], "launched_at": datetime.now(UTC),
         })
 
-    def for_fork(self, directory: Path, vm_id: str) -> QemuLaunchRecord:
-        """The launch of a fork of this VM, copied into ``directory`` as ``vm_id``."""
-        config = self.config.model_copy(update={"vm_id": vm_id, "directory": directory})
-        return self.model_copy(update={"config": config, "argv": fork_argv(self.fresh_argv(), vm_id)})
+    def for_fork(self, directory: Path, vm_id: str, mac: str | None = None) -> QemuLaunchRecord:
+        """The launch of a fork of this VM, copied into ``directory`` as ``vm_id``, its NIC with
+        ``mac`` (None: ``guest_mac(vm_id)``)."""
+        config = self.config.model_copy(update={"vm_id": vm_id, "directory": directory, "nic_mac": mac})
+        argv = fork_argv(self.fresh_argv(), vm_id, mac)
+        return self.model_copy(update={"config": config, "argv": argv})
+
+    def with_tap_fd(self, fd: int) -> QemuLaunchRecord:
+        """This launch with its TAP on descriptor ``fd``: the number differs at every launch, and
+        the record names the one QEMU really got (adoption compares QEMU's command line with it)."""
+        return self.model_copy(update={"argv": tap_fd_argv(self.argv, fd)})
 
 
-def fork_argv(argv: list[str], vm_id: str) -> list[str]:
-    """The command line of a fork: its own name and MAC, and the RAM file mapped privately
-    (share=off), so that the guest's writes stay in the fork's memory and never reach the file
-    that other forks map too."""
+def fork_argv(argv: list[str], vm_id: str, mac: str | None = None) -> list[str]:
+    """The command line of a fork: its own name and MAC (``mac``, else ``guest_mac(vm_id)``), and
+    the RAM file mapped privately (share=off), so that the guest's writes stay in the fork's
+    memory and never reach the file that other forks map too."""
     rewritten = list(argv)
     for index, arg in enumerate(rewritten):
         if index > 0 and rewritten[index - 1] == "-name":
@@ -84,8 +92,18 @@ def fork_argv(argv: list[str], vm_id: str) -> list[str]:
         elif arg.startswith("memory-backend-file,"):
             rewritten[index] = arg.replace(",share=on", ",share=off")
         elif ",netdev=net0," in arg and ",mac=" in arg:
-            rewritten[index] = re.sub(r",mac=[0-9a-f:]+", f",mac={guest_mac(vm_id)}", arg)
+            rewritten[index] = re.sub(r",mac=[0-9a-f:]+", f",mac={mac or guest_mac(vm_id)}", arg)
     return rewritten
+
+
+def tap_fd_argv(argv: list[str], fd: int) -> list[str]:
+    """``argv`` with its TAP backend on descriptor ``fd``. ValueError if it has no TAP NIC."""
+    rewritten = list(argv)
+    for index, arg in enumerate(rewritten):
+        if index > 0 and rewritten[index - 1] == "-netdev" and _TAP_NETDEV.match(arg):
+            rewritten[index] = tap_netdev(fd)
+            return rewritten
+    raise ValueError("the command line has no TAP NIC (-netdev tap,...,fd=N)")
 
 
 def prepare_fresh_boot(launch: QemuLaunchRecord) -> None:

@@ -100,13 +100,18 @@ def check_restorable(directory: Path, running_version: str) -> None:
                        code="incompatible_snapshot")
 
 
-async def load_state(handle: QemuVMHandle, state_file: Path) -> None:
-    """Load ``state_file`` into a QEMU started with ``-incoming defer`` and run the VM. A failure
-    kills that QEMU but keeps the RAM file, so the restore can be tried again."""
+async def load_state(handle: QemuVMHandle, state_file: Path, *, nic_down: bool = False) -> None:
+    """Load ``state_file`` into a QEMU started with ``-incoming defer`` and run the VM, with its
+    NIC unplugged if ``nic_down`` (see ``Hypervisor.restore``). A failure kills that QEMU but
+    keeps the RAM file, so the restore can be tried again."""
     try:
         # The launch prepared migration (x-ignore-shared), which the destination needs too.
         await handle.qmp("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(state_file))}"})
         await _wait_for_incoming(handle)
+        if nic_down and handle.has_nic:
+            # Now, not before the load: loading sets the link from the saved device state. The
+            # guest runs its first instruction with the NIC already unplugged.
+            await handle.set_nic_link(False)
         await handle.qmp("cont")
     except BaseException:
         if handle.is_alive():

@@ -16,6 +16,7 @@ import select
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,29 +37,42 @@ class SpawnedVMM:
     vmm: ProcessWatch | None  # QEMU, held while it was verified as the shim's child; None: no QEMU
 
 
-def spawn_supervised(shim: Path, argv: list[str], directory: Path, vmm_log_path: Path) -> SpawnedVMM:
+def spawn_supervised(
+    shim: Path, argv: list[str], directory: Path, vmm_log_path: Path, vmm_fds: Sequence[int] = ()
+) -> SpawnedVMM:
     """Start ``argv`` under the shim and learn QEMU's pid from it. Blocking (fork, exec, the
-    shim's report): run it in a thread."""
-    report_read, report_write = os.pipe()
+    shim's report): run it in a thread.
+
+    ``vmm_fds`` (the VM's TAP) are inherited by QEMU under the same numbers, and by nothing else:
+    the shim closes its copies once QEMU is forked. They are the caller's no longer: they are
+    closed here as soon as the shim has them, or when it could not be started."""
+    try:
+        report_read, report_write = os.pipe()
+    except BaseException:
+        _close_all(vmm_fds)
+        raise
     try:
         with open(vmm_log_path, "ab") as vmm_log:
             vmm_log.write(f"--- {datetime.now(UTC).isoformat()} starting {' '.join(argv)}\n".encode())
             vmm_log.flush()
+            # The shim's first argument: the report pipe, then the descriptors QEMU keeps.
+            given = ",".join(str(fd) for fd in (report_write, *vmm_fds))
             supervisor = subprocess.Popen(
-                [str(shim), str(report_write), VMM_EXIT_RECORD, *argv],
+                [str(shim), given, VMM_EXIT_RECORD, *argv],
                 cwd=directory,
                 stdin=subprocess.DEVNULL,
                 stdout=vmm_log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own session: a server restart neither kills nor signals it
-                close_fds=True,  # none of the server's descriptors, only the report pipe
-                pass_fds=(report_write,),
+                close_fds=True,  # none of the server's descriptors but these
+                pass_fds=(report_write, *vmm_fds),
             )
     except BaseException:
         os.close(report_read)
         raise
     finally:
         os.close(report_write)
+        _close_all(vmm_fds)
     try:
         report = _read_report(report_read)
     finally:
@@ -92,6 +106,12 @@ def _read_report(fd: int) -> str | None:
             if not chunk:
                 return data.decode(errors="replace")
             data += chunk
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 async def exit_description(spawned: SpawnedVMM, directory: Path) -> str:

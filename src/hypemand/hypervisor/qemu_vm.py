@@ -85,6 +85,17 @@ class QemuVMHandle(VMHandle):
             return None  # not this QEMU's (its shim was killed, or the record predates shims)
         return ended
 
+    @property
+    def has_nic(self) -> bool:
+        return self.config.user_network or self.config.tap_network
+
+    async def set_nic_link(self, up: bool) -> None:
+        if not self.has_nic:
+            raise InvalidState(f"VM {self.vm_id} has no NIC")
+        # Named by its backend (net0): QEMU sets the link of the backend and of the NIC on it, and
+        # the guest's virtio-net driver sees its carrier go down or up.
+        await self.qmp("set_link", {"name": "net0", "up": up})
+
     async def disk_io_status(self) -> dict[str, DiskIOStatus]:
         devices = await self.qmp("query-block")
         statuses = {}

@@ -30,6 +30,9 @@
 #include "agent_proto.h"
 #include "netconf.h"
 
+#include <arpa/inet.h>
+#include <net/if.h>
+
 #define MAX_SESSIONS 256
 #define READ_CHUNK 32768
 /* Producers (pipes, files) only add a data frame while the outbound buffer is below this. */
@@ -1092,8 +1095,47 @@ static int add_entropy(const uint8_t *data, size_t len, const char **what)
     return rc;
 }
 
-/* Everything is checked before anything changes; then entropy, hostname, MAC in that order. An
- * ERROR names the step that failed (the earlier ones stay done). */
+/* Host byte order: the checks of a new address. */
+static int is_host_address(uint32_t ip)
+{
+    uint32_t first = ip >> 24;
+    /* 0/8 "this network", 127/8 loopback, 224/4 multicast, 240/4 reserved and broadcast */
+    return first != 0 && first != 127 && first < 224;
+}
+
+/* Why ip/prefix with gateway (0: none), all host byte order, cannot be an interface's address,
+ * written to msg; 0 if it can. */
+static int check_network(uint32_t ip, unsigned prefix, uint32_t gateway, char *msg, size_t len)
+{
+    struct in_addr ip_be = {htonl(ip)}, gateway_be = {htonl(gateway)};
+    char ip_text[INET_ADDRSTRLEN], gateway_text[INET_ADDRSTRLEN];
+    inet_ntop(AF_INET, &ip_be, ip_text, sizeof(ip_text));
+    inet_ntop(AF_INET, &gateway_be, gateway_text, sizeof(gateway_text));
+    if (prefix < 1 || prefix > 32) {
+        snprintf(msg, len, "identity: prefix /%u (1 to 32)", prefix);
+        return -1;
+    }
+    uint32_t mask = 0xFFFFFFFFu << (32 - prefix);
+    /* Below /31 the first and last address of a subnet are its network and broadcast address. */
+    int edges = prefix <= 30;
+    if (!is_host_address(ip) || (edges && ((ip & ~mask) == 0 || (ip & ~mask) == ~mask))) {
+        snprintf(msg, len, "identity: %s/%u is not a host address", ip_text, prefix);
+        return -1;
+    }
+    if (gateway == 0)
+        return 0;
+    if (gateway == ip || (gateway & mask) != (ip & mask) || !is_host_address(gateway) ||
+        (edges && ((gateway & ~mask) == 0 || (gateway & ~mask) == ~mask))) {
+        snprintf(msg, len, "identity: gateway %s is not another host of %s/%u", gateway_text, ip_text, prefix);
+        return -1;
+    }
+    return 0;
+}
+
+/* Everything is checked before anything changes; then entropy, hostname, MAC, network in that
+ * order. An ERROR names the step that failed (the earlier ones stay done). OK carries one byte,
+ * AP_IDENTITY_DONE_NETWORK set when the network was replaced: an agent older than the network
+ * part answers an empty OK (having ignored it), which the host can tell from this. */
 static void handle_identity(uint32_t id, struct rd *r)
 {
     uint16_t entropy_len = rd_u16(r);
@@ -1101,11 +1143,14 @@ static void handle_identity(uint32_t id, struct rd *r)
     uint8_t mac_len = rd_u8(r);
     const uint8_t *mac = rd_take(r, mac_len);
     char *hostname = rd_str(r);
+    /* The network part is optional: a request that ends after the hostname keeps the address. */
+    uint8_t net_len = r->pos < r->n ? rd_u8(r) : 0;
+    const uint8_t *net = rd_take(r, net_len);
     if (r->bad) {
         send_error(id, EINVAL, "malformed identity request");
         return;
     }
-    char msg[128];
+    char msg[160];
     if (entropy_len > AP_IDENTITY_MAX_ENTROPY) {
         snprintf(msg, sizeof(msg), "identity: %u bytes of entropy (at most %d)", entropy_len,
                  AP_IDENTITY_MAX_ENTROPY);
@@ -1129,6 +1174,21 @@ static void handle_identity(uint32_t id, struct rd *r)
         send_error_text(id, EINVAL, msg);
         return;
     }
+    if (net_len != 0 && net_len != AP_IDENTITY_NET_LEN) {
+        snprintf(msg, sizeof(msg), "identity: a network has %d bytes, not %u", AP_IDENTITY_NET_LEN, net_len);
+        send_error_text(id, EINVAL, msg);
+        return;
+    }
+    uint32_t ip = net_len ? get_be32(net) : 0, gateway = net_len ? get_be32(net + 5) : 0;
+    unsigned prefix = net_len ? net[4] : 0;
+    if (net_len && check_network(ip, prefix, gateway, msg, sizeof(msg)) != 0) {
+        send_error_text(id, EINVAL, msg);
+        return;
+    }
+    if ((mac_len || net_len) && if_nametoindex("eth0") == 0) {
+        send_error_text(id, ENODEV, "identity: the VM has no eth0");
+        return;
+    }
     const char *what;
     if (entropy_len && add_entropy(entropy, entropy_len, &what) != 0) {
         send_error(id, errno, what);
@@ -1138,14 +1198,18 @@ static void handle_identity(uint32_t id, struct rd *r)
         send_error(id, errno, "sethostname");
         return;
     }
-    if (mac_len) {
-        char err[256];
-        if (netconf_set_mac("eth0", mac, err, sizeof(err)) != 0) {
-            send_error_text(id, errno, err);
-            return;
-        }
+    char err[256];
+    /* With a new address to follow, the old one is not announced with the new MAC. */
+    if (mac_len && netconf_set_mac("eth0", mac, !net_len, err, sizeof(err)) != 0) {
+        send_error_text(id, errno, err);
+        return;
     }
-    send_empty(id, AP_OK);
+    if (net_len && netconf_readdress("eth0", htonl(ip), (int)prefix, htonl(gateway), err, sizeof(err)) != 0) {
+        send_error_text(id, errno, err);
+        return;
+    }
+    uint8_t done = net_len ? AP_IDENTITY_DONE_NETWORK : 0;
+    send_frame(id, AP_OK, &done, 1);
 }
 
 /* ---------- get (copy from guest) ---------- */

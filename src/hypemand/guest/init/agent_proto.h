@@ -34,7 +34,8 @@
 #define AP_GET 0x25         /* u8 flags path\0 */
 #define AP_STAT 0x26        /* u8 flags path\0 */
 #define AP_SET_CLOCK 0x30   /* i64 unix_ns */
-#define AP_IDENTITY 0x31    /* u16 entropy_len entropy u8 mac_len(0|6) mac hostname\0 -> OK */
+#define AP_IDENTITY 0x31    /* u16 entropy_len entropy u8 mac_len(0|6) mac hostname\0
+                               [u8 net_len(0|9) u32 ip u8 prefix u32 gateway] -> OK {u8 done} */
 #define AP_WINDOW 0x40      /* u32 increment (both directions) */
 #define AP_CANCEL 0x41      /* - : host abandons the session */
 
@@ -68,6 +69,8 @@
 #define AP_IDENTITY_MAX_ENTROPY 512
 #define AP_IDENTITY_MAC_LEN 6
 #define AP_IDENTITY_MAX_HOSTNAME 64 /* HOST_NAME_MAX */
+#define AP_IDENTITY_NET_LEN 9       /* u32 ip, u8 prefix, u32 gateway (0.0.0.0: none) */
+#define AP_IDENTITY_DONE_NETWORK 0x01 /* in IDENTITY's OK: the address was replaced */
 
 /* entry / stat types */
 #define AP_T_FILE 0

@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <net/if.h>
 #include <net/if_arp.h>
 #include <net/route.h>
@@ -15,14 +16,6 @@
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
-
-static int set_addr(struct sockaddr *sa, const char *text)
-{
-    struct sockaddr_in *sin = (struct sockaddr_in *)sa;
-    memset(sin, 0, sizeof(*sin));
-    sin->sin_family = AF_INET;
-    return inet_pton(AF_INET, text, &sin->sin_addr) == 1 ? 0 : -1;
-}
 
 static int with_socket(void)
 {
@@ -71,24 +64,42 @@ int netconf_wait_for_link(const char *ifname, int timeout_ms)
     return -1;
 }
 
-int netconf_ipv4(const char *ifname, const char *ip, int prefix, const char *gateway, char *err, size_t errlen)
+static int add_default_route(int sock, const char *ifname, uint32_t gateway_be, char *err, size_t errlen)
 {
-    int sock = with_socket();
-    if (sock < 0) {
-        snprintf(err, errlen, "socket: %s", strerror(errno));
+    struct rtentry route;
+    memset(&route, 0, sizeof(route));
+    struct sockaddr_in *dst = (struct sockaddr_in *)&route.rt_dst;
+    struct sockaddr_in *gw = (struct sockaddr_in *)&route.rt_gateway;
+    struct sockaddr_in *mask = (struct sockaddr_in *)&route.rt_genmask;
+    dst->sin_family = gw->sin_family = mask->sin_family = AF_INET;
+    gw->sin_addr.s_addr = gateway_be;
+    route.rt_flags = RTF_UP | RTF_GATEWAY;
+    route.rt_dev = (char *)ifname;
+    if (ioctl(sock, SIOCADDRT, &route) != 0 && errno != EEXIST) {
+        char text[INET_ADDRSTRLEN] = "?";
+        inet_ntop(AF_INET, &gateway_be, text, sizeof(text));
+        snprintf(err, errlen, "default route via %s: %s", text, strerror(errno));
         return -1;
     }
-    int rc = -1;
+    return 0;
+}
+
+/* Address ip_be/prefix on ifname (SIOCSIFADDR replaces the interface's primary address), up,
+ * and the default route via gateway_be unless it is 0. */
+static int set_ipv4(int sock, const char *ifname, uint32_t ip_be, int prefix, uint32_t gateway_be, char *err,
+                    size_t errlen)
+{
     struct ifreq ifr;
     memset(&ifr, 0, sizeof(ifr));
     snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
-    if (set_addr(&ifr.ifr_addr, ip) != 0) {
-        snprintf(err, errlen, "bad address %s", ip);
-        goto out;
-    }
+    struct sockaddr_in *addr = (struct sockaddr_in *)&ifr.ifr_addr;
+    addr->sin_family = AF_INET;
+    addr->sin_addr.s_addr = ip_be;
+    char text[INET_ADDRSTRLEN] = "?";
+    inet_ntop(AF_INET, &ip_be, text, sizeof(text));
     if (ioctl(sock, SIOCSIFADDR, &ifr) != 0) {
-        snprintf(err, errlen, "%s: set address %s: %s", ifname, ip, strerror(errno));
-        goto out;
+        snprintf(err, errlen, "%s: set address %s: %s", ifname, text, strerror(errno));
+        return -1;
     }
     struct sockaddr_in *mask = (struct sockaddr_in *)&ifr.ifr_netmask;
     memset(mask, 0, sizeof(*mask));
@@ -96,28 +107,30 @@ int netconf_ipv4(const char *ifname, const char *ip, int prefix, const char *gat
     mask->sin_addr.s_addr = prefix == 0 ? 0 : htonl(0xFFFFFFFFu << (32 - prefix));
     if (ioctl(sock, SIOCSIFNETMASK, &ifr) != 0) {
         snprintf(err, errlen, "%s: set netmask /%d: %s", ifname, prefix, strerror(errno));
-        goto out;
+        return -1;
     }
     if (link_up_fd(sock, ifname, err, errlen) != 0)
-        goto out;
-    if (gateway && gateway[0]) {
-        struct rtentry route;
-        memset(&route, 0, sizeof(route));
-        set_addr(&route.rt_dst, "0.0.0.0");
-        set_addr(&route.rt_genmask, "0.0.0.0");
-        if (set_addr(&route.rt_gateway, gateway) != 0) {
-            snprintf(err, errlen, "bad gateway %s", gateway);
-            goto out;
-        }
-        route.rt_flags = RTF_UP | RTF_GATEWAY;
-        route.rt_dev = (char *)ifname;
-        if (ioctl(sock, SIOCADDRT, &route) != 0 && errno != EEXIST) {
-            snprintf(err, errlen, "default route via %s: %s", gateway, strerror(errno));
-            goto out;
-        }
+        return -1;
+    return gateway_be ? add_default_route(sock, ifname, gateway_be, err, errlen) : 0;
+}
+
+int netconf_ipv4(const char *ifname, const char *ip, int prefix, const char *gateway, char *err, size_t errlen)
+{
+    struct in_addr ip_addr, gateway_addr = {0};
+    if (inet_pton(AF_INET, ip, &ip_addr) != 1) {
+        snprintf(err, errlen, "bad address %s", ip);
+        return -1;
     }
-    rc = 0;
-out:
+    if (gateway && gateway[0] && inet_pton(AF_INET, gateway, &gateway_addr) != 1) {
+        snprintf(err, errlen, "bad gateway %s", gateway);
+        return -1;
+    }
+    int sock = with_socket();
+    if (sock < 0) {
+        snprintf(err, errlen, "socket: %s", strerror(errno));
+        return -1;
+    }
+    int rc = set_ipv4(sock, ifname, ip_addr.s_addr, prefix, gateway_addr.s_addr, err, errlen);
     close(sock);
     return rc;
 }
@@ -174,16 +187,34 @@ static int restore_route(int sock, const char *ifname, const struct saved_route 
     return ioctl(sock, SIOCADDRT, &route) == 0 || errno == EEXIST ? 0 : -1;
 }
 
-/* Gratuitous ARP (a request for our own address, broadcast): neighbours that cached the old
+/* Whether the link has a carrier: "0" while the host keeps the NIC unplugged (a fork waiting for
+ * its identity), when nobody would hear a frame. Unknown counts as yes. */
+static int has_carrier(const char *ifname)
+{
+    char path[128], value = '1';
+    snprintf(path, sizeof(path), "/sys/class/net/%s/carrier", ifname);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+        if (read(fd, &value, 1) != 1)
+            value = '1';
+        close(fd);
+    }
+    return value != '0';
+}
+
+/* Gratuitous ARP (a request for our own address, broadcast): neighbours that cached another
  * MAC for addr_be (QEMU's user network keeps one per guest IP and never asks again; bridges and
- * switches learn from any frame) move to the new one, so inbound traffic is not sent into the void
+ * switches learn from any frame) move to ours, so inbound traffic is not sent into the void
  * until the guest happens to ARP itself. Waits up to 2 s for the link to be running (operstate up)
- * after it was brought up again, since a frame sent before that is silently dropped. */
+ * after it was brought up again, since a frame sent before that is silently dropped; without a
+ * carrier there is no one to tell, and nothing is sent. */
 static int announce(int sock, const char *ifname, const unsigned char mac[6], uint32_t addr_be)
 {
     struct ifreq ifr;
     memset(&ifr, 0, sizeof(ifr));
     snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
+    if (!has_carrier(ifname))
+        return 0;
     for (int waited = 0; waited < 2000; waited += 5) {
         if (ioctl(sock, SIOCGIFFLAGS, &ifr) == 0 && (ifr.ifr_flags & IFF_RUNNING))
             break;
@@ -222,7 +253,8 @@ static int announce(int sock, const char *ifname, const unsigned char mac[6], ui
     return sent == (ssize_t)sizeof(frame) ? 0 : -1;
 }
 
-int netconf_set_mac(const char *ifname, const unsigned char mac[6], char *err, size_t errlen)
+int netconf_set_mac(const char *ifname, const unsigned char mac[6], int announce_address, char *err,
+                    size_t errlen)
 {
     int sock = with_socket();
     if (sock < 0) {
@@ -289,7 +321,7 @@ int netconf_set_mac(const char *ifname, const unsigned char mac[6], char *err, s
             snprintf(err, errlen, "%s: restore route to %s: %s", ifname, dst, strerror(failed));
         }
     }
-    if (!failed && has_addr && announce(sock, ifname, mac, addr_be) != 0) {
+    if (!failed && has_addr && announce_address && announce(sock, ifname, mac, addr_be) != 0) {
         failed = errno;
         snprintf(err, errlen, "%s: announce the new address (gratuitous ARP): %s", ifname, strerror(failed));
     }
@@ -300,4 +332,132 @@ out:
         return -1;
     }
     return 0;
+}
+
+/* ---------- a new IPv4 address ---------- */
+
+#define ADDRESSES_MAX 64
+
+/* Delete every IPv4 address labelled ifname: SIOCSIFADDR with 0.0.0.0 deletes the first one
+ * (what `ifconfig eth0 0.0.0.0` does), repeated while SIOCGIFADDR still finds one. */
+static int remove_addresses(int sock, const char *ifname, char *err, size_t errlen)
+{
+    for (int i = 0; i < ADDRESSES_MAX; i++) {
+        struct ifreq ifr;
+        memset(&ifr, 0, sizeof(ifr));
+        snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
+        if (ioctl(sock, SIOCGIFADDR, &ifr) != 0) {
+            if (errno == EADDRNOTAVAIL)
+                return 0; /* none left */
+            snprintf(err, errlen, "%s: get address: %s", ifname, strerror(errno));
+            return -1;
+        }
+        struct sockaddr_in *addr = (struct sockaddr_in *)&ifr.ifr_addr;
+        addr->sin_family = AF_INET;
+        addr->sin_addr.s_addr = 0;
+        if (ioctl(sock, SIOCSIFADDR, &ifr) != 0) {
+            snprintf(err, errlen, "%s: remove the old address: %s", ifname, strerror(errno));
+            return -1;
+        }
+    }
+    snprintf(err, errlen, "%s: more than %d addresses", ifname, ADDRESSES_MAX);
+    errno = EMLINK;
+    return -1;
+}
+
+/* Default routes through ifname, whichever gateway they use. */
+static int remove_default_routes(int sock, const char *ifname, char *err, size_t errlen)
+{
+    struct saved_route routes[SAVED_ROUTES_MAX];
+    size_t count = save_routes(ifname, 0, 0, routes, SAVED_ROUTES_MAX);
+    for (size_t i = 0; i < count; i++) {
+        if (routes[i].dst != 0 || routes[i].mask != 0)
+            continue;
+        struct rtentry route;
+        memset(&route, 0, sizeof(route));
+        struct sockaddr_in *dst = (struct sockaddr_in *)&route.rt_dst;
+        struct sockaddr_in *gw = (struct sockaddr_in *)&route.rt_gateway;
+        struct sockaddr_in *mask = (struct sockaddr_in *)&route.rt_genmask;
+        dst->sin_family = gw->sin_family = mask->sin_family = AF_INET;
+        gw->sin_addr.s_addr = routes[i].gateway;
+        route.rt_flags = (unsigned short)(routes[i].flags & (RTF_UP | RTF_GATEWAY));
+        route.rt_metric = (short)(routes[i].metric + 1);
+        route.rt_dev = (char *)ifname;
+        if (ioctl(sock, SIOCDELRT, &route) != 0 && errno != ESRCH) {
+            snprintf(err, errlen, "%s: remove the old default route: %s", ifname, strerror(errno));
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* Forget every neighbour (ARP) entry of ifname, from /proc/net/arp, one SIOCDARP each. */
+static int flush_neighbours(int sock, const char *ifname, char *err, size_t errlen)
+{
+    FILE *f = fopen("/proc/net/arp", "re");
+    if (!f) {
+        snprintf(err, errlen, "/proc/net/arp: %s", strerror(errno));
+        return -1;
+    }
+    char line[256];
+    int rc = 0;
+    if (fgets(line, sizeof(line), f)) { /* header */
+        while (fgets(line, sizeof(line), f)) {
+            char ip[INET_ADDRSTRLEN + 1], device[IFNAMSIZ + 1];
+            unsigned hw_type, flags;
+            char hw[32], mask[32];
+            if (sscanf(line, "%16s 0x%x 0x%x %31s %31s %16s", ip, &hw_type, &flags, hw, mask, device) != 6 ||
+                strcmp(device, ifname) != 0)
+                continue;
+            struct arpreq req;
+            memset(&req, 0, sizeof(req));
+            struct sockaddr_in *pa = (struct sockaddr_in *)&req.arp_pa;
+            pa->sin_family = AF_INET;
+            if (inet_pton(AF_INET, ip, &pa->sin_addr) != 1)
+                continue;
+            snprintf(req.arp_dev, sizeof(req.arp_dev), "%s", ifname);
+            if (ioctl(sock, SIOCDARP, &req) != 0 && errno != ENXIO) {
+                snprintf(err, errlen, "%s: forget the neighbour %s: %s", ifname, ip, strerror(errno));
+                rc = -1;
+                break;
+            }
+        }
+    }
+    fclose(f);
+    return rc;
+}
+
+int netconf_readdress(const char *ifname, uint32_t ip_be, int prefix, uint32_t gateway_be, char *err, size_t errlen)
+{
+    int sock = with_socket();
+    if (sock < 0) {
+        snprintf(err, errlen, "socket: %s", strerror(errno));
+        return -1;
+    }
+    int rc = -1;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
+    if (remove_default_routes(sock, ifname, err, errlen) != 0 || remove_addresses(sock, ifname, err, errlen) != 0 ||
+        set_ipv4(sock, ifname, ip_be, prefix, gateway_be, err, errlen) != 0 ||
+        flush_neighbours(sock, ifname, err, errlen) != 0)
+        goto out;
+    if (ioctl(sock, SIOCGIFHWADDR, &ifr) != 0) {
+        snprintf(err, errlen, "%s: get hardware address: %s", ifname, strerror(errno));
+        goto out;
+    }
+    if (announce(sock, ifname, (const unsigned char *)ifr.ifr_hwaddr.sa_data, ip_be) != 0) {
+        snprintf(err, errlen, "%s: announce the new address (gratuitous ARP): %s", ifname, strerror(errno));
+        goto out;
+    }
+    rc = 0;
+out:
+    if (rc != 0 && errno == 0)
+        errno = EIO;
+    {
+        int saved = errno;
+        close(sock);
+        errno = saved;
+    }
+    return rc;
 }

@@ -3,6 +3,7 @@
 #define HYPEMAN_NETCONF_H
 
 #include <stddef.h>
+#include <stdint.h>
 
 /* Set IFF_UP on an interface. Returns 0, or -1 with a reason in err. */
 int netconf_link_up(const char *ifname, char *err, size_t errlen);
@@ -18,8 +19,19 @@ int netconf_ipv4(const char *ifname, const char *ip, int prefix, const char *gat
  * makes the kernel drop the routes through it: they are read from /proc/net/route beforehand and
  * added again (all but the prefix route of the interface's own address, which the kernel restores
  * itself); the IPv4 address survives a link down, but is set again should it be gone. Finally a
- * gratuitous ARP tells the neighbours (QEMU's user network among them) the new MAC.
+ * gratuitous ARP tells the neighbours (QEMU's user network among them) the new MAC, unless
+ * announce_address is 0 (the address is about to be replaced: announcing it with the new MAC
+ * would tell the network that the old address lives here, which for a fork is its source's).
  * Returns 0, or -1 with errno set and a reason in err. */
-int netconf_set_mac(const char *ifname, const unsigned char mac[6], char *err, size_t errlen);
+int netconf_set_mac(const char *ifname, const unsigned char mac[6], int announce_address, char *err,
+                    size_t errlen);
+
+/* Give ifname the address ip_be/prefix instead of whatever it had (addresses in network byte
+ * order): its default routes and every IPv4 address labelled ifname are removed (not kept as
+ * secondaries), the new address is set, the link is up, the default route goes via gateway_be
+ * (none if 0), the neighbour (ARP) cache of ifname is flushed, and a gratuitous ARP announces the
+ * new address (skipped without a carrier). The caller checked the values. Stops at the first
+ * failure: returns 0, or -1 with errno set and a reason in err. */
+int netconf_readdress(const char *ifname, uint32_t ip_be, int prefix, uint32_t gateway_be, char *err, size_t errlen);
 
 #endif

@@ -1,17 +1,20 @@
 /*
  * hypeman-vmm-shim: starts one VMM, waits for it, and records on disk how it ended.
  *
- *   hypeman-vmm-shim <report-fd> <exit-file> <vmm-binary> [vmm args...]
+ *   hypeman-vmm-shim <report-fd>[,<vmm-fd>...] <exit-file> <vmm-binary> [vmm args...]
  *
  * The server starts this in the VM directory (cwd), in a new session, with stdin on /dev/null,
- * stdout and stderr on the VMM log, and no other descriptor but <report-fd>. VMMs outlive the
- * server, so only something that lives exactly as long as the VMM can see its exit status; that
- * is this program, and nothing else: it does not restart, log or talk to anyone.
+ * stdout and stderr on the VMM log, and no other descriptor but <report-fd> and the <vmm-fd>s
+ * (the VM's TAP, which lives in another network namespace, so the VMM cannot open it itself).
+ * VMMs outlive the server, so only something that lives exactly as long as the VMM can see its
+ * exit status; that is this program, and nothing else: it does not restart, log or talk to anyone.
  *
  * 1. Reserve one block for the exit record at once: the VMM's end is most interesting when the
  *    disk is full, and a record written then must not need new blocks.
  * 2. fork; the child execs the VMM with exactly the given argv (the server identifies the VMM by
- *    its /proc/<pid>/cmdline and cwd, so nothing may be added).
+ *    its /proc/<pid>/cmdline and cwd, so nothing may be added), keeping the <vmm-fd>s under their
+ *    numbers. The shim closes its own copies right after the fork: only the VMM holds them, so
+ *    when it dies a TAP is free at once for the next VMM (a TAP takes one opener at a time).
  * 3. Once exec succeeded, write "<vmm pid>\n" to <report-fd> and close it. An exec failure is
  *    printed to stderr and reported by closing the descriptor without a pid.
  * 4. Forward SIGTERM, SIGINT, SIGHUP and SIGQUIT to the VMM (a signal to the process group means
@@ -32,6 +35,7 @@
 #include <unistd.h>
 
 #define RECORD_MAX 2048
+#define VMM_FDS_MAX 8
 #define DETAIL_MAX 400
 #define TAIL_READ 1024
 
@@ -155,12 +159,47 @@ static int write_all(int fd, const char *buf, size_t len) {
     return 0;
 }
 
+/* "<report-fd>[,<vmm-fd>...]": each an open descriptor above stderr. Returns the count of
+   VMM descriptors, or -1 (with a message) for anything else. */
+static int parse_fds(const char *text, int *report_fd, int vmm_fds[VMM_FDS_MAX]) {
+    int count = -1; /* the first number is the report fd */
+    const char *p = text;
+    for (;;) {
+        char *end;
+        errno = 0;
+        long fd = strtol(p, &end, 10);
+        if (end == p || errno != 0 || fd <= 2 || fd > 65535 || (*end != ',' && *end != '\0')) {
+            fprintf(stderr, "hypeman-vmm-shim: bad descriptor list %s\n", text);
+            return -1;
+        }
+        if (fcntl((int)fd, F_GETFD) < 0) {
+            fprintf(stderr, "hypeman-vmm-shim: descriptor %ld is not open\n", fd);
+            return -1;
+        }
+        if (count < 0) {
+            *report_fd = (int)fd;
+        } else if (count == VMM_FDS_MAX) {
+            fprintf(stderr, "hypeman-vmm-shim: more than %d descriptors for the VMM\n", VMM_FDS_MAX);
+            return -1;
+        } else {
+            vmm_fds[count] = (int)fd;
+        }
+        count++;
+        if (*end == '\0')
+            return count;
+        p = end + 1;
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc < 4) {
-        fprintf(stderr, "usage: %s <report-fd> <exit-file> <vmm-binary> [args...]\n", argv[0]);
+        fprintf(stderr, "usage: %s <report-fd>[,<vmm-fd>...] <exit-file> <vmm-binary> [args...]\n", argv[0]);
         return 2;
     }
-    int report_fd = atoi(argv[1]);
+    int report_fd = -1, vmm_fds[VMM_FDS_MAX];
+    int n_vmm_fds = parse_fds(argv[1], &report_fd, vmm_fds);
+    if (n_vmm_fds < 0)
+        return 2;
     const char *exit_file = argv[2];
     char reserved[4096]; /* the record is written here, then renamed into place */
     if (snprintf(reserved, sizeof(reserved), ".%s.reserved", exit_file) >= (int)sizeof(reserved))
@@ -193,6 +232,9 @@ int main(int argc, char **argv) {
     if (child == 0) {
         close(exec_pipe[0]);
         close(report_fd);
+        /* Inherited open across exec whatever flag they came with: the VMM's command line names them. */
+        for (int i = 0; i < n_vmm_fds; i++)
+            fcntl(vmm_fds[i], F_SETFD, fcntl(vmm_fds[i], F_GETFD) & ~FD_CLOEXEC);
         sigprocmask(SIG_SETMASK, &old_mask, NULL);
         execv(argv[3], argv + 3);
         int err = errno;
@@ -200,6 +242,8 @@ int main(int argc, char **argv) {
         _exit(127);
     }
     vmm_pid = child;
+    for (int i = 0; i < n_vmm_fds; i++)
+        close(vmm_fds[i]); /* the VMM's alone from here on */
     struct sigaction action;
     memset(&action, 0, sizeof(action));
     action.sa_handler = forward;
