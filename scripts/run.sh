@@ -2,10 +2,14 @@
 # Run the server in the foreground and, once it answers, make the demo image available
 # (busybox-static pushed into the server's own /v2 registry: no internet needed).
 # HYPEMAND_HOST / HYPEMAND_PORT / HYPEMAND_DATA_DIR change where it listens and keeps its state.
+# The VM network (bridge, TAPs, NAT, ingress proxy) is built in the network namespace
+# "hypemand" unless HYPEMAND_NETWORK_NAMESPACE says otherwise (set it empty for the host's own
+# namespace, as the reference does it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 host=${HYPEMAND_HOST:-127.0.0.1}
 port=${HYPEMAND_PORT:-4973}
+export HYPEMAND_NETWORK_NAMESPACE=${HYPEMAND_NETWORK_NAMESPACE-hypemand}
 args=(serve --host "$host" --port "$port")
 [ -n "${HYPEMAND_DATA_DIR:-}" ] && args+=(--data-dir "$HYPEMAND_DATA_DIR")
 

@@ -95,6 +95,9 @@ class Settings(BaseModel):
     # The VM network (network/README.md). None: the host's namespace, as the reference; a name:
     # the bridge, TAPs, rules and the ingress proxy live in that namespace (made if missing).
     network_namespace: str | None = None
+    # "bridge": build the VM network (falling back to user mode without the privileges);
+    # "user": QEMU's user-mode NIC, egress only, chosen.
+    network_mode: Literal["bridge", "user"] = "bridge"
     uplink: str | None = None  # None: the namespace's default route
     subnet: str = "10.100.0.0/16"
     bridge: str = "vmbr0"
@@ -144,6 +147,7 @@ class Settings(BaseModel):
             "accel": accel,
             "allowed_registries": _registries(env.get("HYPEMAND_REGISTRIES")),
             "network_namespace": env.get("HYPEMAND_NETWORK_NAMESPACE") or None,
+            "network_mode": env.get("HYPEMAND_NETWORK_MODE") or "bridge",
             "uplink": env.get("UPLINK_INTERFACE") or None,
             "subnet": env.get("SUBNET_CIDR") or "10.100.0.0/16",
             "bridge": env.get("BRIDGE_NAME") or "vmbr0",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import TYPE_CHECKING
 
 from hypemand.auth import load_secret
@@ -20,9 +21,11 @@ from hypemand.images.service import ImageService
 from hypemand.ingress.service import IngressOptions, IngressService
 from hypemand.instances.logrotate import LogRotator
 from hypemand.instances.manager import InstanceManager
+from hypemand.network import NetworkConfig, NetworkConfigError, NetworkHost
 from hypemand.savedvm.jobs import CompressionJobs
 from hypemand.snapshots.service import SnapshotService
 from hypemand.system.files import SystemFiles, ensure_system_files
+from hypemand.units import UnitError, parse_rate
 
 if TYPE_CHECKING:
     from hypemand.network import InstanceAddress
@@ -31,13 +34,56 @@ log = logging.getLogger(__name__)
 
 
 def check_host(settings: Settings) -> SystemFiles:
-    """What the server needs before it can boot anything: QEMU and the system files.
+    """What the server needs before it can boot anything: QEMU, the system files, a network
+    configuration that makes sense.
 
-    Raises a DomainError (DependencyMissing names the package to install) instead of letting a
-    missing tool surface later as a stack trace in the middle of a request.
+    Raises a DomainError (DependencyMissing names the package to install) or a
+    NetworkConfigError instead of letting a missing tool or a bad subnet surface later as a stack
+    trace in the middle of a request.
     """
     QemuHypervisor(binary=settings.qemu_binary).version()
+    check_network(settings)
     return ensure_system_files(settings.system_dir)
+
+
+def check_network(settings: Settings) -> None:
+    """Blocking; call before the event loop runs. Builds the network (idempotent, the server's
+    start does it again with its VMs known) so that a subnet in use or an uplink that does not
+    exist is refused with one line before anything is served. Missing privileges are not an
+    error here: the server falls back to user-mode networking."""
+    host, _ = network_plan(settings)
+    if host is None:
+        return
+    try:
+        asyncio.run(host.start(None))
+    except NetworkConfigError:
+        raise
+    except Exception as exc:
+        log.debug("network check: %s (the server decides at start)", exc)
+    finally:
+        host.close()
+
+
+def network_plan(settings: Settings) -> tuple[NetworkHost | None, str]:
+    """The VM network this server builds: a :class:`NetworkHost` (not started yet), or None and
+    why the VMs get QEMU's user-mode NIC instead. Raises NetworkConfigError for a setting that
+    cannot work (an invalid subnet, bridge or namespace name, a bad NETWORK_LIMIT)."""
+    if settings.network_mode == "user":
+        return None, "chosen with HYPEMAND_NETWORK_MODE=user"
+    if os.geteuid() != 0:
+        return None, "the server does not run as root, so it cannot build a bridge"
+    config = NetworkConfig.parse(
+        subnet=settings.subnet,
+        bridge=settings.bridge,
+        namespace=settings.network_namespace,
+        uplink=settings.uplink,
+        dns=settings.dns_server,
+    )
+    try:
+        capacity = parse_rate(settings.network_limit) if settings.network_limit else None
+    except UnitError as exc:
+        raise NetworkConfigError(f"NETWORK_LIMIT: {exc}") from None
+    return NetworkHost(config, upload_capacity=capacity), ""
 
 
 def ingress_options(settings: Settings) -> IngressOptions:
@@ -85,9 +131,18 @@ class Runtime:
             forced_accel=Accel(settings.accel) if settings.accel else None,
         )
         self.compression = CompressionJobs()
+        network_host, user_mode_reason = network_plan(settings)
         self.instances = InstanceManager(
-            self.layout, self.hypervisor, self.images, self.system_files, self.compression
+            self.layout,
+            self.hypervisor,
+            self.images,
+            self.system_files,
+            self.compression,
+            network_host=network_host,
+            user_mode_reason=user_mode_reason,
         )
+        # QEMU runs in the server's namespace and gets each VM's TAP as an open descriptor.
+        self.hypervisor.tap_opener = self.instances.network.open_tap
         self.snapshots = SnapshotService(self.layout, self.instances, self.compression)
         self.ingresses = IngressService(
             self.layout, ingress_options(settings), _InstanceAddresses(self.instances),

@@ -64,3 +64,38 @@ def parse_duration(text: str) -> float:
     if position != len(stripped) or position == 0:
         raise UnitError(f"invalid duration {text!r}: expected Go syntax such as 30s, 5m, 2h30m")
     return total
+
+
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(bps|bit/s|B/s|Bps)?\s*$")
+_RATE_POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
+MAX_RATE = 1 << 50  # bytes per second: far beyond any NIC, small enough for tc
+
+
+def parse_rate(text: str) -> int:
+    """A bandwidth to bytes per second, as the reference reads it: bit rates ``"1Gbps"``,
+    ``"100Mbit/s"`` or byte rates ``"125MB/s"`` (decimal prefixes, as network rates are); a bare
+    number is bytes per second."""
+    match = _RATE.match(text)
+    if not match:
+        raise UnitError(f"invalid bandwidth {text!r}: expected a rate such as 1Gbps, 100Mbps or 125MB/s")
+    number, prefix, unit = match.groups()
+    value = float(number) * 1000 ** _RATE_POWERS[prefix.upper()]
+    if unit in ("bps", "bit/s"):
+        value /= 8
+    elif unit is None and prefix:
+        raise UnitError(f"invalid bandwidth {text!r}: say bps (bits) or B/s (bytes) after {prefix}")
+    rate = int(value)
+    if rate < 1:
+        raise UnitError(f"bandwidth {text!r} is less than one byte per second")
+    if rate > MAX_RATE:
+        raise UnitError(f"bandwidth {text!r} is too large")
+    return rate
+
+
+def format_rate(rate: int) -> str:
+    """Bytes per second as the largest whole bit rate: 125000000 -> "1Gbps"; else bytes."""
+    bits = rate * 8
+    for unit, power in (("Tbps", 4), ("Gbps", 3), ("Mbps", 2), ("Kbps", 1)):
+        if bits % 1000**power == 0:
+            return f"{bits // 1000**power}{unit}"
+    return f"{bits}bps"

@@ -65,7 +65,7 @@ def test_scoped_tokens_reach_only_their_scopes(server: ServerProcess) -> None:
 
 
 def test_missing_qemu_stops_the_server_with_a_clear_message(tmp_path: Path) -> None:
-    env = dict(os.environ, HYPEMAND_QEMU=str(tmp_path / "no-qemu-here"))
+    env = dict(server_environment(None), HYPEMAND_QEMU=str(tmp_path / "no-qemu-here"))
     result = subprocess.run(
         [sys.executable, "-m", "hypemand.cli.main", "serve", "--port", "1", "--data-dir", str(tmp_path)],
         capture_output=True, text=True, env=env, timeout=60,

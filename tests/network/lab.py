@@ -118,13 +118,23 @@ class Lab:
     def build_internet(self) -> None:
         """The server's namespace and "the internet", joined by a veth pair."""
         self.add_namespace("srv")
+        self.connect_internet(self.srv)
+
+    def connect_internet(self, server_namespace: str) -> None:
+        """"The internet" (a namespace of the lab's) joined by a veth pair to
+        ``server_namespace`` (made here if missing, but not removed by the lab: a test server's
+        namespace is its harness's to remove), whose default route it becomes."""
+        if not Path("/var/run/netns", server_namespace).exists():
+            ip("netns", "add", server_namespace)
+            ip("-n", server_namespace, "link", "set", "lo", "up")
         self.add_namespace("net")
-        ip("-n", self.srv, "link", "add", "up0", "type", "veth", "peer", "name", "wan0", "netns", self.net)
-        ip("-n", self.srv, "addr", "add", f"{UPLINK_ADDRESS}/24", "dev", "up0")
+        ip("-n", server_namespace, "link", "add", "up0", "type", "veth", "peer", "name", "wan0",
+           "netns", self.net)
+        ip("-n", server_namespace, "addr", "add", f"{UPLINK_ADDRESS}/24", "dev", "up0")
         ip("-n", self.net, "addr", "add", f"{INTERNET_ADDRESS}/24", "dev", "wan0")
-        ip("-n", self.srv, "link", "set", "up0", "up")
+        ip("-n", server_namespace, "link", "set", "up0", "up")
         ip("-n", self.net, "link", "set", "wan0", "up")
-        ip("-n", self.srv, "route", "add", "default", "via", INTERNET_ADDRESS)
+        ip("-n", server_namespace, "route", "add", "default", "via", INTERNET_ADDRESS)
 
     def plug_vm(self, role: str, tap_fd: int, address: IPv4Address, prefixlen: int,
                 gateway: IPv4Address) -> str:

@@ -185,8 +185,8 @@ async def test_a_missing_namespace_is_created() -> None:
         own.namespaces.append(name)  # the lab removes it
         fresh = NetworkHost(NetworkConfig.parse(subnet=SUBNET, namespace=name))
         try:
-            with pytest.raises(NetworkConfigError, match=f"namespace {name} has no default route"):
-                await fresh.start()
+            await fresh.start()  # no default route there: a bridge, no NAT
+            assert fresh.uplink is None
         finally:
             fresh.close()
-        assert "lo" in links(name)
+        assert ": lo:" in links(name) and ": vmbr0:" in links(name)

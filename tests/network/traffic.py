@@ -1,6 +1,7 @@
 """Traffic for the network tests, run inside a lab namespace (``ip netns exec NS python traffic.py``).
 
-    serve-http ADDR PORT           an HTTP server answering "hello from the internet"; prints "ready"
+    serve-http ADDR PORT           an HTTP server answering "hello from the internet" (and
+                                   /bytes/N with N zero bytes); prints "ready"
     fetch URL                      GET URL, print the body
     listen ADDR PORT               accept connections, answer "pong"; prints "ready"
     connect HOST PORT SECONDS      print "connected" or "refused"/"unreachable"/"timeout"
@@ -31,7 +32,9 @@ def ready() -> None:
 def serve_http(addr: str, port: str) -> None:
     class Hello(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            body = b"hello from the internet\n"
+            # /bytes/N: N zero bytes (a download to measure); anything else: a greeting.
+            size = self.path.removeprefix("/bytes/")
+            body = b"\0" * int(size) if size.isdigit() else b"hello from the internet\n"
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()

@@ -14,6 +14,12 @@ At teardown the harness deletes every instance through the API of each server st
 (that is cleanup, and also checks that a delete removes everything), stops the servers, kills
 and reports processes left over, and reports files left over.
 
+Every data directory's servers build their VM network (bridge, TAPs, NAT, Caddy) in a network
+namespace of their own, ``hmt-<random>``, made by the first server and removed by :meth:`finish`
+once its servers and VMs are gone: nothing of the project ever lands in the root namespace, and
+two data directories never share a bridge. Where namespaces cannot be made (no root), the
+servers run QEMU's user-mode networking.
+
 Log lines a test provokes on purpose are accepted only through :class:`LogAllowance` (the
 ``server_log_allows`` marker): a list of regular expressions, each naming one expected record.
 """
@@ -23,6 +29,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,15 +114,34 @@ def strict_client(srv: ServerProcess, token: str | None = None, timeout: float |
 LOCAL_REGISTRIES = "127.0.0.1,localhost,[::1]"
 
 
-def server_environment() -> dict[str, str]:
-    return dict(os.environ, HYPEMAND_SYSTEM_DIR=str(SHARED_SYSTEM_DIR), PYTHONUNBUFFERED="1",
-                HYPEMAND_REGISTRIES=LOCAL_REGISTRIES)
+def server_environment(namespace: str | None = None) -> dict[str, str]:
+    """``namespace``: the server's network namespace; None: user-mode networking."""
+    env = dict(os.environ, HYPEMAND_SYSTEM_DIR=str(SHARED_SYSTEM_DIR), PYTHONUNBUFFERED="1",
+               HYPEMAND_REGISTRIES=LOCAL_REGISTRIES, CADDY_STOP_ON_SHUTDOWN="true")
+    if namespace is None:
+        env["HYPEMAND_NETWORK_MODE"] = "user"
+        env.pop("HYPEMAND_NETWORK_NAMESPACE", None)
+    else:
+        env["HYPEMAND_NETWORK_MODE"] = "bridge"
+        env["HYPEMAND_NETWORK_NAMESPACE"] = namespace
+    return env
 
 
-def launch(argv: Sequence[str], data_dir: Path, log_path: Path, port: int | None = None) -> ServerProcess:
+def namespaces_supported() -> bool:
+    return os.geteuid() == 0 and Path("/var/run/netns").parent.exists() and bool(shutil.which("ip"))
+
+
+def remove_namespace(name: str) -> None:
+    """Remove a namespace a test server made (with what is left in it: TAPs, the bridge)."""
+    if Path("/var/run/netns", name).exists():
+        subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=30)
+
+
+def launch(argv: Sequence[str], data_dir: Path, log_path: Path, port: int | None = None,
+           namespace: str | None = None) -> ServerProcess:
     """Run ``argv --port P --data-dir D --log-level info``, wait for /health, mint a token."""
     port = port or free_port()
-    env = server_environment()
+    env = server_environment(namespace)
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             [*argv, "--port", str(port), "--data-dir", str(data_dir), "--log-level", "info"],
@@ -317,11 +344,21 @@ class Harness:
 
     argv: Sequence[str] = SERVER_ARGV
 
-    def __init__(self, root: Path, allowance: LogAllowance = LogAllowance()) -> None:
+    def __init__(self, root: Path, allowance: LogAllowance = LogAllowance(), *,
+                 network: str = "bridge") -> None:
+        """``network``: "bridge" (each data directory's own namespace) or "user"."""
         self.root = root
         self.allowance = allowance
         self.started: list[_Started] = []
         self.finished = False
+        self.bridge = network == "bridge" and namespaces_supported()
+        self.namespaces: dict[Path, str] = {}  # data dir -> its servers' network namespace
+
+    def namespace_of(self, data_dir: Path) -> str | None:
+        """The network namespace of ``data_dir``'s servers (None: user-mode networking)."""
+        if not self.bridge:
+            return None
+        return self.namespaces.setdefault(data_dir, f"hmt-{secrets.token_hex(4)}")
 
     # -- starting -------------------------------------------------------------------------------
 
@@ -333,7 +370,7 @@ class Harness:
         data_dir = data_dir or self.root / "data"
         log_path = log_path or self.root / f"server-{len(self.started) + 1}.log"
         before = log_path.stat().st_size if log_path.exists() else 0
-        server = launch(self.argv, data_dir, log_path, port)
+        server = launch(self.argv, data_dir, log_path, port, self.namespace_of(data_dir))
         self.started.append(_Started(server, checked=before))
         return server
 
@@ -392,6 +429,8 @@ class Harness:
                              for p in left.values()]
             problems += leftover_files(data_dir, instances_deleted=data_dir in cleaned,
                                        snapshot_ids=cleaned.get(data_dir))
+        for namespace in self.namespaces.values():
+            remove_namespace(namespace)
         return problems
 
     def _delete_everything(self, server: ServerProcess) -> tuple[set[str] | None, list[str]]:

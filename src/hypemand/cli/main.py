@@ -20,6 +20,14 @@ def serve(
     port: int = typer.Option(DEFAULT_PORT, help="Port to listen on."),
     data_dir: Path | None = DataDirOption,
     log_level: str = typer.Option("info", help="Log level."),
+    network_namespace: str | None = typer.Option(
+        None, envvar="HYPEMAND_NETWORK_NAMESPACE",
+        help="Build the VM network (bridge, TAPs, NAT, ingress proxy) in this network namespace, "
+        "made if missing. Default: the host's namespace.",
+    ),
+    uplink: str | None = typer.Option(
+        None, envvar="UPLINK_INTERFACE", help="NAT out of this interface (default: the default route's)."
+    ),
 ) -> None:
     """Run the API server."""
     import uvicorn
@@ -27,13 +35,16 @@ def serve(
     from hypemand.api.app import create_app
     from hypemand.api.limits import MAX_WEBSOCKET_MESSAGE_BYTES
     from hypemand.errors import DomainError
+    from hypemand.network import NetworkConfigError
     from hypemand.runtime import check_host
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = Settings.load(data_dir, host=host, port=port)
+    settings = Settings.load(data_dir, host=host, port=port).model_copy(
+        update={"network_namespace": network_namespace, "uplink": uplink}
+    )
     try:
         check_host(settings)
-    except DomainError as error:
+    except (DomainError, NetworkConfigError) as error:
         typer.echo(f"hypemand: cannot start: {error}", err=True)
         raise typer.Exit(1) from None
     uvicorn.run(

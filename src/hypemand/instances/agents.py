@@ -17,6 +17,7 @@ from pathlib import Path
 
 from hypemand.errors import DomainError, InvalidState
 from hypemand.guest.client import AgentClient, AgentError
+from hypemand.guest.config_disk import GuestNetwork
 from hypemand.hypervisor.base import VMPaths
 from hypemand.instances.live import LiveInstance
 
@@ -102,9 +103,10 @@ class AgentLinks:
                 await self.abandon(linking)
                 return False
 
-    async def give_identity(self, live: LiveInstance) -> None:
-        """A fork resumed another VM's memory: fresh kernel randomness, the fork's MAC on its NIC
-        and its name as hostname."""
+    async def give_identity(self, live: LiveInstance, network: GuestNetwork | None) -> None:
+        """A fork resumed another VM's memory: fresh kernel randomness, the fork's MAC on its NIC,
+        its own address on the bridge network (``network``; None keeps the guest's, as under
+        user-mode networking where every guest has the same) and its name as hostname."""
         if live.record.skip_guest_agent:
             return
         try:
@@ -114,11 +116,12 @@ class AgentLinks:
                     os.urandom(64),
                     mac=live.record.mac if live.record.network_enabled else None,
                     hostname=live.record.name,
+                    network=network if live.record.ip is not None else None,
                 )
         except TimeoutError:
             raise InvalidState(
                 f"instance {live.name}: the fork's guest agent did not answer, so it has no identity of "
-                f"its own (randomness, MAC, hostname) yet"
+                f"its own (randomness, MAC, address, hostname) yet"
             ) from None
 
     async def network_counters(self, live: LiveInstance) -> tuple[int, int]:

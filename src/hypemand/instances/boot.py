@@ -67,7 +67,9 @@ class GuestSpec(BaseModel):
     memory_mib: int = Field(default=256, ge=64)
     overlay_size_bytes: int = Field(default=1 << 30, ge=16 << 20)
     port_forwards: list[PortForward] = Field(default_factory=list)
-    network: bool = True
+    network: bool = True  # a NIC: QEMU's user-mode one, or with ``tap`` the VM's TAP
+    tap: bool = False  # the caller made the TAP and gives the guest its address in ``guest``
+    mac: str | None = None  # None: derived from the VM id
 
     @property
     def paths(self) -> InstancePaths:
@@ -124,7 +126,9 @@ def vm_config(spec: GuestSpec, system: SystemFiles) -> VMConfig:
             DiskConfig(path=paths.overlay_disk, serial=OVERLAY_SERIAL),
             DiskConfig(path=paths.config_disk, readonly=True, serial=CONFIG_SERIAL),
         ],
-        user_network=spec.network,
+        user_network=spec.network and not spec.tap,
+        tap_network=spec.network and spec.tap,
+        nic_mac=spec.mac,
         port_forwards=spec.port_forwards,
     )
 

@@ -32,6 +32,7 @@ from hypemand.instances.boot import GuestSpec, launch_guest
 from hypemand.instances.console import ConsoleScanner
 from hypemand.instances.live import InstanceTable, LiveInstance
 from hypemand.instances.models import GuestExitInfo, InstanceRecord, InstanceState, StartInstanceRequest
+from hypemand.instances.networking import Networking
 from hypemand.instances.records import OperationsLog, phase_change, utcnow
 from hypemand.instances.state import StateReader, booted
 from hypemand.savedvm.jobs import CompressionJobs
@@ -49,7 +50,7 @@ IO_ERROR_CHECK_TICKS = 5
 RESUME_MIN_FREE = 64 << 20
 
 
-def guest_spec(record: InstanceRecord, image: ReadyImage, directory: Path) -> GuestSpec:
+def guest_spec(record: InstanceRecord, image: ReadyImage, directory: Path, network: Networking) -> GuestSpec:
     entrypoint = record.entrypoint if record.entrypoint is not None else (image.entrypoint or [])
     # As in docker run: a new entrypoint drops the image's cmd unless a cmd is given too.
     if record.cmd is not None:
@@ -64,7 +65,9 @@ def guest_spec(record: InstanceRecord, image: ReadyImage, directory: Path) -> Gu
         env={**image.env, **record.env},
         working_dir=image.working_dir or "/",
         hostname=record.name,
+        network=network.guest_network(record),
     )
+    nic = network.nic_of(record)
     return GuestSpec(
         vm_id=record.id,
         directory=directory,
@@ -74,7 +77,9 @@ def guest_spec(record: InstanceRecord, image: ReadyImage, directory: Path) -> Gu
         vcpus=record.vcpus,
         memory_mib=record.memory_bytes >> 20,
         overlay_size_bytes=record.overlay_bytes,
-        network=record.network_enabled,
+        network=nic is not None,
+        tap=nic == "tap",
+        mac=record.mac,
     )
 
 
@@ -91,8 +96,10 @@ class Lifecycle:
         agents: AgentLinks,
         oplog: OperationsLog,
         compression: CompressionJobs,
+        network: Networking,
     ) -> None:
         self.table = table
+        self.network = network
         self.hypervisor = hypervisor
         self.images = images
         self.system = system
@@ -114,8 +121,9 @@ class Lifecycle:
     async def boot(self, live: LiveInstance, image: ReadyImage, *, provision: bool = True) -> None:
         """Launch the VMM and start watching it. A create's first boot marks the instance
         provisioned (kept by the next server); a fork does that itself once it answers."""
-        spec = guest_spec(live.record, image, live.paths.directory)
-        launched = await launch_guest(self.hypervisor, self.system(), spec)
+        async with self.network.plugged(live, keep_identity=False):
+            spec = guest_spec(live.record, image, live.paths.directory, self.network)
+            launched = await launch_guest(self.hypervisor, self.system(), spec)
         before = live.record
         now = utcnow()
         # This boot's history, in memory first: the watcher and readers must not see the last
@@ -224,6 +232,7 @@ class Lifecycle:
             await handle.close()
             live.handle = None
         live.forget_status()
+        await self.network.unplug(live, release=True)
         markers = await self.reader.markers(live)
         if live.record.phase == "initializing" and booted(markers, live.record):
             # It became Running before the watcher noted it (or while no server watched): the
@@ -308,6 +317,7 @@ class Lifecycle:
             else:
                 await handle.kill()
         await handle.close()
+        await self.network.unplug(live, release=True)
 
     async def delete(self, live: LiveInstance, *, graceful: bool) -> None:
         # The intent first, durably: a server killed from here on finishes the delete at its next

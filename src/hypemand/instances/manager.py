@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import shutil
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -43,6 +44,7 @@ from hypemand.instances.models import (
     WaitForStateResponse,
     validate_name,
 )
+from hypemand.instances.networking import Networking
 from hypemand.instances.records import OperationsLog, load_record, utcnow
 from hypemand.instances.saved import SavedVM, SavedVMOperations, SnapshotKind
 from hypemand.instances.state import Observed, StateReader, StateWatch
@@ -56,6 +58,7 @@ from hypemand.instances.validation import (
     validate_create,
 )
 from hypemand.layout import DataLayout, InstancePaths
+from hypemand.network import InstanceAddress, NetworkHost
 from hypemand.savedvm.files import SavedVMFiles
 from hypemand.savedvm.jobs import CompressionJobs
 from hypemand.system.files import SystemFiles
@@ -80,6 +83,8 @@ class InstanceManager:
         system: Callable[[], SystemFiles],
         compression: CompressionJobs,
         platform: str = "linux/amd64",
+        network_host: NetworkHost | None = None,
+        user_mode_reason: str = "no bridge network configured",
     ) -> None:
         self.layout = layout
         self.hypervisor = hypervisor
@@ -91,6 +96,9 @@ class InstanceManager:
         self.watch = StateWatch(self.reader)
         self.agents = AgentLinks()
         self.oplog = OperationsLog()
+        self.network = Networking(
+            self.table, network_host.config if network_host else None, network_host, user_mode_reason
+        )
         self.admission = Admission(self.table, self.capacity, hypervisor.writes_memory_file)
         self.lifecycle = Lifecycle(
             table=self.table,
@@ -102,6 +110,7 @@ class InstanceManager:
             agents=self.agents,
             oplog=self.oplog,
             compression=compression,
+            network=self.network,
         )
         self.saved = SavedVMOperations(
             table=self.table,
@@ -112,6 +121,7 @@ class InstanceManager:
             agents=self.agents,
             oplog=self.oplog,
             compression=compression,
+            network=self.network,
             spawn=self._spawn,
         )
         self._sweeper: asyncio.Task[None] | None = None
@@ -131,6 +141,8 @@ class InstanceManager:
             log.warning("ended an orphaned VMM: %s", orphan)
         for directory in sorted(await asyncio.to_thread(lambda: [p for p in guests.iterdir() if p.is_dir()])):
             await self._take_charge(InstancePaths(directory))
+        # The network once every VM is known: TAPs of VMs that no longer run are strays.
+        await self.network.start({live.id for live in self.table if live.handle is not None})
         self._sweeper = asyncio.create_task(self._sweep_expired(), name="instance-expiry")
 
     async def _take_charge(self, paths: InstancePaths) -> None:
@@ -174,6 +186,7 @@ class InstanceManager:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.watch.close()
         await self.oplog.close()
+        self.network.close()
         for live in self.table:
             await self.agents.close(live)
             if live.handle is not None:
@@ -238,6 +251,11 @@ class InstanceManager:
             memory_utilization_ratio=min(1.0, usage.rss_bytes / allocated) if allocated else None,
         )
 
+    def find_address(self, ref: str) -> InstanceAddress | None:
+        """The instance with exactly this id or name and the address it holds now (the ingress's
+        resolver asks, on the event loop, for every request it routes)."""
+        return self.network.find_address(ref)
+
     def capacity(self) -> HostCapacity:
         return host_capacity(self.layout.root)
 
@@ -258,6 +276,11 @@ class InstanceManager:
     async def create(self, request: CreateInstanceRequest) -> Instance:
         shape = validate_create(
             request, platform=self.platform, hotplug_memory=self.hypervisor.capabilities().hotplug_memory
+        )
+        network_enabled = request.network.enabled if request.network else True
+        download, upload = (
+            self.network.bandwidth(request.network, shape.vcpus, os.cpu_count() or 1)
+            if network_enabled else (None, None)
         )
         ready = await self._ready_image(request.image)
         instance_id = new_instance_id()
@@ -283,8 +306,10 @@ class InstanceManager:
                     tags=request.tags or {},
                     entrypoint=request.entrypoint,
                     cmd=request.cmd,
-                    network_enabled=request.network.enabled if request.network else True,
+                    network_enabled=network_enabled,
                     mac=guest_mac(instance_id),
+                    bandwidth_download=download,
+                    bandwidth_upload=upload,
                     skip_guest_agent=request.skip_guest_agent,
                     snapshot_policy=normalized_policy(request.snapshot_policy),
                     expires_at=shape.expires_at,

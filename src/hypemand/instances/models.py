@@ -246,6 +246,8 @@ class InstanceNetwork(WireModel):
     name: str = "default"
     ip: str | None = None
     mac: str | None = None
+    bandwidth_download: str | None = None
+    bandwidth_upload: str | None = None
 
 
 class Instance(WireModel):
@@ -326,6 +328,12 @@ class InstanceRecord(BaseModel):
     cmd: list[str] | None = None
     network_enabled: bool = True
     mac: str
+    # The VM's address on the bridge network; None for no NIC or QEMU's user-mode NIC. Held (no
+    # other VM may take it) only while the VM runs or is in standby: see instances/networking.py.
+    ip: str | None = None
+    # Bytes per second, resolved at create (the default share when none was asked for).
+    bandwidth_download: int | None = None
+    bandwidth_upload: int | None = None
     skip_guest_agent: bool = False
     stop_timeout: float = 5.0
     snapshot_policy: SnapshotPolicy | None = None

@@ -24,6 +24,7 @@ from hypemand.instances.host import (
     sparse_size,
 )
 from hypemand.instances.manager import InstanceManager
+from hypemand.instances.networking import NETWORK_OVERSUBSCRIPTION, NetworkFacts
 
 API_VERSION = "0.28.0"  # the official clients' version whose wire contract this server serves
 SERVER_FEATURES = ["instances", "images", "exec", "logs"]
@@ -88,6 +89,8 @@ class ResourceAllocation(BaseModel):
     cpu: int
     memory_bytes: int
     disk_bytes: int
+    network_download_bps: int = 0
+    network_upload_bps: int = 0
 
 
 class DiskBreakdown(BaseModel):
@@ -131,6 +134,7 @@ def server_version() -> str:
 def capabilities(manager: InstanceManager) -> Capabilities:
     backend = manager.hypervisor.capabilities()
     features = _features(backend)
+    facts = manager.network.facts()
     runtimes = [
         CapabilitiesRuntime(name=board.value, available=True, features=features)
         for board in manager.available_boards()
@@ -141,9 +145,10 @@ def capabilities(manager: InstanceManager) -> Capabilities:
         host=CapabilitiesHost(os="linux", arch=arch),
         default_runtime=CapabilitiesDefaultRuntime(name=runtimes[0].name, available=True),
         runtimes=runtimes,
-        # QEMU user-mode networking: each guest is NATed alone, guests cannot reach each other.
+        # Either way guests cannot reach each other: isolated bridge ports and no routing between
+        # them, or QEMU's user-mode NIC, which NATs each guest alone.
         network=CapabilitiesNetwork(
-            model="nat", guest_to_guest=False, gateway="10.0.2.2", subnet="10.0.2.0/24"
+            model=facts.model, guest_to_guest=False, gateway=facts.gateway, subnet=facts.subnet
         ),
         images=CapabilitiesImages(platforms=[manager.platform], default_platform=manager.platform),
         features=SERVER_FEATURES,
@@ -160,6 +165,8 @@ class Holding:
     vcpus: int
     memory_bytes: int
     disk: DiskClaim  # what it may still take on the data disk (admission's rule)
+    download_bps: int  # its bandwidth limits (0: not limited)
+    upload_bps: int
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,7 @@ class ResourceInputs:
     images_dir: Path
     data_dirs: tuple[Path, ...]  # what the server keeps on the data disk besides images
     holdings: tuple[Holding, ...]
+    network: NetworkFacts
 
 
 def resource_inputs(manager: InstanceManager) -> ResourceInputs:
@@ -184,6 +192,8 @@ def resource_inputs(manager: InstanceManager) -> ResourceInputs:
             vcpus=record.vcpus,
             memory_bytes=record.memory_bytes + record.hotplug_bytes,
             disk=claim,
+            download_bps=record.bandwidth_download or 0,
+            upload_bps=record.bandwidth_upload or 0,
         )
         for record, active, claim in manager.allocations()
     )
@@ -194,6 +204,7 @@ def resource_inputs(manager: InstanceManager) -> ResourceInputs:
         images_dir=layout.images,
         data_dirs=(layout.guests, layout.snapshots),
         holdings=holdings,
+        network=manager.network.facts(),
     )
 
 
@@ -207,15 +218,17 @@ def resources(inputs: ResourceInputs) -> Resources:
     size, RAM files in full) — the same promises admission counts."""
     capacity = inputs.capacity()
     allocations: list[ResourceAllocation] = []
-    cpu = memory = overlays = promised = 0
+    cpu = memory = overlays = promised = bandwidth = 0
     for holding in inputs.holdings:
         claim = holding.disk
         overlays += sparse_size(claim.overlay)
         promised += claim.open_promise(running=holding.active, writes_memory_file=inputs.writes_memory_file)
         with_memory = holding.active or claim.standby_record.exists()
+        network = max(holding.download_bps, holding.upload_bps) if holding.active else 0
         if holding.active:
             cpu += holding.vcpus
             memory += holding.memory_bytes
+            bandwidth += network
         allocations.append(
             ResourceAllocation(
                 instance_id=holding.instance_id,
@@ -223,6 +236,8 @@ def resources(inputs: ResourceInputs) -> Resources:
                 cpu=holding.vcpus if holding.active else 0,
                 memory_bytes=holding.memory_bytes if holding.active else 0,
                 disk_bytes=claim.overlay_bytes + (holding.memory_bytes if with_memory else 0),
+                network_download_bps=holding.download_bps if holding.active else 0,
+                network_upload_bps=holding.upload_bps if holding.active else 0,
             )
         )
     images = _tree_size(inputs.images_dir)
@@ -252,8 +267,11 @@ def resources(inputs: ResourceInputs) -> Resources:
             own + promised,
             "free space of the data directory's file system plus the server's own files",
         ),
-        # User-mode networking is not rate limited: there is no capacity to hand out.
-        network=status("network", 0, 1.0, 0, "not limited (user-mode networking)"),
+        # Bytes per second; each running VM counts the larger of its two limits, as the reference.
+        network=status("network", inputs.network.capacity, NETWORK_OVERSUBSCRIPTION, bandwidth,
+                       inputs.network.source)
+        if inputs.network.capacity
+        else status("network", 0, 1.0, 0, inputs.network.source),
         disk_breakdown=DiskBreakdown(images_bytes=images, overlays_bytes=overlays),
         allocations=allocations,
     )

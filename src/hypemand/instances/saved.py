@@ -29,6 +29,7 @@ from hypemand.instances.console import ConsoleScanner
 from hypemand.instances.lifecycle import Lifecycle
 from hypemand.instances.live import InstanceTable, LiveInstance, mutating
 from hypemand.instances.models import InstanceRecord, InstanceState, StandbyInstanceRequest
+from hypemand.instances.networking import Networking
 from hypemand.instances.records import OperationsLog, phase_change, utcnow
 from hypemand.instances.state import StateReader
 from hypemand.layout import InstancePaths
@@ -73,9 +74,11 @@ class SavedVMOperations:
         agents: AgentLinks,
         oplog: OperationsLog,
         compression: CompressionJobs,
+        network: Networking,
         spawn: Callable[[Coroutine[Any, Any, None], str], asyncio.Task[None]],
     ) -> None:
         self.table = table
+        self.network = network
         self.hypervisor = hypervisor
         self.lifecycle = lifecycle
         self.admission = admission
@@ -131,6 +134,8 @@ class SavedVMOperations:
             await self.hypervisor.end_saved(handle)
         finally:
             await self.agents.close(live)
+        # The TAP goes, the identity stays (the record keeps the pair, held while in standby).
+        await self.network.unplug(live, release=False)
         now = utcnow()
         await records.update(live, stopped_at=now, **phase_change(live.record, "standby", now))
         self.oplog.write(live, "standby: device state saved, VMM ended")
@@ -152,7 +157,9 @@ class SavedVMOperations:
                 # The agent is dialled while QEMU starts and loads the state: the guest finds
                 # the HELLO waiting when it runs again (see AgentLinks.dial_restoring).
                 linking = self.agents.dial_restoring(live, files.directory)
-                handle = await self.hypervisor.restore(files.directory, files.device_state)
+                # The same TAP name, IP and MAC as before the standby: the guest never knew.
+                async with self.network.plugged(live, keep_identity=True):
+                    handle = await self.hypervisor.restore(files.directory, files.device_state)
             # Running again: the saved VM is used up. Remove the record first, so that a crash in
             # between leaves a running VM and a stale state file, never a second claim to Standby.
             live.handle = handle
@@ -275,8 +282,23 @@ class SavedVMOperations:
         files = SavedVMFiles(paths.saved)
         await asyncio.to_thread(files.fork_from, source.files, with_memory=source.kind == "Standby")
         await asyncio.to_thread(paths.console_log.parent.mkdir, parents=True, exist_ok=True)
+        # Its own address, held from here until it runs (a restore keeps what it is given).
+        nic: dict[str, Any] = {"mac": guest_mac(instance_id), "ip": None}
+        if source.record.ip is not None and self.network.model == "bridge":
+            chosen = self.network.reserve(instance_id)
+            nic = {"mac": chosen.mac, "ip": str(chosen.ip)}
+        try:
+            return await self._fork_into(paths, name, source, target, board, nic)
+        finally:
+            self.network.settle(instance_id)
+
+    async def _fork_into(
+        self, paths: InstancePaths, name: str, source: SavedVM, target: InstanceState, board: Board | None,
+        nic: dict[str, Any],
+    ) -> LiveInstance:
+        instance_id = paths.directory.name
         if source.kind == "Standby":
-            identity = ForkIdentity(vm_id=instance_id)
+            identity = ForkIdentity(vm_id=instance_id, mac=nic["mac"])
             await asyncio.to_thread(self.hypervisor.prepare_fork, paths.directory, identity)
         now = utcnow()
         record = source.record.model_copy(
@@ -286,7 +308,7 @@ class SavedVMOperations:
                 "created_at": now,
                 "expires_at": None,
                 "board": board or source.record.board,
-                "mac": guest_mac(instance_id),
+                **nic,
                 # Not until the fork answers: a server killed before that removes it at start,
                 # rather than keeping an instance whose id the client never got.
                 "provisioned": False,
@@ -338,7 +360,7 @@ class SavedVMOperations:
     async def new_identity(self, live: LiveInstance) -> None:
         """A fork resumed the source's memory: give it its own identity, then (only then) call it
         Running."""
-        await self.agents.give_identity(live)
+        await self.agents.give_identity(live, self.network.guest_network(live.record))
         now = utcnow()
         await records.update(live, program_started_at=now, agent_ready_at=now, identity_pending=False)
         self.oplog.write(live, "fork identity set: RNG reseeded from host entropy, MAC and hostname changed")
@@ -376,6 +398,7 @@ class SavedVMOperations:
             log.warning("instance %s: finishing an interrupted standby", live.id)
             live.handle = None
             await self.hypervisor.end_saved(handle)
+            await self.network.unplug(live, release=False)
             now = utcnow()
             await records.update(live, stopped_at=now, **phase_change(live.record, "standby", now))
         elif status in (VMStatus.INMIGRATE, VMStatus.PRELAUNCH) and saved:
@@ -383,6 +406,7 @@ class SavedVMOperations:
             live.handle = None
             await handle.kill(keep_memory=True)
             await handle.close()
+            await self.network.unplug(live, release=False)
         elif status in (VMStatus.POSTMIGRATE, VMStatus.FINISH_MIGRATE, VMStatus.PAUSED):
             log.warning("instance %s: resuming a VM an interrupted operation left paused", live.id)
             with contextlib.suppress(DomainError):

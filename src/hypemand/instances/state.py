@@ -24,11 +24,26 @@ from hypemand.hypervisor.base import DiskIOStatus, VMStatus
 from hypemand.instances.live import LiveInstance
 from hypemand.instances.models import GuestExitInfo, Instance, InstanceNetwork, InstanceRecord, InstanceState
 from hypemand.instances.records import phase_change, utcnow
-from hypemand.units import format_size
+from hypemand.units import format_rate, format_size
 
 STATUS_TIMEOUT = 1.0  # a QMP query-status slower than this makes the state Unknown
 STATUS_TTL = 0.5  # readers within this window share one QMP answer
 USER_NETWORK_IP = "10.0.2.15"
+
+
+def network_view(record: InstanceRecord, *, holds_address: bool) -> InstanceNetwork:
+    """The NIC as the API shows it: a bridge address only while the VM holds it (running,
+    paused or in standby: a stopped VM has released it); QEMU's fixed user-mode address."""
+    if not record.network_enabled:
+        return InstanceNetwork(enabled=False)
+    ip = (record.ip if holds_address else None) if record.ip is not None else USER_NETWORK_IP
+    return InstanceNetwork(
+        enabled=True,
+        ip=ip,
+        mac=record.mac,
+        bandwidth_download=format_rate(record.bandwidth_download) if record.bandwidth_download else None,
+        bandwidth_upload=format_rate(record.bandwidth_upload) if record.bandwidth_upload else None,
+    )
 IO_ERROR_MESSAGE = "paused by the hypervisor after a disk I/O error"
 DISK_FULL_MESSAGE = (
     "disk full: the data directory's file system has no space left, so the guest is paused; "
@@ -199,11 +214,7 @@ class StateReader:
             vcpus=record.vcpus,
             env=record.env,
             tags=record.tags,
-            network=InstanceNetwork(
-                enabled=record.network_enabled,
-                ip=USER_NETWORK_IP if record.network_enabled else None,
-                mac=record.mac if record.network_enabled else None,
-            ),
+            network=network_view(record, holds_address=not stopped),
             hypervisor=record.board.value,
             started_at=record.started_at,
             stopped_at=record.stopped_at or live.exit_seen_at if stopped else None,

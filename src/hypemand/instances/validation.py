@@ -65,12 +65,10 @@ def validate_create(request: CreateInstanceRequest, *, platform: str, hotplug_me
     for name in UNSUPPORTED_CREATE_FIELDS:
         if getattr(request, name) not in (None, [], {}):
             raise BadRequest(f"{name} is not supported yet by this server", code="not_supported")
-    if request.network is not None and (
-        request.network.bandwidth_download or request.network.bandwidth_upload or request.network.egress
-    ):
-        raise BadRequest(
-            "network bandwidth limits and egress control are not supported yet", code="not_supported"
-        )
+    egress = request.network.egress if request.network is not None else None
+    if egress and egress.get("enabled"):
+        raise BadRequest("network.egress (egress control) is not supported yet by this server",
+                         code="not_supported")
     board = choose_board(request.hypervisor)
     if request.platform is not None and request.platform != platform:
         raise BadRequest(

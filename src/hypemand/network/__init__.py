@@ -10,8 +10,8 @@ from hypemand.network.tap import TapError
 __all__ = [
     "AddressesExhausted",
     "Allocation",
-    "InstanceAddress",
     "BandwidthLimits",
+    "InstanceAddress",
     "NetworkConfig",
     "NetworkConfigError",
     "NetworkHost",

@@ -201,8 +201,11 @@ def find_subnet_conflicts(config: NetworkConfig, addresses: Iterable[InterfaceAd
 
 
 def choose_uplink(config: NetworkConfig, interfaces: Iterable[str],
-                  default_route_interfaces: Iterable[str]) -> str:
-    """The configured uplink if it exists, else the interface of the default route."""
+                  default_route_interfaces: Iterable[str]) -> str | None:
+    """The configured uplink if it exists, else the interface of the default route, else None:
+    a namespace with no way out (one the server just made) still gets its bridge, and VMs
+    reach the gateway (the ingress proxy) but nothing beyond, until a default route exists
+    at the next start."""
     existing = set(interfaces)
     if config.uplink is not None:
         if config.uplink not in existing:
@@ -212,8 +215,5 @@ def choose_uplink(config: NetworkConfig, interfaces: Iterable[str],
             raise NetworkConfigError(f"uplink {config.uplink!r} is one of hypemand's own devices")
         return config.uplink
     candidates = [name for name in default_route_interfaces if name != config.bridge]
-    if not candidates:
-        raise NetworkConfigError(f"{config.where()} has no default route to NAT out of: "
-                                 "add one, or name the uplink interface")
-    return candidates[0]
+    return candidates[0] if candidates else None
 

@@ -82,20 +82,26 @@ _ACCEPT: Json = {"accept": None}
 _DROP: Json = {"drop": None}
 
 
-def desired_rules(config: NetworkConfig, uplink: str) -> list[RuleSpec]:
-    """The rules for this bridge, subnet and uplink, in order."""
+def desired_rules(config: NetworkConfig, uplink: str | None) -> list[RuleSpec]:
+    """The rules for this bridge, subnet and uplink, in order. Without an uplink nothing is
+    forwarded at all (VMs still reach the namespace itself: the gateway, the ingress proxy)."""
     br, net, tag = config.bridge, config.subnet, f"hypemand {config.bridge}"
+    isolation = [
+        RuleSpec(FORWARD.name, f"{tag}: no routing between VMs", (_iif(br), _oif(br), _DROP)),
+        RuleSpec(FORWARD.name, f"{tag}: nothing else from VMs", (_iif(br), _DROP)),
+        RuleSpec(FORWARD.name, f"{tag}: nothing else to VMs", (_oif(br), _DROP)),
+    ]
+    if uplink is None:
+        return isolation
     return [
-        RuleSpec(FORWARD.name, f"{tag}: no routing between VMs",
-                 (_iif(br), _oif(br), _DROP)),
+        isolation[0],
         RuleSpec(FORWARD.name, f"{tag}: VMs of {net} out via {uplink}",
                  (_iif(br), _oif(uplink), _saddr_in(net), _ACCEPT)),
         RuleSpec(FORWARD.name, f"{tag}: replies from {uplink}",
                  (_iif(uplink), _oif(br),
                   {"match": {"op": "in", "left": {"ct": {"key": "state"}},
                              "right": ["established", "related"]}}, _ACCEPT)),
-        RuleSpec(FORWARD.name, f"{tag}: nothing else from VMs", (_iif(br), _DROP)),
-        RuleSpec(FORWARD.name, f"{tag}: nothing else to VMs", (_oif(br), _DROP)),
+        *isolation[1:],
         RuleSpec(POSTROUTING.name, f"{tag}: masquerade {net} out {uplink}",
                  (_oif(uplink), _saddr_in(net), {"masquerade": None})),
     ]
@@ -162,7 +168,7 @@ def current_rules(table: str) -> tuple[list[str], list[tuple[str, str]]] | None:
     return sorted(chains), sorted(rules)
 
 
-def ensure_rules(config: NetworkConfig, uplink: str) -> bool:
+def ensure_rules(config: NetworkConfig, uplink: str | None) -> bool:
     """Blocking: make hypemand's table exactly the desired rules. True when it wrote."""
     rules = desired_rules(config, uplink)
     wanted = (sorted(c.name for c in CHAINS), sorted((r.chain, r.comment) for r in rules))

@@ -94,11 +94,12 @@ class NetworkHost:
                 raise NetworkConfigError(f"subnet {config.subnet} cannot be used in {config.where()}: "
                                          + "; ".join(problems))
             uplink = choose_uplink(config, names.values(), default_ifaces)
-            self._ensure_forwarding()
+            if uplink is not None:
+                self._ensure_forwarding()
             tap.ensure_bridge(ipr, config.bridge, str(config.gateway),
                                              config.subnet.prefixlen)
             if self._upload_capacity is None:
-                self.capacity = _link_speed(uplink) or DEFAULT_UPLOAD_CAPACITY
+                self.capacity = (_link_speed(uplink) if uplink else None) or DEFAULT_UPLOAD_CAPACITY
             ifb_index = shaping.ensure_upload_root(ipr, config.ifb, self.capacity)
             removed: list[str] = []
             stray_classes: list[int] = []
@@ -113,6 +114,9 @@ class NetworkHost:
                     shaping.release_upload(ipr, ifb_index, offset)
                     stray_classes.append(offset)
         rewritten = firewall.ensure_rules(config, uplink)
+        if uplink is None and self.uplink is None:
+            log.warning("network %s: %s has no default route and no uplink is named: VMs reach "
+                        "the gateway but nothing beyond it", config.bridge, config.where())
         self.uplink = uplink
         if removed or stray_classes or rewritten:
             log.info("network %s reconciled: removed TAPs %s, upload classes %s, rules %s",
