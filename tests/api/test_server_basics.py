@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from hypeman import AuthenticationError, Hypeman, PermissionDeniedError
 from hypemand.auth import load_secret, mint_token
 from hypemand.config import Settings
 from hypemand.layout import DataLayout
-from tests.support.harness import ServerProcess
+from tests.support.harness import ServerProcess, server_environment
 
 
 def test_health_through_the_sdk(sdk: Hypeman) -> None:

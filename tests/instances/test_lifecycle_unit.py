@@ -32,6 +32,7 @@ from hypemand.instances.host import HostCapacity
 from hypemand.instances.lifecycle import Lifecycle
 from hypemand.instances.live import InstanceTable, LiveInstance
 from hypemand.instances.models import InstanceRecord
+from hypemand.instances.networking import Networking
 from hypemand.instances.records import OperationsLog
 from hypemand.instances.state import StateReader
 from hypemand.layout import InstancePaths
@@ -94,7 +95,7 @@ def make(tmp_path: Path) -> tuple[Lifecycle, LiveInstance, InstanceTable]:
     lifecycle = Lifecycle(
         table=table, hypervisor=unused, images=no_images, system=lambda: unused,
         admission=admission, reader=StateReader(), agents=AgentLinks(), oplog=OperationsLog(),
-        compression=no_jobs,
+        compression=no_jobs, network=Networking(table, None, None, "no network in this test"),
     )
     record = InstanceRecord(
         id="a" * 24, name="web", image="img", image_digest="sha256:" + "0" * 64, platform="linux/amd64",

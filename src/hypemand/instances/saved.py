@@ -159,7 +159,12 @@ class SavedVMOperations:
                 linking = self.agents.dial_restoring(live, files.directory)
                 # The same TAP name, IP and MAC as before the standby: the guest never knew.
                 async with self.network.plugged(live, keep_identity=True):
-                    handle = await self.hypervisor.restore(files.directory, files.device_state)
+                    # A fork's guest still has its source's MAC and address until the agent gives
+                    # it its own: unplugged until then, it cannot teach the bridge that the source
+                    # lives behind the fork's port (restored guests announce themselves at once).
+                    handle = await self.hypervisor.restore(
+                        files.directory, files.device_state, nic_down=self._unplugged_until_identity(live)
+                    )
             # Running again: the saved VM is used up. Remove the record first, so that a crash in
             # between leaves a running VM and a stale state file, never a second claim to Standby.
             live.handle = handle
@@ -357,10 +362,16 @@ class SavedVMOperations:
 
     # ---- identity and start-up ----------------------------------------------------------------
 
+    @staticmethod
+    def _unplugged_until_identity(live: LiveInstance) -> bool:
+        return live.record.identity_pending and live.record.ip is not None
+
     async def new_identity(self, live: LiveInstance) -> None:
-        """A fork resumed the source's memory: give it its own identity, then (only then) call it
-        Running."""
+        """A fork resumed the source's memory: give it its own identity, then (only then) plug its
+        NIC in and call it Running."""
         await self.agents.give_identity(live, self.network.guest_network(live.record))
+        if self._unplugged_until_identity(live) and live.handle is not None:
+            await live.handle.set_nic_link(True)
         now = utcnow()
         await records.update(live, program_started_at=now, agent_ready_at=now, identity_pending=False)
         self.oplog.write(live, "fork identity set: RNG reseeded from host entropy, MAC and hostname changed")
