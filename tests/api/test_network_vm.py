@@ -11,10 +11,13 @@ to the VMs are sent from inside the server's namespace; nothing touches the root
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from functools import partial
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
 
 import pytest
 from hypeman import BadRequestError, Hypeman
@@ -24,7 +27,7 @@ from hypemand.images import demo
 from hypemand.network.namespace import run_in_namespace
 from tests.api.conftest import SMALL
 from tests.network.lab import INTERNET_ADDRESS, Lab, netns_supported
-from tests.support.harness import Harness, ServerProcess, strict_client
+from tests.support.harness import Harness, ServerProcess, report, strict_client
 
 pytestmark = [pytest.mark.vm, pytest.mark.netns]
 
@@ -288,3 +291,42 @@ def _http_get(ip: str) -> str:
         while time.monotonic() < deadline and (chunk := conn.recv(65536)):
             chunks.append(chunk)
     return b"".join(chunks).decode(errors="replace")
+
+
+def test_user_mode_networking_is_the_fallback_with_egress(tmp_path: Path) -> None:
+    """Where no bridge can be built (here: chosen), every VM gets QEMU's user-mode NIC, said in
+    /capabilities, and still reaches out: the host's loopback is 10.0.2.2 to it."""
+    user_mode = Harness(tmp_path / "user-mode", network="user")
+    try:
+        server = user_mode.start()
+        demo.install(server.base_url, server.token, wait_seconds=300)
+        with HTTPServer(("127.0.0.1", 0), _Hello) as host_web, strict_client(server) as sdk:
+            threading.Thread(target=host_web.serve_forever, daemon=True).start()
+            try:
+                network = sdk.capabilities.get().network
+                assert (network.model, network.gateway, network.subnet) == ("nat", "10.0.2.2", "10.0.2.0/24")
+                assert sdk.resources.get().network.capacity == 0
+                instance, ip = running(sdk, "user-mode")
+                assert ip == "10.0.2.15"
+                port = host_web.server_address[1]
+                code, page = guest_sh(sdk, instance, f"timeout 10 wget -q -O - http://10.0.2.2:{port}/")
+                assert code == 0 and page == "hello from the host\n", page
+                with pytest.raises(BadRequestError, match="bridge network"):
+                    sdk.instances.create(name="limited", image=demo.DEMO_NAME,
+                                         network={"bandwidth_download": "1Gbps"}, **SMALL)  # type: ignore[arg-type]
+            finally:
+                host_web.shutdown()
+    finally:
+        report(user_mode.finish(), "the user-mode server left problems")
+
+
+class _Hello(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b"hello from the host\n"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass

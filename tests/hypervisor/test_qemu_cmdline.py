@@ -88,7 +88,7 @@ def test_microvm_command_line_under_tcg() -> None:
         "id=disk2,file=config.raw,format=raw,if=none,readonly=on,file.locking=off,rerror=report",
     ]
     assert option(argv, "-netdev") == [
-        "user,id=net0,restrict=on,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp:127.0.0.1:5353-:53"
+        "user,id=net0,hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=udp:127.0.0.1:5353-:53"
     ]
 
 

@@ -133,7 +133,9 @@ def build_qemu_argv(
     ]  # fmt: skip
 
     if config.user_network:
-        netdev = ["user", "id=net0", "restrict=on"]
+        # The fallback where no bridge can be built: egress works (NAT by QEMU, the host's
+        # loopback as 10.0.2.2), nothing reaches the guest but the port forwards.
+        netdev = ["user", "id=net0"]
         for forward in config.port_forwards:
             netdev.append(
                 f"hostfwd={forward.protocol.value}:127.0.0.1:{forward.host_port}-:{forward.guest_port}"
