@@ -125,6 +125,8 @@ def run(
     hypervisor: Annotated[str | None, typer.Option(help="qemu, qemu-microvm, cloud-hypervisor, ...")] = None,
     tag: TagOption = None,
     network: Annotated[bool | None, typer.Option("--network/--no-network", help="guest networking")] = None,
+    bandwidth_down: Annotated[str | None, typer.Option(help="download limit: 100Mbps, 125MB/s")] = None,
+    bandwidth_up: Annotated[str | None, typer.Option(help="upload limit: 100Mbps, 125MB/s")] = None,
     platform: Annotated[str | None, typer.Option(help="platform to pull, os/arch")] = None,
     skip_guest_agent: Annotated[bool | None, typer.Option(help="no guest agent (exec and cp will not work)")]
     = None,
@@ -160,8 +162,13 @@ def run(
         params["cmd"] = cmd
     if hypervisor:
         params["hypervisor"] = hypervisor_name(hypervisor)
-    if network is not None:
-        params["network"] = {"enabled": network}
+    nic: dict[str, Any] = {} if network is None else {"enabled": network}
+    if bandwidth_down:
+        nic["bandwidth_download"] = bandwidth_down
+    if bandwidth_up:
+        nic["bandwidth_upload"] = bandwidth_up
+    if nic:
+        params["network"] = nic
     compression = compression_config(snapshot_compression_enabled, snapshot_compression_algorithm,
                                snapshot_compression_level)
     if compression is not None or snapshot_compression_delay:

@@ -140,6 +140,7 @@ def vm_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         pushed = cli.run("push", str(demo_layout), demo.DEMO_NAME)
         assert_ok(pushed)
         ran = cli.run("run", "--name", INSTANCE_NAME, *SMALL, "--tag", "team=cli", "-e", "GREETING=hello",
+                      "--bandwidth-down", "100Mbps", "--bandwidth-up", "1MB/s",
                       "--entrypoint", "/bin/sh", "--cmd", "-c", "--cmd", SERVICE_SCRIPT,
                       "docker.io/demo/busybox:latest")
         assert_ok(ran)

@@ -78,6 +78,9 @@ def test_run_shows_create_initializing_running_and_prints_the_instance(vm_env: V
     assert instance["name"] == INSTANCE_NAME and instance["state"] == "Running"
     assert instance["size"] == "256MB" and instance["overlay_size"] == "64MB" and instance["vcpus"] == 1
     assert instance["tags"] == {"team": "cli"} and instance["env"] == {"GREETING": "hello"}
+    network = instance["network"]
+    assert (network["bandwidth_download"], network["bandwidth_upload"]) == ("100Mbps", "8Mbps")
+    assert network["ip"].startswith("10.100.") and network["mac"].startswith("02:00:00:")
     lines = ran.stderr.splitlines()
     created = next(i for i, line in enumerate(lines) if line.startswith(f"{INSTANCE_NAME}: created ("))
     running = lines.index(f"{INSTANCE_NAME}: Running")
@@ -97,6 +100,7 @@ def test_ps_prints_json_when_piped_and_a_table_when_asked(vm_env: VmEnv) -> None
     assert table[0].split()[:4] == ["INSTANCE", "ID", "NAME", "IMAGE"]
     assert table[1].split()[:4] == [vm_env.instance_id[:12], INSTANCE_NAME, "docker.io/demo/busybox:latest",
                                     "Running"]
+    assert table[1].split()[5] == rows[0]["network"]["ip"]  # the VM's address on the bridge
     assert cli.ok("--format", "table", "ps").stdout.splitlines()[0] == table[0]  # either position
 
     assert yaml.safe_load(cli.ok("ps", "--format", "yaml").stdout)[0]["id"] == vm_env.instance_id
