@@ -10,7 +10,11 @@ to the VMs are sent from inside the server's namespace; nothing touches the root
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,10 +28,20 @@ from hypeman import BadRequestError, Hypeman
 from hypeman.lib.exec import exec as sdk_exec
 
 from hypemand.images import demo
+from hypemand.network import tap_name
 from hypemand.network.namespace import run_in_namespace
 from tests.api.conftest import SMALL
+from tests.api.test_instances_lifecycle import qemu_pids
 from tests.network.lab import INTERNET_ADDRESS, Lab, netns_supported
-from tests.support.harness import Harness, ServerProcess, report, strict_client
+from tests.support.harness import (
+    Harness,
+    ServerProcess,
+    remove_namespace,
+    report,
+    server_environment,
+    strict_client,
+)
+from tests.support.net import free_port
 
 pytestmark = [pytest.mark.vm, pytest.mark.netns]
 
@@ -249,25 +263,61 @@ def test_a_restarted_server_keeps_every_address_and_hands_out_no_duplicate(harne
         pytest.skip(why)
     server = harness.start()
     demo.install(server.base_url, server.token, wait_seconds=300)
+    data = server.data_dir
+    namespace = harness.namespace_of(data)
+    assert namespace is not None
     with strict_client(server) as sdk:
         kept, kept_ip = running(sdk, "kept")
         saved, saved_ip = running(sdk, "saved")
+        died, _ = running(sdk, "died")
         sdk.instances.standby(saved)
+    assert {tap_name(kept), tap_name(died)} <= links_in(namespace)
     server.process.kill()
     server.process.wait(timeout=30)
-    data = server.data_dir
+    # While no server runs, one VM ends: its TAP is a stray the next server removes.
+    (qemu,) = [pid for pid in qemu_pids(data) if Path(f"/proc/{pid}/cwd").resolve().name == died]
+    os.kill(qemu, signal.SIGKILL)
     server = harness.start(data, port=server.port)
     with strict_client(server) as sdk:
         assert sdk.instances.get(kept).network.ip == kept_ip  # type: ignore[union-attr]
         assert sdk.instances.get(saved).network.ip == saved_ip  # type: ignore[union-attr]
+        assert tap_name(died) not in links_in(namespace) and tap_name(kept) in links_in(namespace)
         fresh, fresh_ip = running(sdk, "fresh")
         assert fresh_ip not in (kept_ip, saved_ip)
         assert sdk.instances.restore(saved).state == "Running"
-        namespace = harness.namespace_of(data)
-        assert namespace is not None
         for ip in (kept_ip, saved_ip, fresh_ip):
             assert "busybox httpd" in page_of(namespace, ip)
-        del fresh
+        sdk.instances.delete(fresh)
+        assert tap_name(fresh) not in links_in(namespace)
+
+
+def links_in(namespace: str) -> set[str]:
+    shown = subprocess.run(["ip", "-n", namespace, "-o", "link"], capture_output=True, text=True, check=True)
+    return {line.split(":")[1].strip().split("@")[0] for line in shown.stdout.splitlines()}
+
+
+@pytest.mark.parametrize(("setting", "said"), [
+    ({"UPLINK_INTERFACE": "no-such-if"}, "uplink 'no-such-if' does not exist"),
+    ({"SUBNET_CIDR": "10.100.0.0/33"}, "10.100.0.0/33"),
+    ({"NETWORK_LIMIT": "fast"}, "NETWORK_LIMIT"),
+])
+def test_a_network_setting_that_cannot_work_stops_the_server_with_one_line(
+    setting: dict[str, str], said: str, tmp_path: Path
+) -> None:
+    if (why := netns_supported()) is not None:
+        pytest.skip(why)
+    namespace = f"hmt-{os.urandom(4).hex()}"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "hypemand.cli.main", "serve", "--port", str(free_port()),
+             "--data-dir", str(tmp_path)],
+            capture_output=True, text=True, timeout=120, env={**server_environment(namespace), **setting},
+        )
+    finally:
+        remove_namespace(namespace)
+    assert result.returncode == 1, result
+    assert "hypemand: cannot start:" in result.stderr and said in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def connect_when_listening(ip: str, port: int) -> socket.socket:
