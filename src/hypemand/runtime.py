@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from typing import TYPE_CHECKING
 
 from hypemand.auth import load_secret
 from hypemand.config import Settings
@@ -26,9 +25,6 @@ from hypemand.savedvm.jobs import CompressionJobs
 from hypemand.snapshots.service import SnapshotService
 from hypemand.system.files import SystemFiles, ensure_system_files
 from hypemand.units import UnitError, parse_rate
-
-if TYPE_CHECKING:
-    from hypemand.network import InstanceAddress
 
 log = logging.getLogger(__name__)
 
@@ -100,17 +96,6 @@ def ingress_options(settings: Settings) -> IngressOptions:
     )
 
 
-class _InstanceAddresses:
-    """The ingress's view of the instances (``InstanceManager.find_address``)."""
-
-    def __init__(self, manager: InstanceManager) -> None:
-        self.manager = manager
-
-    def find_address(self, ref: str) -> InstanceAddress | None:
-        find = getattr(self.manager, "find_address", None)
-        return find(ref) if find is not None else None
-
-
 class Runtime:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -145,8 +130,7 @@ class Runtime:
         self.hypervisor.tap_opener = self.instances.network.open_tap
         self.snapshots = SnapshotService(self.layout, self.instances, self.compression)
         self.ingresses = IngressService(
-            self.layout, ingress_options(settings), _InstanceAddresses(self.instances),
-            self._ingress_unavailable,
+            self.layout, ingress_options(settings), self.instances, self._ingress_unavailable
         )
         self.log_rotator = LogRotator(
             lambda: self.instances.table,
@@ -158,12 +142,8 @@ class Runtime:
 
     def _ingress_unavailable(self) -> str | None:
         """Why ingress has no bridge network to route to, or None when it has one."""
-        network = getattr(self.instances, "network", None)
-        if network is None:
-            return None if self.settings.network_namespace else "no bridge network is configured"
-        if network.model != "bridge":
-            return str(network.user_mode_reason or "user-mode networking")
-        return None
+        network = self.instances.network
+        return None if network.model == "bridge" else (network.user_mode_reason or "user-mode networking")
 
     def system_files(self) -> SystemFiles:
         if self.system is None:

@@ -297,9 +297,12 @@ def _occupies(rule: IngressRule) -> list[tuple[str, int]]:
     return [(key, port) for port, _ in _ports(rule)]
 
 
-def _summary(ingress: Ingress) -> str:
-    return ", ".join(f"{r.match.hostname}:{r.match.port} -> {r.target.instance}:{r.target.port}"
-                     f"{' (tls)' if r.tls else ''}" for r in ingress.rules)
+def _summary(ingress: Ingress, shown: int = 3) -> str:
+    """The first rules, for the log (a client may send a hundred)."""
+    text = ", ".join(f"{r.match.hostname}:{r.match.port} -> {r.target.instance}:{r.target.port}"
+                     f"{' (tls)' if r.tls else ''}" for r in ingress.rules[:shown])
+    more = len(ingress.rules) - shown
+    return text + (f" and {more} more rules" if more > 0 else "")
 
 
 def _load_all(layout: DataLayout) -> dict[str, Ingress]:
