@@ -125,8 +125,10 @@ class CaddyProcess:
             namespace = self.worker.namespace
             why = await asyncio.to_thread(record.mismatch, self.binary, directory, namespace)
             if why is None:
-                watch = ProcessWatch.open_verified(
-                    record.pid, lambda: record.mismatch(self.binary, directory, namespace) is None)
+                # /proc is read again around pidfd_open: the pid cannot have been reused under us.
+                watch = await asyncio.to_thread(
+                    ProcessWatch.open_verified, record.pid,
+                    lambda: record.mismatch(self.binary, directory, namespace) is None)
                 if watch is not None and await self.admin.ping():
                     self.watch = watch
                     return "adopted"
@@ -136,7 +138,7 @@ class CaddyProcess:
                     await self._end(watch)
             elif why in ("runs in another network namespace", "started with another binary or directory"):
                 log.info("Caddy (pid %d) %s: replacing it", record.pid, why)
-                stale = ProcessWatch.open_verified(record.pid, lambda: _ours(record))
+                stale = await asyncio.to_thread(ProcessWatch.open_verified, record.pid, lambda: _ours(record))
                 if stale is not None:
                     await self._end(stale)
         await self._start()
@@ -154,16 +156,11 @@ class CaddyProcess:
     async def _start(self) -> None:
         await asyncio.to_thread(self.paths.admin_socket.unlink, missing_ok=True)  # no live Caddy has it
         child = await self.worker.run(_spawn, self.binary, self.paths)
-        start_time = process_start_time(child.pid)
-        watch = ProcessWatch.open_verified(child.pid, lambda: child.poll() is None, child)
-        if start_time is None or watch is None:
+        watch = await asyncio.to_thread(self._record, child)
+        if watch is None:
             await asyncio.to_thread(child.wait)
             raise RuntimeError(f"Caddy exited at once: {await asyncio.to_thread(self.output_tail)}")
         self.watch = watch
-        record = CaddyRecord(pid=child.pid, start_time=start_time, boot_id=host_boot_id(),
-                             binary=str(self.binary), directory=self.paths.directory.resolve(),
-                             namespace=self.worker.namespace, started_at=datetime.now(UTC))
-        await asyncio.to_thread(write_model_atomic, self.paths.pid_file, record)
         deadline = asyncio.get_running_loop().time() + READY_TIMEOUT
         while not await self.admin.ping(timeout=1.0):
             if not watch.is_alive():
@@ -173,6 +170,23 @@ class CaddyProcess:
                 raise RuntimeError(f"Caddy's admin API did not answer within {READY_TIMEOUT:.0f} s")
             await asyncio.sleep(_POLL)
         log.info("Caddy started (pid %d)", child.pid)
+
+    def _record(self, child: subprocess.Popen[bytes]) -> ProcessWatch | None:
+        """Hold the new child and write ``caddy.pid``; None if it is gone already. Blocking."""
+        start_time = process_start_time(child.pid)
+        watch = ProcessWatch.open_verified(child.pid, lambda: child.poll() is None, child)
+        if start_time is None or watch is None:
+            return None
+        record = CaddyRecord(pid=child.pid, start_time=start_time, boot_id=host_boot_id(),
+                             binary=str(self.binary), directory=self.paths.directory.resolve(),
+                             namespace=self.worker.namespace, started_at=datetime.now(UTC))
+        try:
+            write_model_atomic(self.paths.pid_file, record)
+        except BaseException:
+            watch.send_signal(signal.SIGKILL)  # an unrecorded Caddy could never be adopted or stopped
+            watch.close()
+            raise
+        return watch
 
     def output_tail(self, size: int = 2000) -> str:
         """The end of Caddy's output (its messages before its log opens, or its last words)."""
