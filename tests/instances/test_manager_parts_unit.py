@@ -16,7 +16,7 @@ from hypemand.hypervisor.base import Board, VMStatus
 from hypemand.instances.admission import Demand, DiskClaim, check_capacity, open_disk_promise
 from hypemand.instances.host import HostCapacity
 from hypemand.instances.live import InstanceTable, LiveInstance
-from hypemand.instances.models import CreateInstanceRequest, InstanceRecord, InstanceState
+from hypemand.instances.models import CreateInstanceRequest, InstanceRecord, InstanceState, validate_name
 from hypemand.instances.records import OperationsLog, phase_change
 from hypemand.instances.state import Observed, StateReader, StateWatch, derive_state
 from hypemand.instances.validation import MIN_MEMORY, validate_create
@@ -239,3 +239,9 @@ def test_open_disk_promise_of_sparse_reserved_and_private_files(tmp_path: Path) 
     assert claim.open_promise(running=True, writes_memory_file=lambda _: True) == (96 << 20) - used
     # Stopped (no VMM, no standby): only the overlay.
     assert claim.open_promise(running=False, writes_memory_file=lambda _: True) == (64 << 20) - used
+
+
+@pytest.mark.parametrize("name", ["web\n", "web\nx", "-web", "web-", "Web", "", "a" * 64])
+def test_instance_names_are_checked_whole(name: str) -> None:
+    with pytest.raises(ValueError, match="lowercase letters"):
+        validate_name(name)

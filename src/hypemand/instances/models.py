@@ -44,7 +44,7 @@ class InstanceState(StrEnum):
 
 
 def validate_name(value: str) -> str:
-    if len(value) > NAME_MAX or not NAME_PATTERN.match(value):
+    if len(value) > NAME_MAX or not NAME_PATTERN.fullmatch(value):
         raise ValueError(
             f"must be 1-{NAME_MAX} lowercase letters, digits and '-', "
             "starting and ending with a letter or digit"
