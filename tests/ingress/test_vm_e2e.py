@@ -80,7 +80,10 @@ def test_a_route_to_a_vm_survives_standby_restore_and_a_server_restart(harness: 
         sdk.instances.standby(site)
         assert fetch(namespace, 80, "site.test").status in (502, 503)  # no address while in standby
         assert sdk.instances.restore(site).state == "Running"
-        served(namespace, "site.test")
+        # Running after a restore means reachable at once: same address, same TAP name, and the
+        # guest's httpd never stopped listening.
+        reply = fetch(namespace, 80, "site.test")
+        assert reply.status == 200 and PAGE in reply.body, reply
     server.stop()  # CADDY_STOP_ON_SHUTDOWN (the harness's): Caddy goes too, the VM stays
     server = started(harness, server.data_dir, port=server.port)
     served(namespace, "site.test")
