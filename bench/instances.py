@@ -73,9 +73,14 @@ class Server:
     log_path: Path
 
     @classmethod
-    def start(cls, data_dir: Path, log_path: Path) -> Server:
+    def start(cls, data_dir: Path, log_path: Path, namespace: str | None = None) -> Server:
+        """A server whose VMs are on a bridge in ``namespace`` (one the caller made), or with
+        QEMU's user-mode networking for None: a bench never builds anything in the root
+        namespace. Caddy, if the bench makes one run, stops with the server."""
         port = free_port()
-        env = dict(os.environ, HYPEMAND_SYSTEM_DIR=str(SYSTEM_DIR), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, HYPEMAND_SYSTEM_DIR=str(SYSTEM_DIR), PYTHONUNBUFFERED="1",
+                   CADDY_STOP_ON_SHUTDOWN="true", HYPEMAND_NETWORK_MODE="bridge" if namespace else "user",
+                   HYPEMAND_NETWORK_NAMESPACE=namespace or "")
         with log_path.open("ab") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "hypemand.cli.main", "serve", "--port", str(port),
