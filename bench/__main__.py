@@ -3,7 +3,9 @@
 This runs bench.boot. The others run as modules of their own, each printing same-run ratios:
 bench.instances (create -> Running through the API, GET /instances), bench.snapshots (standby,
 restore, snapshots, fork, compression on ext4 and a loop-mounted XFS), bench.compression,
-bench.boot_path, bench.agent_roundtrip, bench.hypervisor_latency, bench.image_disk_formats.
+bench.boot_path, bench.agent_roundtrip, bench.hypervisor_latency, bench.image_disk_formats, and
+bench.network (TAP vs user-mode throughput, requests/s through the ingress's Caddy vs straight to the
+VM, restore and fork with a network vs without; needs root: it makes network namespaces).
 """
 
 from __future__ import annotations
