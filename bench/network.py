@@ -36,9 +36,10 @@ Every figure is a ratio against its counterpart in the same run, runs alternated
   reported Running) against one with ``network={"enabled": False}`` (no NIC at all).
   Standby untimed, the restore call timed until it answers Running; a stored Standby snapshot
   of each, forked with ``target_state="Running"`` (the call timed; the fork deleted after).
-  By hand, for where the difference goes: the network package's ``create_tap`` (with a 1-vCPU
-  VM's default limits) + ``open_tap``, what a restore does for its NIC before QEMU starts,
-  timed in a second namespace of this bench's.
+  Where the difference goes: the steps each instance's operations log stamps (restore
+  requested -> QEMU runs -> its agent answered -> a fork's identity set), and, by hand, the
+  network package's ``create_tap`` (with a 1-vCPU VM's default limits) + ``open_tap``, what a
+  restore does for its NIC before QEMU starts, timed in a second namespace of this bench's.
 
 Aims (issue 14): through Caddy >= 0.8x the requests/s straight to the VM; restore and fork with a
 network <= 1.1x without. TAP/user is reported, not judged. Every server, Caddy and QEMU started
@@ -65,6 +66,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
@@ -386,6 +388,36 @@ def ingress_load(client: Hypeman, namespace: str, instance: str, ip: str, params
 # ---- 3. restore and fork with a network and without ------------------------------------------------
 
 
+# Steps of a restore (and a fork, which is one) in an instance's operations log, in order.
+STEPS = (("restore requested", "start"), ("VMM pid", "vmm"), ("guest agent answered", "agent"),
+         ("fork identity set", "identity"))
+
+
+def restore_steps(client: Hypeman, instance: str) -> dict[str, float]:
+    """Seconds from each step of the instance's last restore to the next, from its operations
+    log (``logs?source=hypeman``, flushed for the reader; millisecond stamps): ``vmm`` (restore
+    requested -> QEMU runs), ``agent`` (-> the agent answered, clock set), ``identity`` (-> a
+    fork's identity set). Empty when the log does not say (its wording is not a contract)."""
+    with contextlib.suppress(Exception):
+        lines = list(client.instances.logs(instance, source="hypeman", tail=50))
+        starts = [index for index, line in enumerate(lines) if "restore requested" in line]
+        if not starts:
+            return {}
+        stamps: dict[str, float] = {}
+        for line in lines[starts[-1]:]:
+            stamp, _, message = line.partition(" ")
+            for needle, key in STEPS:
+                if needle in message and key not in stamps:
+                    stamps[key] = datetime.fromisoformat(stamp).timestamp()
+        steps, previous = {}, "start"
+        for _, key in STEPS[1:]:
+            if key in stamps and previous in stamps:
+                steps[key] = stamps[key] - stamps[previous]
+                previous = key
+        return steps
+    return {}
+
+
 def restore_and_fork(client: Hypeman, params: Params, res: Results) -> None:
     guests = {"net": running(client, "with-net", network={"enabled": True}, **IDLE)[0],
               "nonet": running(client, "without-net", network={"enabled": False}, **IDLE)[0]}
@@ -408,6 +440,8 @@ def restore_and_fork(client: Hypeman, params: Params, res: Results) -> None:
     for cycle in range(params.cycles):
         for key in ("net", "nonet") if cycle % 2 == 0 else ("nonet", "net"):
             res.add(f"restore_{key}", restore(guests[key]))
+            for step, seconds in restore_steps(client, guests[key]).items():
+                res.add(f"restore_{key}_{step}", seconds)
     print(f"  restore -> Running, {params.cycles} cycles: with network "
           f"{res.med('restore_net') * 1000:.0f} ms, without {res.med('restore_nonet') * 1000:.0f} ms "
           "(medians)", flush=True)
@@ -416,7 +450,7 @@ def restore_and_fork(client: Hypeman, params: Params, res: Results) -> None:
                  for key, instance in guests.items()}
     names = iter(range(10_000))
 
-    def fork(key: str) -> float:
+    def fork(key: str, record: bool = True) -> None:
         name = f"fork-{key}-{next(names)}"
         seconds, made = timed(
             lambda: client.snapshots.fork(snapshots[key], name=name, target_state="Running"))
@@ -426,15 +460,18 @@ def restore_and_fork(client: Hypeman, params: Params, res: Results) -> None:
             has_ip = made.network is not None and made.network.ip is not None
             if has_ip != (key == "net"):
                 raise RuntimeError(f"fork {name}: network {made.network}")
+            if record:
+                res.add(f"fork_{key}", seconds)
+                for step, step_seconds in restore_steps(client, made.id).items():
+                    res.add(f"fork_{key}_{step}", step_seconds)
         finally:
             client.instances.delete(made.id)
-        return float(seconds)
 
     for key in snapshots:  # untimed: a first fork each
-        fork(key)
+        fork(key, record=False)
     for run in range(params.forks):
         for key in ("net", "nonet") if run % 2 == 0 else ("nonet", "net"):
-            res.add(f"fork_{key}", fork(key))
+            fork(key)
     print(f"  fork -> Running, {params.forks} each: with network {res.med('fork_net') * 1000:.0f} ms, "
           f"without {res.med('fork_nonet') * 1000:.0f} ms (medians)", flush=True)
     for instance in guests.values():
@@ -564,6 +601,12 @@ def report(res: Results, params: Params) -> list[tuple[str, bool, str]]:
         row("  with / without (of medians / paired)",
             f"{ratio:8.2f} / {res.paired(f'{key}_net', f'{key}_nonet'):.2f}")
         row("  with - without (paired), ms", f"{res.paired_diff(f'{key}_net', f'{key}_nonet') * 1000:8.0f}")
+        steps = [step for _, step in STEPS[1:] if res.samples.get(f"{key}_net_{step}")]
+        if steps:
+            row(f"  steps from the operations log: {' / '.join(steps)}", "")
+            for who, label in (("net", "with"), ("nonet", "without")):
+                row(f"    {label}, ms", " /".join(f"{res.med(f'{key}_{who}_{step}') * 1000:4.0f}"
+                                                for step in steps))
         checks.append((f"{what} with a network <= 1.1x without", ratio <= 1.1, f"{ratio:.2f}x"))
     if res.samples.get("tap_plumbing"):
         row("by hand: create_tap + open_tap (a restore's NIC), ms", f"{res.med('tap_plumbing') * 1000:8.1f}")
