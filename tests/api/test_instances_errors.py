@@ -237,14 +237,14 @@ UNSUPPORTED: list[dict[str, Any]] = [
     {"auto_standby": {"enabled": True, "idle_timeout": "5m"}},
     {"credentials": {"GITHUB_TOKEN": {"source": {"env": "X"}}}},
     {"disk_io_bps": "1MB/s"},
-    {"network": {"enabled": True, "bandwidth_download": "1Gbps"}},
+    {"network": {"enabled": True, "egress": {"enabled": True}}},
 ]
 
 
 @pytest.mark.parametrize("fields", UNSUPPORTED, ids=lambda f: next(iter(f)))
 def test_unsupported_fields_are_400_not_supported(env: Env, fields: dict[str, Any]) -> None:
     field = next(iter(fields))
-    mention = "bandwidth" if field == "network" else field
+    mention = "egress" if field == "network" else field
     expect_error(lambda: env.create(name="err-unsupported", **fields),
                  BadRequestError, 400, "not_supported", mention, "not supported")
 

@@ -26,6 +26,8 @@ from hypemand.images import demo
 from hypemand.instances import resources as resources_module
 from hypemand.instances.admission import DiskClaim
 from hypemand.instances.host import host_capacity
+from hypemand.instances.live import InstanceTable
+from hypemand.instances.networking import Networking
 from hypemand.layout import DataLayout
 from tests.api.conftest import SMALL
 from tests.support.event_loop import LoopSpy
@@ -53,6 +55,7 @@ class ChangingManager:
         self.allocations = spy.wrap("allocations", self._allocations)
         self.capacity = spy.wrap("capacity", lambda: host_capacity(root))
         self.hypervisor = SimpleNamespace(writes_memory_file=lambda directory: True)
+        self.network = Networking(InstanceTable(), None, None, "no network in this test")
 
     def _allocations(self) -> list[tuple[Any, bool, DiskClaim]]:
         found = []
@@ -68,7 +71,8 @@ class ChangingManager:
     def add(self, number: int) -> None:
         self.live[f"i{number}"] = SimpleNamespace(id=f"i{number}", name=f"n{number}", vcpus=1,
                                                   memory_bytes=1 << 28, hotplug_bytes=0,
-                                                  overlay_bytes=1 << 26)
+                                                  overlay_bytes=1 << 26, bandwidth_download=None,
+                                                  bandwidth_upload=None)
 
 
 async def test_resources_reads_the_live_instances_on_the_loop_and_the_disk_off_it(
