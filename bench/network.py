@@ -71,15 +71,11 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-import httpx
 from hypeman import Hypeman
 from hypeman.lib.exec import exec as sdk_exec
 
 from bench.instances import (
-    REPO,
-    SYSTEM_DIR,
     Server,
-    free_port,
     kill_pids,
     median,
     qemu_pids,
@@ -148,44 +144,6 @@ def bench_namespace() -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True, timeout=60)
-
-
-def start_server(data_dir: Path, log_path: Path, namespace: str | None, started: list[Server]) -> Server:
-    """``hypemand serve`` on the bridge in ``namespace``, or (None) with user-mode networking,
-    added to ``started`` as soon as its process exists (the caller ends it, also when this
-    fails). Caddy stops with the server (CADDY_STOP_ON_SHUTDOWN)."""
-    port = free_port()
-    env = dict(os.environ, HYPEMAND_SYSTEM_DIR=str(SYSTEM_DIR), PYTHONUNBUFFERED="1",
-               CADDY_STOP_ON_SHUTDOWN="true")
-    if namespace is None:
-        env["HYPEMAND_NETWORK_MODE"] = "user"
-        env.pop("HYPEMAND_NETWORK_NAMESPACE", None)
-    else:
-        env["HYPEMAND_NETWORK_MODE"] = "bridge"
-        env["HYPEMAND_NETWORK_NAMESPACE"] = namespace
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "hypemand.cli.main", "serve", "--port", str(port),
-             "--data-dir", str(data_dir), "--log-level", "info"],
-            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-        )  # fmt: skip
-    server = Server(f"http://127.0.0.1:{port}", "", data_dir, process, log_path)
-    started.append(server)
-    deadline = time.monotonic() + 90
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"server exited early:\n{log_path.read_text(errors='replace')[-3000:]}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"{server.base_url}/health", timeout=1).status_code == 200:
-                break
-        if time.monotonic() > deadline:
-            raise RuntimeError("server did not answer /health within 90 s")
-        time.sleep(0.1)
-    server.token = subprocess.run(
-        [sys.executable, "-m", "hypemand.cli.main", "token", "--data-dir", str(data_dir)],
-        check=True, capture_output=True, text=True, env=env,
-    ).stdout.strip()  # fmt: skip
-    return server
 
 
 def running(client: Hypeman, name: str, **spec: Any) -> tuple[str, str | None]:
@@ -514,6 +472,11 @@ def machine_state() -> str:
     return f"load average {load_avg} ({os.cpu_count()} cores), pytest processes running: {tests.strip() or 0}"
 
 
+def record(servers: list[Server], server: Server) -> Server:
+    servers.append(server)
+    return server
+
+
 def in_parallel(*actions: Callable[[], Any]) -> list[Any]:
     with ThreadPoolExecutor(len(actions)) as pool:
         return [future.result() for future in [pool.submit(action) for action in actions]]
@@ -525,9 +488,10 @@ def run(where: Path, params: Params, res: Results) -> None:
         with bench_namespace() as namespace:
             try:
                 print(f"servers: bridge in namespace {namespace}, and user mode ...", flush=True)
+                # Each start ends its own server if it fails; one that started is recorded at once.
                 bridge_server, user_server = in_parallel(
-                    lambda: start_server(where / "bridge", where / "bridge.log", namespace, servers),
-                    lambda: start_server(where / "user", where / "user.log", None, servers))
+                    lambda: record(servers, Server.start(where / "bridge", where / "bridge.log", namespace)),
+                    lambda: record(servers, Server.start(where / "user", where / "user.log")))
                 in_parallel(bridge_server.install_demo, user_server.install_demo)
                 with bridge_server.client() as bridge, user_server.client() as user:
                     models = (bridge.capabilities.get().network, user.capabilities.get().network)
