@@ -134,6 +134,21 @@ class InstancePaths:
         """The instance's own saved VM (its standby) and the disks a snapshot copies."""
         return SavedVMPaths(self.directory)
 
+    @property
+    def volume_overlays(self) -> Path:
+        return self.directory / VOLUME_OVERLAYS
+
+    def volume_overlay(self, volume_id: str) -> Path:
+        return volume_overlay(self.directory, volume_id)
+
+
+VOLUME_OVERLAYS = "vol-overlays"
+
+
+def volume_overlay(instance_directory: Path, volume_id: str) -> Path:
+    """An instance's private copy-on-write upper disk over a shared volume (overlay mode)."""
+    return instance_directory / VOLUME_OVERLAYS / f"{volume_id}.raw"
+
 
 SNAPSHOT_RECORD = "snapshot.json"
 SNAPSHOT_PAYLOAD = "guest"  # the saved VM's files (see hypemand.savedvm)
@@ -153,6 +168,28 @@ class SnapshotPaths:
     @property
     def payload(self) -> SavedVMPaths:
         return SavedVMPaths(self.directory / SNAPSHOT_PAYLOAD)
+
+
+# ---- volumes/ ------------------------------------------------------------------------------------
+
+VOLUME_RECORD = "volume.json"
+VOLUME_DISK = "data.raw"
+VOLUME_STAGING_PREFIX = ".staging-"
+
+
+class VolumePaths:
+    """One volume: its record and its disk (a sparse ext4 image)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def record(self) -> Path:
+        return self.directory / VOLUME_RECORD
+
+    @property
+    def disk(self) -> Path:
+        return self.directory / VOLUME_DISK
 
 
 # ---- images/ -------------------------------------------------------------------------------------
@@ -466,6 +503,18 @@ class DataLayout:
     def fork_staging(self, token: str) -> SnapshotPaths:
         """A fork of an instance copies its saved VM here first (removed after, or at start)."""
         return SnapshotPaths(self.snapshots / f"{FORK_STAGING_PREFIX}{token}")
+
+    @property
+    def volumes(self) -> Path:
+        return self.root / "volumes"
+
+    def volume(self, volume_id: str) -> VolumePaths:
+        return VolumePaths(self.volumes / volume_id)
+
+    def volume_staging(self, token: str) -> Path:
+        """Where a volume from an archive is unpacked and built before it becomes a volume
+        (removed after, or at the next start)."""
+        return self.volumes / f"{VOLUME_STAGING_PREFIX}{token}"
 
     @property
     def ingresses(self) -> Path:
