@@ -1,0 +1,1 @@
+"""Volumes: ext4 disks that outlive instances (see README.md)."""
