@@ -25,6 +25,7 @@ from hypemand.savedvm.jobs import CompressionJobs
 from hypemand.snapshots.service import SnapshotService
 from hypemand.system.files import SystemFiles, ensure_system_files
 from hypemand.units import UnitError, parse_rate
+from hypemand.volumes.service import VolumeService
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ class Runtime:
         )
         self.compression = CompressionJobs()
         network_host, user_mode_reason = network_plan(settings)
+        self.volumes = VolumeService(self.layout)  # its attachments come from the instance manager
         self.instances = InstanceManager(
             self.layout,
             self.hypervisor,
@@ -128,6 +130,9 @@ class Runtime:
         )
         # QEMU runs in the server's namespace and gets each VM's TAP as an open descriptor.
         self.hypervisor.tap_opener = self.instances.network.open_tap
+        # Attachments live in instance records: the volumes ask the instance manager for them.
+        self.instances.use_volumes(self.volumes)
+        self.volumes.attachments = self.instances
         self.snapshots = SnapshotService(self.layout, self.instances, self.compression)
         self.ingresses = IngressService(
             self.layout, ingress_options(settings), self.instances, self._ingress_unavailable
@@ -158,6 +163,7 @@ class Runtime:
         log.info("guest kernel %s, initrd %s", self.system.kernel_version, self.system.initrd_version)
         # Every VMM runs under a small supervisor; build it now, not in the first create.
         await self.hypervisor.vmm_shim()
+        await self.volumes.start()  # before the instances, whose VMs use the volumes' disks
         await self.instances.take_charge()
         await self.ingresses.start()  # after the network, whose namespace Caddy runs in
         self.log_rotator.start()

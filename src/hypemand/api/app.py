@@ -80,13 +80,14 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 def _domain_routers() -> list[tuple[APIRouter, str | None]]:
     """Routers that need a bearer token, with the scope resource each one's routes require
     (``image`` -> ``image:read`` for GET, ``image:delete`` for DELETE, ``image:write`` else)."""
-    from hypemand.api import images, ingresses, instances, snapshots, system
+    from hypemand.api import images, ingresses, instances, snapshots, system, volumes
 
     return [
         (images.router, "image"),
         (instances.router, "instance"),
         (snapshots.router, "snapshot"),
         (ingresses.router, "ingress"),
+        (volumes.router, "volume"),
         (system.router, "resource"),
         (system.unbuilt_router, None),  # 501 for any valid token
     ]

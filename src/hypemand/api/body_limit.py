@@ -7,7 +7,8 @@ counted as it arrives: once it passes the limit the refusal is sent and the appl
 the client has gone, so no reader goes on collecting it. Refusals are 413 in the shape of the
 route's protocol: ``{code, message}`` for the API, ``{"errors": [...]}`` under ``/v2``.
 
-Registry blob uploads have no limit here: they are streamed to disk in bounded pieces.
+Registry blob uploads and volume archives have no limit here: they are streamed to disk in
+bounded pieces (a volume's archive is bounded by the volume's size, in ``hypemand.volumes``).
 WebSocket messages are bounded by the server's ``ws_max_size`` (see ``limits.py``).
 """
 
@@ -28,6 +29,7 @@ _REGISTRY = re.compile(r"^/v2(/|$)")
 # The upload routes of registry.py: POST .../blobs/uploads[/], PATCH/PUT .../blobs/uploads/<id>.
 _BLOB_UPLOAD = re.compile(r"^/v2/.+/blobs/uploads(/[^/]*)?$")
 _MANIFEST = re.compile(r"^/v2/.+/manifests/[^/]+$")
+_VOLUME_ARCHIVE = "/volumes/from-archive"
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,10 @@ class Limit:
 
 
 def limit_for(path: str) -> Limit | None:
-    """The body limit of a path; None for registry blob uploads (streamed to disk)."""
+    """The body limit of a path; None for registry blob uploads and volume archives (streamed to
+    disk, bounded by their handlers)."""
+    if path == _VOLUME_ARCHIVE:
+        return None
     if not _REGISTRY.match(path):
         return Limit(MAX_JSON_BODY_BYTES, registry=False)
     if _BLOB_UPLOAD.match(path):

@@ -57,18 +57,11 @@ UNBUILT_ROUTES: list[tuple[str, str]] = [
     ("GET", "/pushes"),
     ("POST", "/pushes"),
     ("GET", "/pushes/{id}"),
-    ("GET", "/volumes"),
-    ("POST", "/volumes"),
-    ("POST", "/volumes/from-archive"),
-    ("GET", "/volumes/{id}"),
-    ("DELETE", "/volumes/{id}"),
     ("GET", "/instances/{id}/snapshot-schedule"),
     ("PUT", "/instances/{id}/snapshot-schedule"),
     ("DELETE", "/instances/{id}/snapshot-schedule"),
     ("GET", "/instances/{id}/auto-standby/status"),
     ("POST", "/instances/{id}/auto-standby/hold"),
-    ("POST", "/instances/{id}/volumes/{volume_id}"),
-    ("DELETE", "/instances/{id}/volumes/{volume_id}"),
 ]
 
 
