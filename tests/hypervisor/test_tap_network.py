@@ -13,6 +13,7 @@ import asyncio
 import errno
 import os
 from collections.abc import AsyncIterator, Iterator
+from ipaddress import IPv6Address
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,18 @@ async def launched(vms: VMs, handle: QemuVMHandle) -> QemuVMHandle:
     shim_fds = [os.readlink(f"/proc/{shim}/fd/{fd}") for fd in os.listdir(f"/proc/{shim}/fd")]
     assert "/dev/net/tun" not in shim_fds  # ...and its supervisor does not
     return handle
+
+
+def link_local(mac: str) -> str:
+    """The IPv6 link-local address the kernel derives from ``mac`` (EUI-64)."""
+    raw = bytes.fromhex(mac.replace(":", ""))
+    eui = bytes([raw[0] ^ 2]) + raw[1:3] + b"\xff\xfe" + raw[3:]
+    return str(IPv6Address(b"\xfe\x80" + bytes(6) + eui))
+
+
+async def link_locals(agent: AgentClient) -> list[str]:
+    out = await sh(agent, "ip -6 -o addr show dev eth0 scope link")
+    return [line.split()[3].split("/")[0] for line in out.splitlines() if len(line.split()) > 3]
 
 
 def copy_saved_vm(source: Path, target: Path, state_file: Path) -> None:
@@ -189,6 +202,13 @@ async def test_boot_standby_restore_and_fork_on_their_own_addresses(
         assert f"default via {host.config.gateway} dev eth0" in await sh(agent, "ip -4 route")
         identity = await sh(agent, "cat /sys/class/net/eth0/address; hostname")
         assert identity.split() == [theirs.mac, "fork-1"]
+        # The MAC changed with the link up: IPv6's link-local address, derived from the MAC, is
+        # made anew from the fork's once the carrier comes, as after a link down and up.
+        for _ in range(100):
+            if link_local(theirs.mac) in await link_locals(agent):
+                break
+            await asyncio.sleep(0.05)
+        assert await link_locals(agent) == [link_local(theirs.mac)]
 
         # Bad input is refused before anything changes: the fork keeps its address, MAC, name.
         everything = "ip -4 -o addr; ip -4 route; cat /sys/class/net/eth0/address; hostname"

@@ -429,6 +429,12 @@ class VMHandle(ABC):
         guest sees its carrier off. See :meth:`Hypervisor.restore` (``nic_down``)."""
         raise NotImplementedByBackend(f"VM {self.vm_id}: this backend cannot change the NIC's link")
 
+    async def announce(self) -> None:
+        """Tell the network where the VM's NIC now is (a RARP, and the guest's own gratuitous ARP
+        where its driver can): what a restored VM does once it runs (see :meth:`Hypervisor.restore`).
+        Nothing for a VM without a NIC, or a backend whose restore announces by itself."""
+        return None
+
     @abstractmethod
     async def disk_io_status(self) -> dict[str, DiskIOStatus]:
         """Each disk's I/O state by serial. A VM in ``VMStatus.IO_ERROR`` has at least one disk
@@ -494,7 +500,11 @@ class Hypervisor(ABC):
         ``nic_down``: the VM runs with its NIC unplugged until ``handle.set_nic_link(True)``. For a
         fork: until the agent gave it its own identity, its guest still has the source's MAC and
         IP, and whatever it sends (the announcements every restored guest makes, a retransmit)
-        would teach the network that the source lives behind the fork's port."""
+        would teach the network that the source lives behind the fork's port.
+
+        The restored VM does not announce itself yet (the guest would do it on the vCPU its agent
+        needs to answer the restore): the caller calls ``handle.announce()`` once the restore is
+        done, and for a fork once its NIC is plugged in."""
         raise NotImplementedByBackend(f"{self.name} does not support restore")
 
     def prepare_fork(self, directory: Path, fork: ForkIdentity) -> None:

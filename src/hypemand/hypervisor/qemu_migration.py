@@ -36,9 +36,12 @@ STATE_FILE_ROOM = 4 * MIB
 async def prepare_migration(handle: QemuVMHandle) -> None:
     """Migration settings every save and restore uses: RAM in the shared file is not sent
     (x-ignore-shared), and no bandwidth limit (QEMU's default of 128 MiB/s applies to a
-    stopped VM too)."""
+    stopped VM too). No announcement when a state is loaded: the guest would make it the moment
+    it runs, on the one vCPU its agent needs to answer the restore; ``QemuVMHandle.announce``
+    makes it once the restore is done (a fork, unplugged, has nothing to announce before its
+    own identity)."""
     await handle.qmp("migrate-set-capabilities", {"capabilities": [_IGNORE_SHARED]})
-    await handle.qmp("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH})
+    await handle.qmp("migrate-set-parameters", {"max-bandwidth": MIGRATION_BANDWIDTH, "announce-rounds": 0})
     handle.migration_ready = True
 
 

@@ -39,6 +39,11 @@ POWER_BUTTON_REPEAT = 1.0
 KILL_TIMEOUT = 10.0
 # A supervisor records the exit within milliseconds of QEMU's end (one small fsynced file).
 SUPERVISOR_EXIT_TIMEOUT = 5.0
+# ``announce``: QEMU's own defaults for the announcements after an incoming migration (ms), which
+# the launch turns off there (``qemu_migration.prepare_migration``): a RARP from QEMU and, from a
+# guest whose virtio-net driver can (VIRTIO_NET_F_GUEST_ANNOUNCE), its gratuitous ARP, unsolicited
+# neighbour advertisements and multicast reports; 5 rounds over about a second.
+ANNOUNCE = {"initial": 50, "max": 550, "rounds": 5, "step": 100}
 
 _KNOWN_STATUSES = {status.value for status in VMStatus}
 _KNOWN_IO_STATUSES = {status.value for status in DiskIOStatus}
@@ -95,6 +100,10 @@ class QemuVMHandle(VMHandle):
         # Named by its backend (net0): QEMU sets the link of the backend and of the NIC on it, and
         # the guest's virtio-net driver sees its carrier go down or up.
         await self.qmp("set_link", {"name": "net0", "up": up})
+
+    async def announce(self) -> None:
+        if self.has_nic:
+            await self.qmp("announce-self", ANNOUNCE)
 
     async def disk_io_status(self) -> dict[str, DiskIOStatus]:
         devices = await self.qmp("query-block")

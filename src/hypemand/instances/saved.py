@@ -189,6 +189,8 @@ class SavedVMOperations:
             self.oplog.write(live, "restore: guest agent answered, guest clock set")
         if live.record.identity_pending:
             await self.new_identity(live)
+        else:
+            await self._announce(live)
 
     # ---- snapshots: capture, restore in place, fork ---------------------------------------------
 
@@ -372,9 +374,22 @@ class SavedVMOperations:
         await self.agents.give_identity(live, self.network.guest_network(live.record))
         if self._unplugged_until_identity(live) and live.handle is not None:
             await live.handle.set_nic_link(True)
+        await self._announce(live)
         now = utcnow()
         await records.update(live, program_started_at=now, agent_ready_at=now, identity_pending=False)
         self.oplog.write(live, "fork identity set: RNG reseeded from host entropy, MAC and hostname changed")
+
+    @staticmethod
+    async def _announce(live: LiveInstance) -> None:
+        """The restored VM tells the network where it is now (the TAP is new), once its agent
+        answered rather than while it should (see ``Hypervisor.restore``). Best effort: the
+        bridge learns the VM's port from its next frame anyway."""
+        if live.handle is None:
+            return
+        try:
+            await live.handle.announce()
+        except DomainError as exc:
+            log.warning("instance %s: could not announce the restored VM: %s", live.id, exc)
 
     async def _complete_identity(self, live: LiveInstance) -> None:
         try:

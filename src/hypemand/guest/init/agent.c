@@ -1199,8 +1199,9 @@ static void handle_identity(uint32_t id, struct rd *r)
         return;
     }
     char err[256];
-    /* With a new address to follow, the old one is not announced with the new MAC. */
-    if (mac_len && netconf_set_mac("eth0", mac, !net_len, err, sizeof(err)) != 0) {
+    /* With a new address to follow, the old one is not announced with the new MAC, and its routes
+     * are not kept: the network step replaces them. */
+    if (mac_len && netconf_set_mac("eth0", mac, net_len != 0, err, sizeof(err)) != 0) {
         send_error_text(id, errno, err);
         return;
     }

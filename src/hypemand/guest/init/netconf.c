@@ -253,14 +253,11 @@ static int announce(int sock, const char *ifname, const unsigned char mac[6], ui
     return sent == (ssize_t)sizeof(frame) ? 0 : -1;
 }
 
-int netconf_set_mac(const char *ifname, const unsigned char mac[6], int announce_address, char *err,
-                    size_t errlen)
+/* The change with the link taken down and up again, for a driver that cannot change its address
+ * live (see netconf_set_mac). */
+static int set_mac_down_up(int sock, const char *ifname, const unsigned char mac[6], int readdressing, char *err,
+                           size_t errlen)
 {
-    int sock = with_socket();
-    if (sock < 0) {
-        snprintf(err, errlen, "socket: %s", strerror(errno));
-        return -1;
-    }
     int failed = 0; /* errno of the first failure */
     struct ifreq ifr, addr, mask;
     memset(&ifr, 0, sizeof(ifr));
@@ -276,7 +273,9 @@ int netconf_set_mac(const char *ifname, const unsigned char mac[6], int announce
     uint32_t addr_be = has_addr ? ((struct sockaddr_in *)&addr.ifr_addr)->sin_addr.s_addr : 0;
     uint32_t mask_be = has_addr ? ((struct sockaddr_in *)&mask.ifr_netmask)->sin_addr.s_addr : 0;
     struct saved_route routes[SAVED_ROUTES_MAX];
-    size_t route_count = (flags & IFF_UP) ? save_routes(ifname, addr_be, mask_be, routes, SAVED_ROUTES_MAX) : 0;
+    /* Routes the caller replaces next need not be kept. */
+    size_t route_count =
+        (flags & IFF_UP) && !readdressing ? save_routes(ifname, addr_be, mask_be, routes, SAVED_ROUTES_MAX) : 0;
 
     if (flags & IFF_UP) {
         ifr.ifr_flags = (short)(flags & ~IFF_UP);
@@ -321,12 +320,11 @@ int netconf_set_mac(const char *ifname, const unsigned char mac[6], int announce
             snprintf(err, errlen, "%s: restore route to %s: %s", ifname, dst, strerror(failed));
         }
     }
-    if (!failed && has_addr && announce_address && announce(sock, ifname, mac, addr_be) != 0) {
+    if (!failed && has_addr && !readdressing && announce(sock, ifname, mac, addr_be) != 0) {
         failed = errno;
         snprintf(err, errlen, "%s: announce the new address (gratuitous ARP): %s", ifname, strerror(failed));
     }
 out:
-    close(sock);
     if (failed) {
         errno = failed;
         return -1;
@@ -334,12 +332,106 @@ out:
     return 0;
 }
 
+/* IPv6 on ifname, from its disable_ipv6 sysctl: 1 enabled, 0 disabled, -1 unknown (no IPv6, or no
+ * /proc/sys). */
+static int ipv6_enabled(const char *ifname)
+{
+    char path[96], value = '?';
+    snprintf(path, sizeof(path), "/proc/sys/net/ipv6/conf/%s/disable_ipv6", ifname);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    if (read(fd, &value, 1) != 1)
+        value = '?';
+    close(fd);
+    return value == '0' ? 1 : value == '1' ? 0 : -1;
+}
+
+static int set_ipv6_disabled(const char *ifname, int disabled)
+{
+    char path[96];
+    snprintf(path, sizeof(path), "/proc/sys/net/ipv6/conf/%s/disable_ipv6", ifname);
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return -1;
+    ssize_t written = write(fd, disabled ? "1" : "0", 1);
+    int saved = errno;
+    close(fd);
+    errno = saved;
+    return written == 1 ? 0 : -1;
+}
+
+int netconf_set_mac(const char *ifname, const unsigned char mac[6], int readdressing, char *err, size_t errlen)
+{
+    int sock = with_socket();
+    if (sock < 0) {
+        snprintf(err, errlen, "socket: %s", strerror(errno));
+        return -1;
+    }
+    int rc;
+    struct ifreq ifr;
+    memset(&ifr, 0, sizeof(ifr));
+    snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
+    if (ioctl(sock, SIOCGIFFLAGS, &ifr) != 0) {
+        int failed = errno;
+        snprintf(err, errlen, "%s: get flags: %s", ifname, strerror(failed));
+        close(sock);
+        errno = failed;
+        return -1;
+    }
+    if (ifr.ifr_flags & IFF_UP) {
+        /* Live, where the driver can (virtio-net can): the link, its routes and its IPv4 address
+         * stay; the kernel itself forgets the neighbours learnt with the old MAC. IPv6 is turned
+         * off on the interface meanwhile, so that its link-local address (derived from the old
+         * MAC) goes and is made anew from the new one, as after a link down and up (at once with
+         * a carrier, else when the carrier comes). */
+        int ipv6 = ipv6_enabled(ifname) == 1;
+        if (ipv6 && set_ipv6_disabled(ifname, 1) != 0)
+            ipv6 = 0;
+        memset(&ifr.ifr_hwaddr, 0, sizeof(ifr.ifr_hwaddr));
+        ifr.ifr_hwaddr.sa_family = ARPHRD_ETHER;
+        memcpy(ifr.ifr_hwaddr.sa_data, mac, 6);
+        int live = ioctl(sock, SIOCSIFHWADDR, &ifr) == 0;
+        if (ipv6 && set_ipv6_disabled(ifname, 0) != 0 && live) {
+            int failed = errno;
+            snprintf(err, errlen, "%s: turn IPv6 on again: %s", ifname, strerror(failed));
+            close(sock);
+            errno = failed;
+            return -1;
+        }
+        if (live) {
+            rc = 0;
+            struct ifreq addr = ifr;
+            if (!readdressing && ioctl(sock, SIOCGIFADDR, &addr) == 0) {
+                uint32_t addr_be = ((struct sockaddr_in *)&addr.ifr_addr)->sin_addr.s_addr;
+                if (announce(sock, ifname, mac, addr_be) != 0) {
+                    int failed = errno;
+                    snprintf(err, errlen, "%s: announce the new address (gratuitous ARP): %s", ifname,
+                             strerror(failed));
+                    rc = -1;
+                    errno = failed;
+                }
+            }
+            close(sock);
+            return rc;
+        }
+        /* Refused (EBUSY: a driver that needs the link down): the old way, which reports a
+         * failure of its own. */
+    }
+    rc = set_mac_down_up(sock, ifname, mac, readdressing, err, errlen);
+    int saved = errno;
+    close(sock);
+    errno = saved;
+    return rc;
+}
+
 /* ---------- a new IPv4 address ---------- */
 
 #define ADDRESSES_MAX 64
 
 /* Delete every IPv4 address labelled ifname: SIOCSIFADDR with 0.0.0.0 deletes the first one
- * (what `ifconfig eth0 0.0.0.0` does), repeated while SIOCGIFADDR still finds one. */
+ * (what `ifconfig eth0 0.0.0.0` does), repeated while SIOCGIFADDR still finds one. Returns how
+ * many went, or -1. */
 static int remove_addresses(int sock, const char *ifname, char *err, size_t errlen)
 {
     for (int i = 0; i < ADDRESSES_MAX; i++) {
@@ -348,7 +440,7 @@ static int remove_addresses(int sock, const char *ifname, char *err, size_t errl
         snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
         if (ioctl(sock, SIOCGIFADDR, &ifr) != 0) {
             if (errno == EADDRNOTAVAIL)
-                return 0; /* none left */
+                return i; /* none left */
             snprintf(err, errlen, "%s: get address: %s", ifname, strerror(errno));
             return -1;
         }
@@ -365,66 +457,93 @@ static int remove_addresses(int sock, const char *ifname, char *err, size_t errl
     return -1;
 }
 
-/* Default routes through ifname, whichever gateway they use. */
+/* Default routes through ifname, whichever gateway and metric they have: SIOCDELRT naming only
+ * the destination 0.0.0.0/0 and the device matches any of them (what `route del default dev` does);
+ * repeated until there is none (ESRCH). */
 static int remove_default_routes(int sock, const char *ifname, char *err, size_t errlen)
 {
-    struct saved_route routes[SAVED_ROUTES_MAX];
-    size_t count = save_routes(ifname, 0, 0, routes, SAVED_ROUTES_MAX);
-    for (size_t i = 0; i < count; i++) {
-        if (routes[i].dst != 0 || routes[i].mask != 0)
-            continue;
+    for (int i = 0; i < SAVED_ROUTES_MAX; i++) {
         struct rtentry route;
         memset(&route, 0, sizeof(route));
         struct sockaddr_in *dst = (struct sockaddr_in *)&route.rt_dst;
         struct sockaddr_in *gw = (struct sockaddr_in *)&route.rt_gateway;
         struct sockaddr_in *mask = (struct sockaddr_in *)&route.rt_genmask;
         dst->sin_family = gw->sin_family = mask->sin_family = AF_INET;
-        gw->sin_addr.s_addr = routes[i].gateway;
-        route.rt_flags = (unsigned short)(routes[i].flags & (RTF_UP | RTF_GATEWAY));
-        route.rt_metric = (short)(routes[i].metric + 1);
+        route.rt_flags = RTF_UP;
         route.rt_dev = (char *)ifname;
-        if (ioctl(sock, SIOCDELRT, &route) != 0 && errno != ESRCH) {
+        if (ioctl(sock, SIOCDELRT, &route) != 0) {
+            if (errno == ESRCH)
+                return 0;
             snprintf(err, errlen, "%s: remove the old default route: %s", ifname, strerror(errno));
             return -1;
         }
     }
-    return 0;
+    snprintf(err, errlen, "%s: more than %d default routes", ifname, SAVED_ROUTES_MAX);
+    errno = EMLINK;
+    return -1;
 }
 
-/* Forget every neighbour (ARP) entry of ifname, from /proc/net/arp, one SIOCDARP each. */
+/* The next whitespace-separated field of *p (NUL-terminated in place), or NULL at the end of the line. */
+static char *next_field(char **p)
+{
+    char *s = *p;
+    while (*s == ' ' || *s == '\t')
+        s++;
+    if (*s == '\0' || *s == '\n')
+        return NULL;
+    char *start = s;
+    while (*s && *s != ' ' && *s != '\t' && *s != '\n')
+        s++;
+    if (*s == ' ' || *s == '\t')
+        *s++ = '\0';
+    *p = s;
+    return start;
+}
+
+/* Forget every neighbour (ARP) entry of ifname, from /proc/net/arp, one SIOCDARP each. Read and
+ * split by hand, not with stdio's scanf: in a guest just restored under TCG every code path runs
+ * for the first time, and scanf's alone costs tens of milliseconds there. */
 static int flush_neighbours(int sock, const char *ifname, char *err, size_t errlen)
 {
-    FILE *f = fopen("/proc/net/arp", "re");
-    if (!f) {
+    static char text[16384];
+    int fd = open("/proc/net/arp", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
         snprintf(err, errlen, "/proc/net/arp: %s", strerror(errno));
         return -1;
     }
-    char line[256];
-    int rc = 0;
-    if (fgets(line, sizeof(line), f)) { /* header */
-        while (fgets(line, sizeof(line), f)) {
-            char ip[INET_ADDRSTRLEN + 1], device[IFNAMSIZ + 1];
-            unsigned hw_type, flags;
-            char hw[32], mask[32];
-            if (sscanf(line, "%16s 0x%x 0x%x %31s %31s %16s", ip, &hw_type, &flags, hw, mask, device) != 6 ||
-                strcmp(device, ifname) != 0)
-                continue;
-            struct arpreq req;
-            memset(&req, 0, sizeof(req));
-            struct sockaddr_in *pa = (struct sockaddr_in *)&req.arp_pa;
-            pa->sin_family = AF_INET;
-            if (inet_pton(AF_INET, ip, &pa->sin_addr) != 1)
-                continue;
-            snprintf(req.arp_dev, sizeof(req.arp_dev), "%s", ifname);
-            if (ioctl(sock, SIOCDARP, &req) != 0 && errno != ENXIO) {
-                snprintf(err, errlen, "%s: forget the neighbour %s: %s", ifname, ip, strerror(errno));
-                rc = -1;
-                break;
-            }
+    size_t used = 0;
+    ssize_t got;
+    while (used < sizeof(text) - 1 && (got = read(fd, text + used, sizeof(text) - 1 - used)) > 0)
+        used += (size_t)got;
+    close(fd);
+    text[used] = '\0';
+    char *line = strchr(text, '\n'); /* after the header */
+    while (line && *++line) {
+        char *end = strchr(line, '\n');
+        if (end)
+            *end = '\0';
+        char *cursor = line, *fields[6];
+        int count = 0;
+        while (count < 6 && (fields[count] = next_field(&cursor)) != NULL)
+            count++;
+        line = end;
+        if (count != 6 || strcmp(fields[5], ifname) != 0)
+            continue;
+        struct arpreq req;
+        memset(&req, 0, sizeof(req));
+        struct sockaddr_in *pa = (struct sockaddr_in *)&req.arp_pa;
+        pa->sin_family = AF_INET;
+        if (inet_pton(AF_INET, fields[0], &pa->sin_addr) != 1)
+            continue;
+        snprintf(req.arp_dev, sizeof(req.arp_dev), "%s", ifname);
+        if (ioctl(sock, SIOCDARP, &req) != 0 && errno != ENXIO) {
+            snprintf(err, errlen, "%s: forget the neighbour %s: %s", ifname, fields[0], strerror(errno));
+            return -1;
         }
+        if (!line)
+            break;
     }
-    fclose(f);
-    return rc;
+    return 0;
 }
 
 int netconf_readdress(const char *ifname, uint32_t ip_be, int prefix, uint32_t gateway_be, char *err, size_t errlen)
@@ -438,9 +557,15 @@ int netconf_readdress(const char *ifname, uint32_t ip_be, int prefix, uint32_t g
     struct ifreq ifr;
     memset(&ifr, 0, sizeof(ifr));
     snprintf(ifr.ifr_name, IFNAMSIZ, "%s", ifname);
-    if (remove_default_routes(sock, ifname, err, errlen) != 0 || remove_addresses(sock, ifname, err, errlen) != 0 ||
-        set_ipv4(sock, ifname, ip_be, prefix, gateway_be, err, errlen) != 0 ||
-        flush_neighbours(sock, ifname, err, errlen) != 0)
+    if (remove_default_routes(sock, ifname, err, errlen) != 0)
+        goto out;
+    int removed = remove_addresses(sock, ifname, err, errlen);
+    if (removed < 0 || set_ipv4(sock, ifname, ip_be, prefix, gateway_be, err, errlen) != 0)
+        goto out;
+    /* Removing an interface's last IPv4 address makes the kernel forget all its neighbours
+     * (fib_disable_ip -> arp_ifdown), whatever their state: only an interface that had none to
+     * remove needs its table read. */
+    if (removed == 0 && flush_neighbours(sock, ifname, err, errlen) != 0)
         goto out;
     if (ioctl(sock, SIOCGIFHWADDR, &ifr) != 0) {
         snprintf(err, errlen, "%s: get hardware address: %s", ifname, strerror(errno));

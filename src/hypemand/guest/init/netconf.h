@@ -14,17 +14,18 @@ int netconf_wait_for_link(const char *ifname, int timeout_ms);
 /* Address ip/prefix on ifname, bring it up, default route via gateway (may be NULL). */
 int netconf_ipv4(const char *ifname, const char *ip, int prefix, const char *gateway, char *err, size_t errlen);
 
-/* Give ifname the Ethernet address mac. The link goes down for the change (SIOCSIFHWADDR needs
- * that unless the driver can change it live) and comes back up if it was up. Taking the link down
- * makes the kernel drop the routes through it: they are read from /proc/net/route beforehand and
- * added again (all but the prefix route of the interface's own address, which the kernel restores
- * itself); the IPv4 address survives a link down, but is set again should it be gone. Finally a
- * gratuitous ARP tells the neighbours (QEMU's user network among them) the new MAC, unless
- * announce_address is 0 (the address is about to be replaced: announcing it with the new MAC
- * would tell the network that the old address lives here, which for a fork is its source's).
+/* Give ifname the Ethernet address mac. With the link up the change is made live where the driver
+ * allows it (virtio-net does): the link, its routes and IPv4 address stay, and IPv6 is turned off
+ * and on again around the change so that its link-local address is made anew from the new MAC. A
+ * driver that refuses (EBUSY) gets the link taken down and up: the routes through it are read from
+ * /proc/net/route beforehand and added again (all but the prefix route of the interface's own
+ * address, which the kernel restores itself), and the IPv4 address is set again should it be gone.
+ * Unless readdressing, a gratuitous ARP then tells the neighbours (QEMU's user network among them)
+ * the new MAC. readdressing: the caller replaces the address and routes next (netconf_readdress),
+ * so none are kept and the old address is not announced (announcing it with the new MAC would
+ * tell the network that the old address lives here, which for a fork is its source's).
  * Returns 0, or -1 with errno set and a reason in err. */
-int netconf_set_mac(const char *ifname, const unsigned char mac[6], int announce_address, char *err,
-                    size_t errlen);
+int netconf_set_mac(const char *ifname, const unsigned char mac[6], int readdressing, char *err, size_t errlen);
 
 /* Give ifname the address ip_be/prefix instead of whatever it had (addresses in network byte
  * order): its default routes and every IPv4 address labelled ifname are removed (not kept as
