@@ -110,6 +110,28 @@ def wait_running(client: Hypeman, instance: Instance, phases: Phases, timeout: f
         instance = client.instances.get(instance.id)
 
 
+def volume_mount(text: str) -> dict[str, Any]:
+    """``NAME:/path[:ro][:overlay=SIZE]`` -> the create's ``VolumeMountParam`` (the server
+    resolves NAME as a volume id, name or unique id prefix). ``overlay=SIZE`` gives the VM a
+    private copy-on-write layer of SIZE over the read-only volume."""
+    parts = text.split(":")
+    if len(parts) < 2 or not parts[0] or not parts[1].startswith("/"):
+        raise CLIError(f"--volume {text!r}: expected NAME:/path[:ro][:overlay=SIZE]")
+    mount: dict[str, Any] = {"volume_id": parts[0], "mount_path": parts[1]}
+    for option in parts[2:]:
+        if option == "ro":
+            mount["readonly"] = True
+        elif option == "rw":
+            mount["readonly"] = False
+        elif option.startswith("overlay=") and option[len("overlay="):]:
+            mount.update(readonly=True, overlay=True, overlay_size=option[len("overlay="):])
+        else:
+            raise CLIError(f"--volume {text!r}: unknown option {option!r} (ro, rw or overlay=SIZE)")
+    if mount.get("overlay") and mount.get("readonly") is False:
+        raise CLIError(f"--volume {text!r}: an overlay volume is mounted read-only under its overlay")
+    return mount
+
+
 def run(
     ctx: typer.Context,
     image: Annotated[str, typer.Argument(help="image reference; pulled first when the server lacks it")],
@@ -128,6 +150,9 @@ def run(
     bandwidth_down: Annotated[str | None, typer.Option(help="download limit: 100Mbps, 125MB/s")] = None,
     bandwidth_up: Annotated[str | None, typer.Option(help="upload limit: 100Mbps, 125MB/s")] = None,
     platform: Annotated[str | None, typer.Option(help="platform to pull, os/arch")] = None,
+    volume: Annotated[list[str] | None, typer.Option(
+        "--volume", "-v",
+        help="attach a volume: NAME:/path[:ro][:overlay=SIZE] (repeatable; overlay implies ro)")] = None,
     skip_guest_agent: Annotated[bool | None, typer.Option(help="no guest agent (exec and cp will not work)")]
     = None,
     snapshot_compression_enabled: Annotated[bool | None, typer.Option(
@@ -169,6 +194,8 @@ def run(
         nic["bandwidth_upload"] = bandwidth_up
     if nic:
         params["network"] = nic
+    if volume:
+        params["volumes"] = [volume_mount(text) for text in volume]
     compression = compression_config(snapshot_compression_enabled, snapshot_compression_algorithm,
                                snapshot_compression_level)
     if compression is not None or snapshot_compression_delay:

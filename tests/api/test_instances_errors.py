@@ -229,7 +229,6 @@ def test_unknown_top_level_field_is_400(env: Env) -> None:
 
 
 UNSUPPORTED: list[dict[str, Any]] = [
-    {"volumes": [{"volume_id": "v1", "mount_path": "/data"}]},
     {"devices": ["x"]},
     {"gpu": {"profile": "x"}},
     {"health_check": {"type": "tcp", "tcp": {"port": 80}}},

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel
 
+from hypemand.api.auth import authorize
 from hypemand.api.query import tag_filter
 from hypemand.errors import BadRequest
 from hypemand.instances.manager import InstanceManager
 from hypemand.instances.models import (
+    AttachVolumeRequest,
     CreateInstanceRequest,
     Instance,
     InstanceState,
@@ -108,3 +110,28 @@ async def standby_instance(instance_id: str, request: Request) -> Instance:
 @router.post("/instances/{instance_id}/restore", response_model=Instance)
 async def restore_instance(instance_id: str, request: Request) -> Instance:
     return await _manager(request).restore(instance_id)
+
+
+async def _volume_write(request: Request) -> None:
+    """Attaching or detaching a volume also needs ``volume:write`` (as in Hypeman)."""
+    authorize(request, "volume:write")
+
+
+@router.post(
+    "/instances/{instance_id}/volumes/{volume_id}",
+    response_model=Instance,
+    dependencies=[Depends(_volume_write)],
+)
+async def attach_volume(
+    instance_id: str, volume_id: str, body: AttachVolumeRequest, request: Request
+) -> Instance:
+    return await _manager(request).attach_volume(instance_id, volume_id, body)
+
+
+@router.delete(
+    "/instances/{instance_id}/volumes/{volume_id}",
+    response_model=Instance,
+    dependencies=[Depends(_volume_write)],
+)
+async def detach_volume(instance_id: str, volume_id: str, request: Request) -> Instance:
+    return await _manager(request).detach_volume(instance_id, volume_id)

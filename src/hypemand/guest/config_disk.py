@@ -20,7 +20,7 @@ import shutil
 import struct
 import subprocess
 import zlib
-from enum import IntEnum
+from enum import IntEnum, StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator
@@ -45,6 +45,34 @@ class RecordType(IntEnum):
     NET_PREFIX = 17
     NET_GATEWAY = 18
     NET_DNS = 19
+    # One per volume, in disk order: "<mode>:<serial>:<upper serial or empty>:<mount path>"
+    # (the path last, so it may hold colons). Guests older than volumes skip it.
+    VOLUME = 32
+
+
+class VolumeMode(StrEnum):
+    RO = "ro"
+    RW = "rw"
+    OVERLAY = "overlay"  # read-only base, overlayfs with upper/ and work/ on the upper disk
+
+
+class GuestVolume(BaseModel):
+    """A volume the guest's init mounts before the program starts (disks found by serial)."""
+
+    mode: VolumeMode
+    serial: str
+    upper_serial: str | None = None
+    path: str
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/") or value == "/" or "\n" in value:
+            raise ValueError("a volume's mount path must be absolute and not /")
+        return value
+
+    def encoded(self) -> str:
+        return f"{self.mode.value}:{self.serial}:{self.upper_serial or ''}:{self.path}"
 
 
 class GuestNetwork(BaseModel):
@@ -82,6 +110,7 @@ class GuestConfig(BaseModel):
     working_dir: str = "/"
     hostname: str = "hypeman"
     network: GuestNetwork | None = None
+    volumes: list[GuestVolume] = []
 
     @field_validator("env")
     @classmethod
@@ -112,6 +141,7 @@ def encode_config(config: GuestConfig) -> bytes:
         if net.gateway:
             records.append(_record(RecordType.NET_GATEWAY, net.gateway))
         records += [_record(RecordType.NET_DNS, d) for d in net.dns]
+    records += [_record(RecordType.VOLUME, volume.encoded()) for volume in config.volumes]
     payload = b"".join(records)
     if len(payload) > MAX_PAYLOAD:
         raise BadRequest(f"guest config is {len(payload)} bytes, more than the {MAX_PAYLOAD} allowed")
@@ -124,8 +154,9 @@ def write_config_disk(path: Path, config: GuestConfig) -> None:
     write_atomic(path, encode_config(config))
 
 
-def make_overlay_disk(path: Path, size_bytes: int) -> None:
-    """Create a sparse ext4 file: the guest's writable layer (upper/ and work/ made by init)."""
+def make_overlay_disk(path: Path, size_bytes: int, label: str = "hm-overlay") -> None:
+    """Create a sparse ext4 file: the guest's writable layer (upper/ and work/ made by init);
+    also an overlay volume's private upper disk (``label`` hm-vol-upper)."""
     mke2fs = shutil.which("mke2fs") or shutil.which("mkfs.ext4")
     if mke2fs is None:
         raise DependencyMissing("making overlay disks needs mke2fs: install e2fsprogs")
@@ -137,7 +168,7 @@ def make_overlay_disk(path: Path, size_bytes: int) -> None:
         f.truncate(size_bytes)
     # Lazy init leaves inode tables and journal unwritten: they are zero in a sparse file already.
     result = subprocess.run(
-        [mke2fs, "-q", "-F", "-t", "ext4", "-m", "0", "-L", "hm-overlay",
+        [mke2fs, "-q", "-F", "-t", "ext4", "-m", "0", "-L", label,
          "-E", "lazy_itable_init=1,lazy_journal_init=1,nodiscard", str(tmp)],
         capture_output=True, text=True, check=False,
     )

@@ -20,6 +20,22 @@ BASE_KERNEL_ARGS = ("console=ttyS0", "quiet", "panic=-1")
 
 MACHINE_TYPES = {Board.QEMU_MICROVM: "microvm", Board.QEMU: "q35"}
 
+# How many virtio devices each board carries, measured with this QEMU (7.2; the command line of
+# build_qemu_argv): microvm has 24 virtio-mmio transports (with its second IOAPIC, on by
+# default; a 25th virtio-blk-device finds "No 'virtio-bus' bus"), q35 with -nodefaults has 30
+# free PCI slots (00.0 is the host bridge, 1f.x the ICH9 functions; a 31st device gets "PCI: no
+# slot/function available"). tests/volumes_attach/test_board_limits.py checks both against QEMU.
+VIRTIO_SLOTS = {Board.QEMU_MICROVM: 24, Board.QEMU: 30}
+# What every VM takes of them before any volume: the root, overlay and config disks, the agent's
+# virtio-serial controller and one NIC (counted also for a VM without one: the limit must not
+# depend on a setting).
+BASE_VIRTIO_DEVICES = 5
+
+
+def free_virtio_slots(board: Board) -> int:
+    """Virtio devices left for a VM's volume disks on ``board``."""
+    return VIRTIO_SLOTS[board] - BASE_VIRTIO_DEVICES
+
 
 def machine_type(board: Board) -> str:
     return MACHINE_TYPES[board]

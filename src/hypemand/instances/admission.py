@@ -2,12 +2,12 @@
 
 vCPUs are oversubscribed 4x, memory and disk not at all (see ``host.py``). CPU and memory are
 counted over instances whose VMM runs plus boots in flight. Disk is counted as promises still
-open: every instance's overlay may grow to its full size and a VM's RAM file must be backed in
-full, so the free space must cover what those may still take plus what the new one asks for. A
-create, start or restore beyond that is refused (409 ``insufficient_resources``) before anything
-is made; a fork is admitted when it is brought up (after its disks are copied, which its failure
-removes again). Decisions are taken one at a time under one lock; a boot in flight stays
-counted until its VMM runs.
+open: every instance's overlays (root and volume overlays) may grow to their full size and a
+VM's RAM file must be backed in full, so the free space must cover what those may still take
+plus what the new one asks for. A create, start or restore beyond that is refused (409
+``insufficient_resources``) before anything is made; a fork is admitted when it is brought up
+(after its disks are copied, which its failure removes again). Decisions are taken one at a
+time under one lock; a boot in flight stays counted until its VMM runs.
 """
 
 from __future__ import annotations
@@ -97,15 +97,23 @@ class DiskClaim:
     memory_file: Path
     memory_bytes: int
     standby_record: Path
+    # Overlay volumes' private upper disks (path, size): they may grow to their size too.
+    volume_overlays: tuple[tuple[Path, int], ...] = ()
+
+    @property
+    def overlays_bytes(self) -> int:
+        """What the instance's overlays (root and volumes') may grow to."""
+        return self.overlay_bytes + sum(size for _, size in self.volume_overlays)
 
     def open_promise(self, *, running: bool, writes_memory_file: Callable[[Path], bool]) -> int:
         """Blocking. A RAM file counts while the VM runs or is in Standby, and only if it is the
         VM's own (reserved in full)."""
         holds_memory = running or self.standby_record.exists()
         own = holds_memory and writes_memory_file(self.overlay.parent)
-        return open_disk_promise(
+        promise = open_disk_promise(
             self.overlay, self.overlay_bytes, self.memory_file if own else None, self.memory_bytes
         )
+        return promise + sum(max(0, size - _allocated(path)) for path, size in self.volume_overlays)
 
 
 def claim_of(live: LiveInstance) -> DiskClaim:
@@ -116,6 +124,11 @@ def claim_of(live: LiveInstance) -> DiskClaim:
         memory_file=live.paths.memory_file,
         memory_bytes=record.memory_bytes + record.hotplug_bytes,
         standby_record=live.paths.standby_record,
+        volume_overlays=tuple(
+            (live.paths.volume_overlay(mount.volume_id), mount.overlay_bytes)
+            for mount in record.volumes
+            if mount.overlay
+        ),
     )
 
 

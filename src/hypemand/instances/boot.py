@@ -41,6 +41,7 @@ from hypemand.guest.markers import (
     wait_for_markers,
 )
 from hypemand.hypervisor.base import Board, DiskConfig, Hypervisor, PortForward, VMConfig, VMHandle
+from hypemand.instances.volume_disk import replay_journal
 from hypemand.layout import InstancePaths
 from hypemand.system.files import SystemFiles
 
@@ -70,6 +71,12 @@ class GuestSpec(BaseModel):
     network: bool = True  # a NIC: QEMU's user-mode one, or with ``tap`` the VM's TAP
     tap: bool = False  # the caller made the TAP and gives the guest its address in ``guest``
     mac: str | None = None  # None: derived from the VM id
+    # Volumes (instances/volumes.py): their drives after the config disk, in order; overlay upper
+    # disks to make where missing (path, size); read-only disks whose ext4 journal is replayed
+    # first if a VM killed while writing left one (the guest cannot replay on a read-only disk).
+    volume_disks: list[DiskConfig] = Field(default_factory=list)
+    volume_uppers: list[tuple[Path, int]] = Field(default_factory=list)
+    volume_replays: list[Path] = Field(default_factory=list)
 
     @property
     def paths(self) -> InstancePaths:
@@ -125,6 +132,7 @@ def vm_config(spec: GuestSpec, system: SystemFiles) -> VMConfig:
             DiskConfig(path=spec.root_disk, readonly=True, serial=ROOT_SERIAL),
             DiskConfig(path=paths.overlay_disk, serial=OVERLAY_SERIAL),
             DiskConfig(path=paths.config_disk, readonly=True, serial=CONFIG_SERIAL),
+            *spec.volume_disks,
         ],
         user_network=spec.network and not spec.tap,
         tap_network=spec.network and spec.tap,
@@ -138,6 +146,11 @@ def prepare_disks(spec: GuestSpec) -> None:
     spec.directory.mkdir(parents=True, exist_ok=True)
     if not paths.overlay_disk.exists():
         make_overlay_disk(paths.overlay_disk, spec.overlay_size_bytes)
+    for upper, size in spec.volume_uppers:
+        if not upper.exists():
+            make_overlay_disk(upper, size, label="hm-vol-upper")
+    for disk in spec.volume_replays:
+        replay_journal(disk)
     guest = spec.guest
     if spec.network and guest.network is None:
         guest = guest.model_copy(update={"network": GuestNetwork.user_mode()})

@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from hypemand.errors import DomainError, InvalidState, NotFound
+from hypemand.errors import Conflict, DomainError, InvalidState, NotFound
 from hypemand.fsutil import fsync_dir, is_no_space
 from hypemand.guest.config_disk import GuestConfig
 from hypemand.guest.markers import ConsoleMarkers
@@ -35,6 +35,8 @@ from hypemand.instances.models import GuestExitInfo, InstanceRecord, InstanceSta
 from hypemand.instances.networking import Networking
 from hypemand.instances.records import OperationsLog, phase_change, utcnow
 from hypemand.instances.state import StateReader, booted
+from hypemand.instances.volumes import Attachments, VolumeDiskPath, VolumeDisks, volume_disks
+from hypemand.layout import InstancePaths
 from hypemand.savedvm.jobs import CompressionJobs
 from hypemand.system.files import SystemFiles
 
@@ -50,7 +52,15 @@ IO_ERROR_CHECK_TICKS = 5
 RESUME_MIN_FREE = 64 << 20
 
 
-def guest_spec(record: InstanceRecord, image: ReadyImage, directory: Path, network: Networking) -> GuestSpec:
+def guest_spec(
+    record: InstanceRecord,
+    image: ReadyImage,
+    directory: Path,
+    network: Networking,
+    volume_disk: VolumeDiskPath | None = None,
+) -> GuestSpec:
+    """What to boot for ``record``. ``volume_disk``: where a volume's disk lies (the volume
+    service's answer), needed when the record has volumes."""
     entrypoint = record.entrypoint if record.entrypoint is not None else (image.entrypoint or [])
     # As in docker run: a new entrypoint drops the image's cmd unless a cmd is given too.
     if record.cmd is not None:
@@ -59,7 +69,13 @@ def guest_spec(record: InstanceRecord, image: ReadyImage, directory: Path, netwo
         cmd = []
     else:
         cmd = image.cmd or []
+    volumes = VolumeDisks()
+    if record.volumes:
+        if volume_disk is None:
+            raise Conflict(f"instance {record.name} has volumes and this server has no volume service")
+        volumes = volume_disks(record.volumes, InstancePaths(directory), volume_disk)
     guest = GuestConfig(
+        volumes=list(volumes.guest),
         entrypoint=entrypoint,
         cmd=cmd,
         env={**image.env, **record.env},
@@ -80,6 +96,9 @@ def guest_spec(record: InstanceRecord, image: ReadyImage, directory: Path, netwo
         network=nic is not None,
         tap=nic == "tap",
         mac=record.mac,
+        volume_disks=list(volumes.disks),
+        volume_uppers=list(volumes.uppers),
+        volume_replays=[disk.path for disk in volumes.disks if disk.readonly],
     )
 
 
@@ -97,9 +116,11 @@ class Lifecycle:
         oplog: OperationsLog,
         compression: CompressionJobs,
         network: Networking,
+        attachments: Attachments | None = None,
     ) -> None:
         self.table = table
         self.network = network
+        self.attachments = attachments if attachments is not None else Attachments(table)
         self.hypervisor = hypervisor
         self.images = images
         self.system = system
@@ -108,6 +129,21 @@ class Lifecycle:
         self.agents = agents
         self.oplog = oplog
         self.compression = compression
+
+    async def volume_disk_of(self, live: LiveInstance) -> VolumeDiskPath | None:
+        """Where the instance's volumes' disks lie; 409 naming a volume whose disk is gone."""
+        if not live.record.volumes:
+            return None
+        catalog = self.attachments.require_catalog()
+        for mount in live.record.volumes:
+            path = catalog.disk_path(mount.volume_id)
+            if not await asyncio.to_thread(path.exists):
+                raise Conflict(
+                    f"instance {live.name}: the disk of volume {mount.volume_id} (mounted at "
+                    f"{mount.mount_path}) is gone; detach it to start the instance",
+                    code="volume_unusable",
+                )
+        return catalog.disk_path
 
     async def image_of(self, live: LiveInstance) -> ReadyImage:
         """The content the instance was created from (pinned by digest), for a boot or restore."""
@@ -122,7 +158,9 @@ class Lifecycle:
         """Launch the VMM and start watching it. A create's first boot marks the instance
         provisioned (kept by the next server); a fork does that itself once it answers."""
         async with self.network.plugged(live, keep_identity=False):
-            spec = guest_spec(live.record, image, live.paths.directory, self.network)
+            spec = guest_spec(
+                live.record, image, live.paths.directory, self.network, await self.volume_disk_of(live)
+            )
             launched = await launch_guest(self.hypervisor, self.system(), spec)
         before = live.record
         now = utcnow()

@@ -21,6 +21,7 @@ from typing import Any
 
 from hypemand.errors import BadRequest, Conflict, DomainError, InvalidState, NotFound
 from hypemand.guest.client import AgentClient
+from hypemand.guest.config_disk import make_overlay_disk
 from hypemand.hypervisor.base import Board, Hypervisor
 from hypemand.hypervisor.qemu_cmdline import guest_mac
 from hypemand.images.errors import ImageNotFound
@@ -33,6 +34,7 @@ from hypemand.instances.host import HostCapacity, host_capacity, process_usage
 from hypemand.instances.lifecycle import Lifecycle
 from hypemand.instances.live import InstanceTable, LiveInstance, mutating
 from hypemand.instances.models import (
+    AttachVolumeRequest,
     CreateInstanceRequest,
     Instance,
     InstanceRecord,
@@ -41,6 +43,8 @@ from hypemand.instances.models import (
     StandbyInstanceRequest,
     StartInstanceRequest,
     UpdateInstanceRequest,
+    VolumeMountRecord,
+    VolumeMountRequest,
     WaitForStateResponse,
     validate_name,
 )
@@ -57,12 +61,20 @@ from hypemand.instances.validation import (
     normalized_policy,
     validate_create,
 )
+from hypemand.instances.volumes import (
+    Attachments,
+    MountWish,
+    VolumeCatalog,
+    plan_mount,
+    require_readonly,
+)
 from hypemand.layout import DataLayout, InstancePaths
 from hypemand.network import InstanceAddress, NetworkHost
 from hypemand.savedvm.files import SavedVMFiles
 from hypemand.savedvm.jobs import CompressionJobs
 from hypemand.system.files import SystemFiles
 from hypemand.units import format_size
+from hypemand.volumes.models import VolumeAttachment
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +112,8 @@ class InstanceManager:
             self.table, network_host.config if network_host else None, network_host, user_mode_reason
         )
         self.admission = Admission(self.table, self.capacity, hypervisor.writes_memory_file)
+        # Volumes attached to instances (the volume service is given by use_volumes).
+        self.attachments = Attachments(self.table)
         self.lifecycle = Lifecycle(
             table=self.table,
             hypervisor=hypervisor,
@@ -111,6 +125,7 @@ class InstanceManager:
             oplog=self.oplog,
             compression=compression,
             network=self.network,
+            attachments=self.attachments,
         )
         self.saved = SavedVMOperations(
             table=self.table,
@@ -126,6 +141,15 @@ class InstanceManager:
         )
         self._sweeper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+
+    def use_volumes(self, catalog: VolumeCatalog) -> None:
+        """The volume service: where volumes are found, their disks and their locks."""
+        self.attachments.catalog = catalog
+
+    def attachments_of(self, volume_id: str) -> list[VolumeAttachment]:
+        """The volume's attachments, from the records in memory (the volume service's
+        ``AttachmentDirectory``): synchronous, never waits."""
+        return self.attachments.attachments_of(volume_id)
 
     # ---- the manager's own lifecycle --------------------------------------------------------------
 
@@ -282,13 +306,18 @@ class InstanceManager:
             self.network.bandwidth(request.network, shape.vcpus, os.cpu_count() or 1)
             if network_enabled else (None, None)
         )
+        mounts = self._plan_create_mounts(request, shape.board)
         ready = await self._ready_image(request.image)
         instance_id = new_instance_id()
         paths = self.layout.instance(instance_id)
-        # Its overlay may grow to its full size and its RAM file is backed in full.
-        disk = shape.overlay_bytes + shape.memory_demand
+        # Its overlays (root and volumes') may grow to their full size and its RAM file is
+        # backed in full.
+        disk = shape.overlay_bytes + shape.memory_demand + sum(m.overlay_bytes for m in mounts)
         demand = Demand(shape.vcpus, shape.memory_demand, ready.digest, disk)
-        async with self.admission.new_instance(instance_id, request.name, demand):
+        async with (
+            self.admission.new_instance(instance_id, request.name, demand),
+            self.attachments.claim(instance_id, mounts),
+        ):
             try:
                 now = utcnow()
                 record = InstanceRecord(
@@ -315,6 +344,7 @@ class InstanceManager:
                     expires_at=shape.expires_at,
                     created_at=now,
                     phase_since=now,
+                    volumes=mounts,
                 )
                 live = LiveInstance(record=record, paths=paths)
                 await records.save(live)
@@ -328,6 +358,14 @@ class InstanceManager:
                 await self.lifecycle.discard(instance_id, paths.directory)
                 raise
         return await self.reader.view(live)
+
+    def _plan_create_mounts(self, request: CreateInstanceRequest, board: Board) -> list[VolumeMountRecord]:
+        """The attachments a create asks for, checked (400 paths, overlay, count; 404 volume)."""
+        mounts: list[VolumeMountRecord] = []
+        for wish in request.volumes or []:
+            volume = self.attachments.resolve(wish.volume_id)
+            mounts.append(plan_mount(_wish(wish), volume.id, mounts, board))
+        return mounts
 
     async def _ready_image(self, name: str) -> ReadyImage:
         """The image to boot: pulled first if this server does not have it, and waited for
@@ -354,6 +392,65 @@ class InstanceManager:
                 await records.update(live, **changes)
                 self.oplog.write(live, f"update: {', '.join(sorted(changes))}")
         return await self.reader.view(live)
+
+    async def attach_volume(self, ref: str, volume_ref: str, request: AttachVolumeRequest) -> Instance:
+        """Attach a volume to a Stopped instance (its disks are on the command line of a running
+        VM, a standby and a snapshot, so only a fresh boot takes a change)."""
+        live = self.table.resolve(ref)
+        volume = self.attachments.resolve(volume_ref)
+        wish = MountWish(
+            volume.id, request.mount_path, request.readonly, request.overlay, request.overlay_size
+        )
+        async with mutating(live):
+            await self._require_stopped(live, "attach a volume to")
+            mount = plan_mount(wish, volume.id, live.record.volumes, live.record.board)
+            async with self.attachments.locked([volume.id]):
+                self.attachments.check_shareable([mount], live.id)
+                if mount.overlay:
+                    upper = live.paths.volume_overlay(volume.id)
+                    await asyncio.to_thread(_fresh_upper_disk, upper, mount.overlay_bytes)
+                await records.update(live, volumes=[*live.record.volumes, mount])
+            mode = "overlay" if mount.overlay else "read-only" if mount.readonly else "read-write"
+            self.oplog.write(
+                live, f"volume {volume.name} ({volume.id}) attached {mode} at {mount.mount_path}"
+            )
+        return await self.reader.view(live)
+
+    async def detach_volume(self, ref: str, volume_ref: str) -> Instance:
+        """Detach a volume from a Stopped instance; an overlay volume's private upper disk goes
+        with the attachment. The volume itself is kept."""
+        live = self.table.resolve(ref)
+        async with mutating(live):
+            mounts = live.record.volumes
+            found = [m for m in mounts if m.volume_id == volume_ref]
+            if not found:
+                try:
+                    volume_id = self.attachments.resolve(volume_ref).id
+                except NotFound:
+                    volume_id = volume_ref
+                found = [m for m in mounts if m.volume_id == volume_id]
+            if not found:
+                raise NotFound(f"volume {volume_ref!r} is not attached to instance {live.name}")
+            await self._require_stopped(live, "detach a volume from")
+            mount = found[0]
+            await records.update(live, volumes=[m for m in mounts if m.volume_id != mount.volume_id])
+            if mount.overlay:
+                await asyncio.to_thread(live.paths.volume_overlay(mount.volume_id).unlink, missing_ok=True)
+            self.oplog.write(live, f"volume {mount.volume_id} detached from {mount.mount_path}")
+        return await self.reader.view(live)
+
+    async def _require_stopped(self, live: LiveInstance, what: str) -> None:
+        state = (await self.reader.state(live)).state
+        if state is not InstanceState.STOPPED:
+            raise InvalidState(
+                f"instance {live.name} is {state.value}: stop it to {what} it (volumes are attached "
+                "and detached only while an instance is Stopped)"
+            )
+
+    def require_readonly_volumes(self, ref: str, what: str) -> None:
+        """Snapshots and forks only of instances whose attachments are all read-only (409)."""
+        live = self.table.resolve(ref)
+        require_readonly(live.name, live.record.volumes, what)
 
     async def delete(self, ref: str, graceful: bool = False) -> None:
         live = self.table.resolve(ref)
@@ -395,13 +492,15 @@ class InstanceManager:
         """Copy what a snapshot of ``kind`` holds into ``target``, under the instance's lock."""
         live = self.table.resolve(ref)
         async with mutating(live):
+            require_readonly(live.name, live.record.volumes, "a snapshot or fork")
             return await self.saved.capture(live, kind, target)
 
     async def restore_snapshot(
         self, ref: str, source: SavedVM, target: InstanceState, board: Board | None
     ) -> Instance:
         live = self.table.resolve(ref)
-        async with mutating(live):
+        # The snapshot's attachments become the instance's: they must still be allowed.
+        async with mutating(live), self.attachments.claim(live.id, source.record.volumes):
             await self.saved.restore_snapshot(live, source, target, board)
         return await self.reader.view(live)
 
@@ -412,7 +511,10 @@ class InstanceManager:
             raise BadRequest(f"name: {exc}", code="invalid_name") from None
         instance_id = new_instance_id()
         paths = self.layout.instance(instance_id)
-        async with self.admission.new_instance(instance_id, name, None):
+        async with (
+            self.admission.new_instance(instance_id, name, None),
+            self.attachments.claim(instance_id, source.record.volumes),
+        ):
             try:
                 live = await self.saved.fork_into(paths, name, source, target, board)
             except BaseException:
@@ -465,3 +567,15 @@ class InstanceManager:
                     except Exception:
                         # The sweep goes on for the other instances (and this one next time).
                         log.exception("instance %s: expiry delete failed", live.id)
+
+
+def _wish(request: VolumeMountRequest) -> MountWish:
+    return MountWish(
+        request.volume_id, request.mount_path, request.readonly, request.overlay, request.overlay_size
+    )
+
+
+def _fresh_upper_disk(path: Path, size: int) -> None:
+    """Blocking: a new, empty upper disk for an overlay attachment (a left-over one goes)."""
+    path.unlink(missing_ok=True)
+    make_overlay_disk(path, size, label="hm-vol-upper")

@@ -127,7 +127,6 @@ class NetworkRequest(BaseModel):
 # Fields of the API that later work will build: accepted in the schema so that a request using
 # them gets a clear "not supported yet" instead of a generic unknown-field error.
 UNSUPPORTED_CREATE_FIELDS = (
-    "volumes",
     "devices",
     "gpu",
     "health_check",
@@ -136,6 +135,52 @@ UNSUPPORTED_CREATE_FIELDS = (
     "credentials",
     "disk_io_bps",
 )
+
+
+class VolumeMountRequest(BaseModel):
+    """One volume to attach at create (the SDK's ``VolumeMountParam``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    volume_id: str = Field(min_length=1, max_length=512)
+    mount_path: str = Field(min_length=1, max_length=4096)
+    readonly: bool = False
+    overlay: bool = False
+    overlay_size: str | None = None
+
+
+class AttachVolumeRequest(BaseModel):
+    """``POST /instances/{id}/volumes/{volume_id}``: the SDK sends ``mount_path`` and
+    ``readonly``; ``overlay`` and ``overlay_size`` are accepted too (as on create)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mount_path: str = Field(min_length=1, max_length=4096)
+    readonly: bool = False
+    overlay: bool = False
+    overlay_size: str | None = None
+
+
+class VolumeMountRecord(BaseModel):
+    """An attachment, kept only in the instance's record (a volume's ``attachments`` are derived
+    from every instance's). ``overlay_bytes``: the size of the instance's private upper disk
+    (``vol-overlays/<volume_id>.raw``) in overlay mode, else 0."""
+
+    volume_id: str
+    mount_path: str
+    readonly: bool
+    overlay: bool = False
+    overlay_bytes: int = 0
+
+
+class VolumeMount(WireModel):
+    """An attachment as the API shows it (the SDK's ``VolumeMount``)."""
+
+    volume_id: str
+    mount_path: str
+    readonly: bool
+    overlay: bool
+    overlay_size: str | None = None
 
 
 class CreateInstanceRequest(BaseModel):
@@ -159,7 +204,7 @@ class CreateInstanceRequest(BaseModel):
     ttl: str | None = None
     expires_at: datetime | None = None
     snapshot_policy: SnapshotPolicy | None = None
-    volumes: list[Any] | None = None
+    volumes: list[VolumeMountRequest] | None = None
     devices: list[Any] | None = None
     gpu: dict[str, Any] | None = None
     health_check: dict[str, Any] | None = None
@@ -280,7 +325,7 @@ class Instance(WireModel):
     current_phase: str
     current_phase_since: datetime
     phase_durations_ms: dict[str, int]
-    volumes: list[Any] = Field(default_factory=list)
+    volumes: list[VolumeMount] = Field(default_factory=list)
 
 
 class WaitForStateResponse(WireModel):
@@ -360,6 +405,8 @@ class InstanceRecord(BaseModel):
     phase: str = "created"
     phase_since: datetime
     phase_ms: dict[str, int] = Field(default_factory=dict)
+    # Volumes attached, in the order the guest gets their disks (see instances/volumes.py).
+    volumes: list[VolumeMountRecord] = Field(default_factory=list)
 
 
 class StandbyInstanceRequest(BaseModel):

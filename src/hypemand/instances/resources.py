@@ -177,6 +177,7 @@ class ResourceInputs:
     capacity: Callable[[], HostCapacity]  # the host's, read from the file system
     writes_memory_file: Callable[[Path], bool]  # the hypervisor's: a VM's RAM file is its own
     images_dir: Path
+    volumes_dir: Path | None  # the volumes' disks (volumes_bytes)
     data_dirs: tuple[Path, ...]  # what the server keeps on the data disk besides images
     holdings: tuple[Holding, ...]
     network: NetworkFacts
@@ -202,6 +203,7 @@ def resource_inputs(manager: InstanceManager) -> ResourceInputs:
         capacity=manager.capacity,
         writes_memory_file=manager.hypervisor.writes_memory_file,
         images_dir=layout.images,
+        volumes_dir=layout.volumes,
         data_dirs=(layout.guests, layout.snapshots),
         holdings=holdings,
         network=manager.network.facts(),
@@ -221,7 +223,7 @@ def resources(inputs: ResourceInputs) -> Resources:
     cpu = memory = overlays = promised = bandwidth = 0
     for holding in inputs.holdings:
         claim = holding.disk
-        overlays += sparse_size(claim.overlay)
+        overlays += sparse_size(claim.overlay) + sum(sparse_size(path) for path, _ in claim.volume_overlays)
         promised += claim.open_promise(running=holding.active, writes_memory_file=inputs.writes_memory_file)
         with_memory = holding.active or claim.standby_record.exists()
         network = max(holding.download_bps, holding.upload_bps) if holding.active else 0
@@ -235,13 +237,14 @@ def resources(inputs: ResourceInputs) -> Resources:
                 instance_name=holding.instance_name,
                 cpu=holding.vcpus if holding.active else 0,
                 memory_bytes=holding.memory_bytes if holding.active else 0,
-                disk_bytes=claim.overlay_bytes + (holding.memory_bytes if with_memory else 0),
+                disk_bytes=claim.overlays_bytes + (holding.memory_bytes if with_memory else 0),
                 network_download_bps=holding.download_bps if holding.active else 0,
                 network_upload_bps=holding.upload_bps if holding.active else 0,
             )
         )
     images = _tree_size(inputs.images_dir)
-    own = images + sum(_tree_size(directory) for directory in inputs.data_dirs)
+    volumes = _tree_size(inputs.volumes_dir) if inputs.volumes_dir is not None else 0
+    own = images + volumes + sum(_tree_size(directory) for directory in inputs.data_dirs)
 
     def status(kind: str, total: int, ratio: float, used: int, source: str) -> ResourceStatus:
         limit = int(total * ratio)
@@ -272,7 +275,7 @@ def resources(inputs: ResourceInputs) -> Resources:
                        inputs.network.source)
         if inputs.network.capacity
         else status("network", 0, 1.0, 0, inputs.network.source),
-        disk_breakdown=DiskBreakdown(images_bytes=images, overlays_bytes=overlays),
+        disk_breakdown=DiskBreakdown(images_bytes=images, overlays_bytes=overlays, volumes_bytes=volumes),
         allocations=allocations,
     )
 

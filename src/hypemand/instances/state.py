@@ -24,6 +24,7 @@ from hypemand.hypervisor.base import DiskIOStatus, VMStatus
 from hypemand.instances.live import LiveInstance
 from hypemand.instances.models import GuestExitInfo, Instance, InstanceNetwork, InstanceRecord, InstanceState
 from hypemand.instances.records import phase_change, utcnow
+from hypemand.instances.volumes import view as volume_views
 from hypemand.units import format_rate, format_size
 
 STATUS_TIMEOUT = 1.0  # a QMP query-status slower than this makes the state Unknown
@@ -225,6 +226,7 @@ class StateReader:
             current_phase=phase.phase,
             current_phase_since=phase.phase_since,
             phase_durations_ms=phases,
+            volumes=volume_views(record.volumes),
         )
 
 

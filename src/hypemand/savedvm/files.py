@@ -14,7 +14,14 @@ from threading import Lock
 
 from hypemand.fsutil import write_model_atomic
 from hypemand.hypervisor.base import LAUNCH_RECORD, MEMORY_FILE
-from hypemand.layout import CONFIG_DISK, OVERLAY_DISK, STANDBY_RECORD, STATE_FILE, SavedVMPaths
+from hypemand.layout import (
+    CONFIG_DISK,
+    OVERLAY_DISK,
+    STANDBY_RECORD,
+    STATE_FILE,
+    VOLUME_OVERLAYS,
+    SavedVMPaths,
+)
 from hypemand.savedvm.digest import file_digest, verify_file
 from hypemand.savedvm.errors import SavedVMCorrupt
 from hypemand.savedvm.models import StandbyRecord
@@ -22,7 +29,10 @@ from hypemand.savedvm.sparse import copy_sparse, link_or_copy, make_durable, tre
 
 # The payload of a saved VM. Add a file here and every copy, replacement, fork and digest
 # carries it. Disks: what any saved VM holds (the writable root layer, the program's config disk
-# and the hypervisor's launch record). A Standby one adds the guest's RAM and device state.
+# and the hypervisor's launch record), plus the private upper disks of overlay volumes
+# (``vol-overlays/<volume id>.raw``, whichever exist: see ``disk_files``). A Standby one adds the
+# guest's RAM and device state. The volumes themselves are not copied: only read-only ones are
+# allowed in a snapshot or fork, and they are shared.
 DISK_FILES = (OVERLAY_DISK, CONFIG_DISK, LAUNCH_RECORD)
 MEMORY = MEMORY_FILE
 DEVICE_STATE = STATE_FILE
@@ -51,6 +61,22 @@ class SavedVMFiles:
     def standby_record(self) -> Path:
         return self.paths.standby_record
 
+    def volume_overlay_files(self) -> tuple[str, ...]:
+        """Blocking: the names (relative to the directory) of the overlay volumes' upper disks."""
+        try:
+            entries = sorted(self.paths.file(VOLUME_OVERLAYS).iterdir())
+        except FileNotFoundError:
+            return ()
+        return tuple(
+            f"{VOLUME_OVERLAYS}/{entry.name}"
+            for entry in entries
+            if entry.is_file() and entry.suffix == ".raw"
+        )
+
+    def disk_files(self) -> tuple[str, ...]:
+        """Blocking: the disks of this saved VM, by name (``DISK_FILES`` and the volume overlays)."""
+        return DISK_FILES + self.volume_overlay_files()
+
     # ---- moving a saved VM ------------------------------------------------------------------
 
     def copy_to(
@@ -59,17 +85,19 @@ class SavedVMFiles:
         """Sparse copies (reflinks where the filesystem can) of the disks, and of the RAM and
         device state when asked. ``durable=False`` skips the fsyncs (see :func:`make_durable`)."""
         target.directory.mkdir(parents=True, exist_ok=True)
-        names = DISK_FILES + ((MEMORY,) if with_memory else ()) + ((DEVICE_STATE,) if with_state else ())
+        disks = self.disk_files()
+        names = disks + ((MEMORY,) if with_memory else ()) + ((DEVICE_STATE,) if with_state else ())
         for name in names:
             source = self.paths.file(name)
-            if name in DISK_FILES and not source.exists():
+            if name in disks and not source.exists():
                 continue  # a saved VM without a config disk yet, say
+            target.paths.file(name).parent.mkdir(exist_ok=True)
             copy_sparse(source, target.paths.file(name), durable=durable)
 
     def replace_with(self, source: SavedVMFiles, *, with_memory: bool) -> None:
         """This directory's saved VM becomes copies of ``source``'s. The instance will write to
         them (its RAM file is mapped shared), so nothing is linked."""
-        for name in (*PAYLOAD, STANDBY_RECORD):
+        for name in (*PAYLOAD, STANDBY_RECORD, *self.volume_overlay_files()):
             self.paths.file(name).unlink(missing_ok=True)
         source.copy_to(self, with_memory=with_memory, with_state=with_memory)
 
@@ -78,14 +106,19 @@ class SavedVMFiles:
         to the source's, mapped privately (share=off) by the fork, so the file is never written
         and ten forks share one copy on disk and in the page cache."""
         self.directory.mkdir(parents=True)
-        for name in DISK_FILES:
+        for name in source.disk_files():
             if source.paths.file(name).exists():
+                # Copies, never links: each fork writes its own overlays.
+                self.paths.file(name).parent.mkdir(exist_ok=True)
                 copy_sparse(source.paths.file(name), self.paths.file(name))
         if with_memory:
             link_or_copy(source.memory, self.memory)
             copy_sparse(source.device_state, self.device_state)
 
     def make_durable(self) -> None:
+        overlays = self.paths.file(VOLUME_OVERLAYS)
+        if overlays.is_dir():
+            make_durable(overlays)
         make_durable(self.directory)
 
     # ---- the standby record -----------------------------------------------------------------
@@ -123,7 +156,9 @@ class SavedVMFiles:
 
     def digests(self) -> dict[str, str]:
         """The content digest of every payload file present, by name."""
-        return {path.name: file_digest(path) for path in sorted(self.directory.iterdir()) if path.is_file()}
+        found = {path.name: file_digest(path) for path in sorted(self.directory.iterdir()) if path.is_file()}
+        found.update({name: file_digest(self.paths.file(name)) for name in self.volume_overlay_files()})
+        return found
 
     def allocated_bytes(self) -> int:
         return tree_allocated_bytes(self.directory)

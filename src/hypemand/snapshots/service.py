@@ -166,6 +166,8 @@ class SnapshotService:
 
     async def create(self, ref: str, request: CreateSnapshotRequest) -> Snapshot:
         source = await self.instances.get(ref)
+        # Checked again under the instance's lock when the files are captured.
+        self.instances.require_readonly_volumes(source.id, "a snapshot")
         wants_compression = request.compression is not None and request.compression.enabled
         if request.kind == "Stopped" and wants_compression:
             raise BadRequest("compression is only supported for Standby snapshots", code="invalid_request")
@@ -306,6 +308,7 @@ class SnapshotService:
 
     async def fork_instance(self, ref: str, request: ForkInstanceRequest) -> Instance:
         source = await self.instances.get(ref)
+        self.instances.require_readonly_volumes(source.id, "a fork")
         state = source.state
         if state is InstanceState.RUNNING and not request.from_running:
             raise Conflict(

@@ -65,6 +65,57 @@ static void init_list(struct hm_strlist *list)
     list->count = 0;
 }
 
+/* "<mode>:<serial>:<upper serial>:<path>"; takes ownership of s. Returns 0, or -1 with err set. */
+static int parse_volume(char *s, struct hm_config *out, char *err, size_t errlen)
+{
+    if (out->volume_count >= HM_MAX_VOLUMES) {
+        snprintf(err, errlen, "more than %d volumes", HM_MAX_VOLUMES);
+        free(s);
+        return -1;
+    }
+    char *fields[3];
+    char *rest = s;
+    for (int i = 0; i < 3; i++) {
+        char *colon = strchr(rest, ':');
+        if (!colon) {
+            snprintf(err, errlen, "volume record without 4 fields: %.60s", s);
+            free(s);
+            return -1;
+        }
+        *colon = '\0';
+        fields[i] = rest;
+        rest = colon + 1;
+    }
+    struct hm_volume volume;
+    memset(&volume, 0, sizeof(volume));
+    if (strcmp(fields[0], "ro") == 0)
+        volume.mode = HM_VOLUME_RO;
+    else if (strcmp(fields[0], "rw") == 0)
+        volume.mode = HM_VOLUME_RW;
+    else if (strcmp(fields[0], "overlay") == 0)
+        volume.mode = HM_VOLUME_OVERLAY;
+    else {
+        snprintf(err, errlen, "volume mode %.20s is not ro, rw or overlay", fields[0]);
+        free(s);
+        return -1;
+    }
+    if (!fields[1][0] || rest[0] != '/' || (volume.mode == HM_VOLUME_OVERLAY) != (fields[2][0] != '\0')) {
+        snprintf(err, errlen, "bad volume record for %.60s", rest);
+        free(s);
+        return -1;
+    }
+    volume.serial = strdup(fields[1]);
+    volume.upper_serial = fields[2][0] ? strdup(fields[2]) : NULL;
+    volume.path = strdup(rest);
+    free(s);
+    if (!volume.serial || !volume.path || (fields[2][0] && !volume.upper_serial)) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    out->volumes[out->volume_count++] = volume;
+    return 0;
+}
+
 int hm_config_parse(const unsigned char *image, size_t len, struct hm_config *out, char *err, size_t errlen)
 {
     memset(out, 0, sizeof(*out));
@@ -138,6 +189,10 @@ int hm_config_parse(const unsigned char *image, size_t len, struct hm_config *ou
         case HM_REC_NET_IP: rc = set_once(&out->net_ip, s); break;
         case HM_REC_NET_GATEWAY: rc = set_once(&out->net_gateway, s); break;
         case HM_REC_NET_DNS: rc = list_append(&out->dns, s); break;
+        case HM_REC_VOLUME:
+            if (parse_volume(s, out, err, errlen) != 0)
+                return -1;
+            break;
         case HM_REC_NET_PREFIX: {
             char *end = NULL;
             long prefix = strtol(s, &end, 10);

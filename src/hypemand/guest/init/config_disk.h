@@ -20,7 +20,20 @@ enum hm_config_record {
     HM_REC_NET_PREFIX = 17, /* decimal, 0..32 */
     HM_REC_NET_GATEWAY = 18,
     HM_REC_NET_DNS = 19, /* repeatable */
+    HM_REC_VOLUME = 32,  /* repeatable: "<ro|rw|overlay>:<serial>:<upper serial or empty>:<mount path>" */
 };
+
+enum hm_volume_mode { HM_VOLUME_RO, HM_VOLUME_RW, HM_VOLUME_OVERLAY };
+
+/* A volume to mount before the program starts; its disks are found by virtio serial. */
+struct hm_volume {
+    enum hm_volume_mode mode;
+    char *serial;
+    char *upper_serial; /* NULL unless mode is HM_VOLUME_OVERLAY */
+    char *path;         /* absolute, in the guest's root */
+};
+
+#define HM_MAX_VOLUMES 32
 
 /* String lists are NULL-terminated (ready for execve) and count excludes the NULL. */
 struct hm_strlist {
@@ -38,6 +51,8 @@ struct hm_config {
     int net_prefix; /* -1 when absent */
     char *net_gateway;
     struct hm_strlist dns;
+    struct hm_volume volumes[HM_MAX_VOLUMES];
+    size_t volume_count;
 };
 
 /* Parse a whole config image held in memory. Returns 0, or -1 with a reason in err. */

@@ -124,9 +124,27 @@ static void quote_message(const char *in, char *out, size_t outlen)
     out[o] = '\0';
 }
 
+/* Mounts of volumes, in the order made: unmounted in reverse before power-off, so a read-write
+ * volume's ext4 is left clean (no journal to replay) for the read-only VMs that attach it next. */
+#define MAX_VOLUME_MOUNTS (3 * HM_MAX_VOLUMES)
+static char *volume_mounts[MAX_VOLUME_MOUNTS];
+static size_t volume_mount_count = 0;
+
+static void unmount_volumes(void)
+{
+    while (volume_mount_count > 0) {
+        char *target = volume_mounts[--volume_mount_count];
+        if (umount2(target, 0) != 0 && mount(NULL, target, NULL, MS_REMOUNT | MS_RDONLY, NULL) != 0)
+            umount2(target, MNT_DETACH);
+        free(target);
+    }
+}
+
 static void power_off(void) __attribute__((noreturn));
 static void power_off(void)
 {
+    sync();
+    unmount_volumes();
     sync();
     reboot(RB_POWER_OFF);
     /* Only reached when power-off is unsupported: a reboot ends QEMU started with -no-reboot. */
@@ -409,6 +427,87 @@ static void wait_for_disks(struct disks *found)
     }
     boot_fail("disks missing after %d s:%s%s%s", DEVICE_WAIT_MS / 1000, found->root[0] ? "" : " " DISK_ROOT_SERIAL,
               found->overlay[0] ? "" : " " DISK_OVERLAY_SERIAL, found->config[0] ? "" : " " DISK_CONFIG_SERIAL);
+}
+
+/* The device of the disk with this virtio serial, polled for (disks appear while virtio_blk
+ * probes); fails the boot when it does not appear. */
+static void wait_for_serial(const char *serial, char *device, size_t len)
+{
+    double deadline = monotonic_seconds() + DEVICE_WAIT_MS / 1000.0;
+    for (;;) {
+        DIR *dir = opendir("/sys/block");
+        struct dirent *entry;
+        device[0] = '\0';
+        while (dir && (entry = readdir(dir)) != NULL) {
+            if (strncmp(entry->d_name, "vd", 2) != 0)
+                continue;
+            char path[300], found[64];
+            snprintf(path, sizeof(path), "/sys/block/%s/serial", entry->d_name);
+            if (read_small_file(path, found, sizeof(found)) == 0 && strcmp(found, serial) == 0) {
+                snprintf(device, len, "/dev/%.50s", entry->d_name);
+                break;
+            }
+        }
+        if (dir)
+            closedir(dir);
+        if (device[0] && access(device, F_OK) == 0)
+            return;
+        if (monotonic_seconds() > deadline)
+            boot_fail("volume disk %s missing after %d s", serial, DEVICE_WAIT_MS / 1000);
+        sleep_ms(2);
+    }
+}
+
+struct volume_devices {
+    char base[64];
+    char upper[64];
+};
+
+static void record_volume_mount(const char *target)
+{
+    if (volume_mount_count < MAX_VOLUME_MOUNTS)
+        volume_mounts[volume_mount_count++] = strdup(target);
+}
+
+static void mount_volume_fs(const struct hm_volume *volume, const char *device, const char *target,
+                            unsigned long flags)
+{
+    ensure_dirs(target, 0755);
+    if (mount(device, target, "ext4", flags | MS_NOATIME, NULL) != 0)
+        boot_fail("volume %s: mount %s on %s (ext4%s): %s", volume->serial, device, target,
+                  flags & MS_RDONLY ? ", read-only" : "", strerror(errno));
+    record_volume_mount(target);
+}
+
+/* Every volume at its mount path in the (new) root, before the program starts: ext4 read-only
+ * or read-write, or an overlayfs of the read-only base and the instance's upper disk (base and
+ * upper mounted under /run/hypeman/volumes/<n>). A volume that cannot be mounted fails the
+ * boot with a console line saying which. */
+static void mount_volumes(const struct hm_config *config, const struct volume_devices *devices)
+{
+    for (size_t i = 0; i < config->volume_count; i++) {
+        const struct hm_volume *volume = &config->volumes[i];
+        if (volume->mode != HM_VOLUME_OVERLAY) {
+            mount_volume_fs(volume, devices[i].base, volume->path, volume->mode == HM_VOLUME_RO ? MS_RDONLY : 0);
+            DEBUG_STEP("volume %s mounted at %.100s", volume->serial, volume->path);
+            continue;
+        }
+        char base[96], upper[96], dir[128], data[512];
+        snprintf(base, sizeof(base), "/run/hypeman/volumes/%zu/base", i);
+        snprintf(upper, sizeof(upper), "/run/hypeman/volumes/%zu/upper", i);
+        mount_volume_fs(volume, devices[i].base, base, MS_RDONLY);
+        mount_volume_fs(volume, devices[i].upper, upper, 0);
+        snprintf(dir, sizeof(dir), "%s/upper", upper);
+        ensure_dir(dir, 0755);
+        snprintf(dir, sizeof(dir), "%s/work", upper);
+        ensure_dir(dir, 0755);
+        snprintf(data, sizeof(data), "lowerdir=%s,upperdir=%s/upper,workdir=%s/work", base, upper, upper);
+        ensure_dirs(volume->path, 0755);
+        if (mount("overlay", volume->path, "overlay", 0, data) != 0)
+            boot_fail("volume %s: overlay mount on %s: %s", volume->serial, volume->path, strerror(errno));
+        record_volume_mount(volume->path);
+        DEBUG_STEP("volume %s mounted at %.100s (overlay)", volume->serial, volume->path);
+    }
 }
 
 /* Both file systems keep their superblock at byte 1024: erofs starts it with a 32-bit magic,
@@ -868,6 +967,13 @@ int main(int argc, char **argv)
     char err[256];
     if (hm_config_read(disks.config, &config, err, sizeof(err)) != 0)
         boot_fail("config disk %s: %s", disks.config, err);
+    struct volume_devices volume_devices[HM_MAX_VOLUMES];
+    memset(volume_devices, 0, sizeof(volume_devices));
+    for (size_t i = 0; i < config.volume_count; i++) {
+        wait_for_serial(config.volumes[i].serial, volume_devices[i].base, sizeof(volume_devices[i].base));
+        if (config.volumes[i].upper_serial)
+            wait_for_serial(config.volumes[i].upper_serial, volume_devices[i].upper, sizeof(volume_devices[i].upper));
+    }
     DEBUG_STEP("disks found, config read");
 
     const char *new_root = "/newroot";
@@ -899,6 +1005,8 @@ int main(int argc, char **argv)
     if (chdir(new_root) != 0 || mount(new_root, "/", NULL, MS_MOVE, NULL) != 0 || chroot(".") != 0 ||
         chdir("/") != 0)
         boot_fail("switch to the new root: %s", strerror(errno));
+    /* In the new root: a mount path through one of the image's symlinks resolves inside it. */
+    mount_volumes(&config, volume_devices);
     ensure_dir("/sys/fs/cgroup", 0755);
     if (mount("cgroup2", "/sys/fs/cgroup", "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC, NULL) != 0)
         LOG("cgroup2: %s", strerror(errno));
