@@ -3,6 +3,7 @@ limits checked while reading, the disk mke2fs builds, the request model, the sta
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 import tarfile
@@ -15,6 +16,7 @@ from hypemand.layout import DataLayout
 from hypemand.volumes.archive import (
     MAX_HEADER_BYTES,
     BodyReader,
+    GunzipReader,
     Unpacker,
     UnsafeArchive,
     symlink_stays_inside,
@@ -150,3 +152,25 @@ async def test_start_removes_staging_and_half_made_volumes(tmp_path: Path) -> No
     assert sorted(p.name for p in layout.volumes.iterdir()) == ["whole"]
     assert [v.id for v in await service.list()] == ["whole"]
     assert (await service.get("whole")).attachments == []
+
+
+def test_gunzip_gives_at_most_what_is_asked_and_reads_every_member(tmp_path: Path) -> None:
+    """Zeros compress ~1000:1: one compressed chunk must not become hundreds of MB in memory."""
+    zeros = gzip.compress(bytes(64 << 20), compresslevel=1)
+    unzipped = GunzipReader(reader(zeros + gzip.compress(b"tail"), chunk=1 << 20))
+    sizes = []
+    while piece := unzipped.read(1 << 20):
+        sizes.append(len(piece))
+    assert max(sizes) <= 1 << 20 and sum(sizes) == (64 << 20) + 4
+    archive = tar_gz(entry("a", data=b"x" * 100))
+    split = gzip.compress(gzip.decompress(archive)[:512]) + gzip.compress(gzip.decompress(archive)[512:])
+    unpack(tmp_path / "root", split)
+    assert (tmp_path / "root" / "a").read_bytes() == b"x" * 100
+
+
+@pytest.mark.parametrize(("body", "words"), [
+    (b"", "empty"), (tar_gz(entry("a", data=os.urandom(100_000)))[:-5000], "ends in the middle"),
+])
+def test_empty_and_cut_bodies_are_refused(tmp_path: Path, body: bytes, words: str) -> None:
+    with pytest.raises(UnsafeArchive, match=words):
+        unpack(tmp_path / "root", body)

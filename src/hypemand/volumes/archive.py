@@ -90,6 +90,39 @@ class BodyReader:
         return data
 
 
+class GunzipReader:
+    """The decompressed bytes of a gzip stream (members one after another, as gzip(1) writes
+    them), never more than asked for at a time: ``tarfile``'s own ``r|gz`` decompresses a whole
+    input buffer at once, which for a highly compressible archive is hundreds of MB in memory
+    (and copied again at every header)."""
+
+    def __init__(self, raw: BodyReader) -> None:
+        self._raw = raw
+        self._inflate = zlib.decompressobj(wbits=31)  # gzip framing only
+        self._started = False
+
+    def read(self, size: int = -1) -> bytes:
+        size = COPY_CHUNK if size < 0 else size
+        while True:
+            inflate = self._inflate
+            if inflate.eof:  # a member ended: another may follow
+                pending = inflate.unused_data or self._raw.read(STREAM_BUFFER)
+                if not pending:
+                    return b""
+                self._inflate = inflate = zlib.decompressobj(wbits=31)
+            elif inflate.unconsumed_tail:
+                pending = inflate.unconsumed_tail
+            else:
+                pending = self._raw.read(STREAM_BUFFER)
+                if not pending:
+                    raise UnsafeArchive("the archive ends in the middle of its gzip stream" if self._started
+                                        else "the body is empty; a tar.gz archive was expected")
+            self._started = True
+            data = inflate.decompress(pending, size)
+            if data:
+                return data
+
+
 @dataclass
 class Unpacked:
     """What an archive held, for the file system built from it."""
@@ -141,8 +174,8 @@ class Unpacker:
 
     def unpack(self, stream: BodyReader) -> Unpacked:
         try:
-            with tarfile.open(fileobj=stream, mode="r|gz", tarinfo=_BoundedTarInfo,  # type: ignore[call-overload]
-                              bufsize=STREAM_BUFFER) as archive:
+            with tarfile.open(fileobj=GunzipReader(stream), mode="r|",  # type: ignore[call-overload]
+                              tarinfo=_BoundedTarInfo, bufsize=STREAM_BUFFER) as archive:
                 for member in archive:
                     self._member(archive, member)
         except (tarfile.TarError, EOFError, zlib.error) as exc:
