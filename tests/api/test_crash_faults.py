@@ -29,6 +29,7 @@ from hypeman.lib.exec import exec as sdk_exec
 from hypemand.images import demo
 from tests.api.conftest import SMALL
 from tests.support.harness import Harness, ServerProcess, strict_client
+from tests.support.procs import process_running
 
 pytestmark = pytest.mark.vm
 
@@ -86,12 +87,8 @@ def running(rig: Rig, name: str, **extra: object) -> str:
 
 
 def gone(pid: int) -> bool:
-    """Ended: no such process, or a zombie its supervisor has not reaped yet (reaped between the
-    two looks counts as gone too)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
+    """Ended: no such process, or a zombie its supervisor has not reaped yet."""
+    return not process_running(pid)
 
 
 def test_a_vmm_killed_while_watched_is_reported_as_a_crash(rig: Rig) -> None:

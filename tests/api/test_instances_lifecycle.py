@@ -23,6 +23,7 @@ from hypeman.lib.exec import exec as sdk_exec
 from hypemand.images import demo
 from tests.api.conftest import SMALL
 from tests.support.harness import Harness, ServerProcess, strict_client
+from tests.support.procs import process_running
 
 pytestmark = pytest.mark.vm
 
@@ -114,11 +115,7 @@ def test_the_whole_life_of_an_instance(sdk: Hypeman, api: ServerProcess, tmp_pat
 def process_alive(pid: int) -> bool:
     """Running, as opposed to gone or a zombie: a QEMU whose server died is re-parented to
     init, which reaps it when it gets to it, not when the test looks."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
+    return process_running(pid)
 
 
 def _cwd_name(pid: int) -> str:

@@ -29,6 +29,7 @@ from hypemand.network.namespace import run_in_namespace
 from tests.ingress.netlab import BACKEND_PORT, Directory, Reply, VmNet, fetch, vm_net
 from tests.network.lab import netns_supported
 from tests.support.harness import kill, processes_in
+from tests.support.procs import process_running
 
 _why_not = netns_supported() or (None if os.access("/usr/bin/caddy", os.X_OK) else "needs caddy")
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(_why_not is not None, reason=_why_not or "")]
@@ -241,8 +242,4 @@ async def test_caddy_outlives_the_service_is_adopted_and_restarted_when_it_dies(
 
 
 def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state not in ("Z", "X")
+    return process_running(pid)
