@@ -27,7 +27,7 @@ from hypemand.instances.manager import InstanceManager
 from hypemand.instances.networking import NETWORK_OVERSUBSCRIPTION, NetworkFacts
 
 API_VERSION = "0.28.0"  # the official clients' version whose wire contract this server serves
-SERVER_FEATURES = ["instances", "images", "ingress", "exec", "logs"]
+SERVER_FEATURES = ["instances", "images", "volumes", "ingress", "exec", "logs"]
 
 
 class CapabilitiesServer(BaseModel):
