@@ -9,12 +9,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from pathlib import Path
 from typing import Any
 
 from qemu.qmp import ExecuteError, QMPClient, QMPError
 
 from hypemand.unixsock import connect_unix
+
+PEER_GONE_ERRORS = ("ConnectionResetError", "BrokenPipeError")
+
+
+def _peer_gone_is_end_of_file(record: logging.LogRecord) -> bool:
+    """qemu.qmp logs a QEMU that closed its socket as ``end-of-file`` (INFO), but one that closed
+    it with a command of ours still unread (a power button pressed again, a status read, the
+    moment it exits) as a connection reset, or one we were writing to as a broken pipe, at ERROR.
+    All are the VM's end, which the handle learns from the process itself: they are told at the
+    level of the end-of-file."""
+    if record.levelno == logging.ERROR and record.msg == "Task.%s: %s" and any(
+        gone in str(record.args) for gone in PEER_GONE_ERRORS
+    ):
+        record.levelno, record.levelname = logging.INFO, "INFO"
+    return True
+
+
+PEER_GONE = _peer_gone_is_end_of_file
 
 
 class QmpChannel:
@@ -43,6 +62,8 @@ class QmpChannel:
                     return self._client
                 await self._close_locked()
             client = QMPClient(self._name)
+            if PEER_GONE not in client.logger.filters:
+                client.logger.addFilter(PEER_GONE)
             try:
                 await client.connect(connect_unix(self._socket_path))
             except BaseException:
