@@ -148,25 +148,34 @@ def launch(argv: Sequence[str], data_dir: Path, log_path: Path, port: int | None
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO,
         )
     base_url = f"http://127.0.0.1:{port}"
+    try:
+        _await_health(process, base_url, log_path)
+        token = subprocess.run(
+            [*TOKEN_ARGV, "--data-dir", str(data_dir)],
+            check=True, capture_output=True, text=True, env=env,
+        ).stdout.strip()
+    except BaseException:
+        # Not handed to anyone yet (a failed start, an interrupted test run): ended here.
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        raise
+    return ServerProcess(base_url, token, data_dir, port, process, log_path)
+
+
+def _await_health(process: subprocess.Popen[bytes], base_url: str, log_path: Path) -> None:
     deadline = time.monotonic() + START_TIMEOUT
     while True:
         if process.poll() is not None:
             raise RuntimeError(f"server exited early:\n{log_path.read_text(errors='replace')}")
         try:
             if httpx.get(f"{base_url}/health", timeout=1).status_code == 200:
-                break
+                return
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
-            process.kill()
-            process.wait()
             raise RuntimeError(f"server did not answer /health:\n{log_path.read_text(errors='replace')}")
         time.sleep(0.1)  # a poll of /health, not a wait for a guest
-    token = subprocess.run(
-        [*TOKEN_ARGV, "--data-dir", str(data_dir)],
-        check=True, capture_output=True, text=True, env=env,
-    ).stdout.strip()
-    return ServerProcess(base_url, token, data_dir, port, process, log_path)
 
 
 # ---- what the log says ------------------------------------------------------------------------
