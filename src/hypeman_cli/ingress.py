@@ -19,7 +19,7 @@ from hypeman.types import IngressRuleParam
 
 from hypeman_cli import resolve, state
 from hypeman_cli.errors import CLIError
-from hypeman_cli.output import Column, emit, emit_lines, emit_names
+from hypeman_cli.output import Column, delete_each, emit, emit_listing
 from hypeman_cli.units import age, key_values, short_id
 
 ingress_app = typer.Typer(help="Ingresses: hostnames routed to instances by the server's proxy.",
@@ -101,11 +101,8 @@ def list_(
 ) -> None:
     """List ingresses."""
     st = state.get(ctx)
-    ingresses = st.client().ingresses.list(tags=key_values(tag or [], "--tag") or omit)
-    if quiet:
-        emit_lines(i.id for i in ingresses)
-        return
-    emit(ingresses, st.fmt, INGRESS_COLUMNS)
+    found = st.client().ingresses.list(tags=key_values(tag or [], "--tag") or omit)
+    emit_listing(found, st.fmt, INGRESS_COLUMNS, quiet)
 
 
 @ingress_app.command("get")
@@ -121,12 +118,7 @@ IngressesArg = Annotated[list[str], typer.Argument(help="ingresses to delete", s
 def _delete(ctx: typer.Context, ingresses: list[str]) -> None:
     st = state.get(ctx)
     client = st.client()
-    deleted = []
-    for ref in ingresses:
-        found = client.ingresses.get(ref)
-        client.ingresses.delete(found.id)
-        deleted.append(found.id)
-    emit_names(deleted, st.fmt)
+    delete_each(ingresses, client.ingresses.get, client.ingresses.delete, st.fmt)
 
 
 @ingress_app.command("delete")

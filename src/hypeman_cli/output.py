@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from enum import Enum
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import yaml
 from hypeman import BaseModel
@@ -125,3 +125,27 @@ def emit_names(names: list[str], fmt: Format) -> None:
         emit_lines(names)
     else:
         print_data(names, fmt)
+
+
+class _Identified(Protocol):
+    id: str
+
+
+def emit_listing(items: Sequence[Any], fmt: Format, columns: Sequence[Column], quiet: bool) -> None:
+    """A list command's answer: ids only (``--quiet``), else the records."""
+    if quiet:
+        emit_lines(item.id for item in items)
+    else:
+        emit(items, fmt, columns)
+
+
+def delete_each(refs: Iterable[str], get: Callable[[str], _Identified], delete: Callable[[str], object],
+                fmt: Format) -> None:
+    """Delete every reference in turn (each resolved by the server first, so a name or a prefix
+    works) and print the ids deleted."""
+    deleted = []
+    for ref in refs:
+        found = get(ref)
+        delete(found.id)
+        deleted.append(found.id)
+    emit_names(deleted, fmt)

@@ -23,7 +23,7 @@ from hypeman import omit
 
 from hypeman_cli import state
 from hypeman_cli.errors import CLIError
-from hypeman_cli.output import Column, emit, emit_lines, emit_names
+from hypeman_cli.output import Column, delete_each, emit, emit_listing
 from hypeman_cli.units import age, key_values, short_id
 
 volume_app = typer.Typer(help="Volumes: disks that outlive instances.", no_args_is_help=True)
@@ -138,11 +138,8 @@ def list_(
 ) -> None:
     """List volumes."""
     st = state.get(ctx)
-    volumes = st.client().volumes.list(tags=key_values(tag or [], "--tag") or omit)
-    if quiet:
-        emit_lines(v.id for v in volumes)
-        return
-    emit(volumes, st.fmt, VOLUME_COLUMNS)
+    found = st.client().volumes.list(tags=key_values(tag or [], "--tag") or omit)
+    emit_listing(found, st.fmt, VOLUME_COLUMNS, quiet)
 
 
 @volume_app.command("get")
@@ -158,12 +155,7 @@ VolumesArg = Annotated[list[str], typer.Argument(help="volumes to delete", show_
 def _delete(ctx: typer.Context, volumes: list[str]) -> None:
     st = state.get(ctx)
     client = st.client()
-    deleted = []
-    for ref in volumes:
-        found = client.volumes.get(ref)
-        client.volumes.delete(found.id)
-        deleted.append(found.id)
-    emit_names(deleted, st.fmt)
+    delete_each(volumes, client.volumes.get, client.volumes.delete, st.fmt)
 
 
 @volume_app.command("delete")
