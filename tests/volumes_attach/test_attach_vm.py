@@ -17,18 +17,11 @@ from hypeman.lib.exec import exec as sdk_exec
 from hypemand.images import demo
 from hypemand.layout import DataLayout
 from tests.api.conftest import SMALL
-from tests.support.harness import Harness, ServerProcess, strict_client
+from tests.support.harness import ServerProcess, strict_client
 
 pytestmark = [pytest.mark.vm]
 
 SLEEPER = {"entrypoint": ["/bin/sleep"], "cmd": ["3600"]}
-
-
-@pytest.fixture(scope="module")
-def api(module_harness: Harness) -> ServerProcess:
-    server = module_harness.start()
-    demo.install(server.base_url, server.token, wait_seconds=300)
-    return server
 
 
 @pytest.fixture
