@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import httpx
@@ -231,9 +231,6 @@ def test_unknown_top_level_field_is_400(env: Env) -> None:
 UNSUPPORTED: list[dict[str, Any]] = [
     {"devices": ["x"]},
     {"gpu": {"profile": "x"}},
-    {"health_check": {"type": "tcp", "tcp": {"port": 80}}},
-    {"restart_policy": {"policy": "always"}},
-    {"auto_standby": {"enabled": True, "idle_timeout": "5m"}},
     {"credentials": {"GITHUB_TOKEN": {"source": {"env": "X"}}}},
     {"disk_io_bps": "1MB/s"},
     {"network": {"enabled": True, "egress": {"enabled": True}}},
@@ -394,8 +391,10 @@ def test_update_refusals(env: Env, running: Instance) -> None:
                  BadRequestError, 400, "invalid_request", "ttl", "expires_at")
     expect_error(lambda: update(running.id, expires_at=datetime.now(UTC) - timedelta(hours=1)),
                  BadRequestError, 400, "invalid_expires_at", "expires_at")
-    expect_error(lambda: update(running.id, restart_policy={"policy": "always"}),
-                 BadRequestError, 400, "not_supported", "restart_policy")
+    expect_error(lambda: update(running.id, restart_policy=cast(Any, {"policy": "sometimes"})),
+                 BadRequestError, 400, "invalid_request", "restart_policy")
+    expect_error(lambda: update(running.id, health_check={"type": "http", "interval": "soon"}),
+                 BadRequestError, 400, "invalid_request", "health_check", "interval")
     expect_error(lambda: update(running.id, extra_body={"name": "renamed"}),
                  BadRequestError, 400, "invalid_request", "name")
     after = env.client.instances.get(running.id)

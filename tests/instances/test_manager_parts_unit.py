@@ -115,7 +115,7 @@ def test_create_validation_turns_the_request_into_a_shape() -> None:
         ({"platform": "linux/arm64"}, "invalid_platform"),
         ({"hotplug_size": "1GB"}, "invalid_hotplug_size"),
         ({"ttl": "soon"}, "invalid_ttl"),
-        ({"health_check": {"type": "tcp"}}, "not_supported"),
+        ({"disk_io_bps": "1MB/s"}, "not_supported"),
     ],
 )
 def test_create_validation_refuses_with_a_code_naming_the_field(fields: dict[str, object], code: str) -> None:

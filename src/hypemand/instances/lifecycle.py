@@ -30,6 +30,7 @@ from hypemand.instances.admission import Admission
 from hypemand.instances.agents import AgentLinks
 from hypemand.instances.boot import GuestSpec, launch_guest
 from hypemand.instances.console import ConsoleScanner
+from hypemand.instances.events import EventKind, InstanceEvent, InstanceEvents
 from hypemand.instances.live import InstanceTable, LiveInstance
 from hypemand.instances.models import GuestExitInfo, InstanceRecord, InstanceState, StartInstanceRequest
 from hypemand.instances.networking import Networking
@@ -117,8 +118,10 @@ class Lifecycle:
         compression: CompressionJobs,
         network: Networking,
         attachments: Attachments | None = None,
+        events: InstanceEvents | None = None,
     ) -> None:
         self.table = table
+        self.events = events if events is not None else InstanceEvents()
         self.network = network
         self.attachments = attachments if attachments is not None else Attachments(table)
         self.hypervisor = hypervisor
@@ -245,11 +248,14 @@ class Lifecycle:
                 log.warning("instance %s: could not resume after a full disk: %s", live.id, exc)
             live.forget_status()
 
-    async def record_exit(self, live: LiveInstance, at: datetime | None, *, expected: bool = False) -> None:
+    async def record_exit(
+        self, live: LiveInstance, at: datetime | None, *, expected: bool = False, **changes: Any
+    ) -> None:
         """The VMM is gone: close what pointed at it and note how the program ended, and how the
         VM did: a VMM killed by a signal or failing, or a guest kernel panic, is recorded as a
         crash unless the server ended it itself (``expected``). ``at`` None: it ended while no
-        server watched; the time comes from its supervisor's record."""
+        server watched; the time comes from its supervisor's record. ``changes`` land in the
+        same record write. An unexpected end is told to the listeners (EXITED)."""
         handle = live.handle
         if handle is not None:
             vmm_exit = await handle.exit_info()
@@ -284,13 +290,19 @@ class Lifecycle:
             console, offset = live.paths.console_log, live.record.console_offset
             crash = await asyncio.to_thread(crash_report, vmm_exit, console, offset)
         await records.note(
-            live, stopped_at=ended, exit=exit_info, crash=crash, **phase_change(live.record, "stopped", ended)
+            live, stopped_at=ended, exit=exit_info, crash=crash,
+            **phase_change(live.record, "stopped", ended), **changes,
         )
         live.exit_seen_at = None
         detail = f"exit code {exit_info.code} ({exit_info.message})" if exit_info else "no exit recorded"
         self.oplog.write(live, f"stopped: {detail}" + (f"; crashed: {crash}" if crash else ""))
         if crash:
             log.warning("instance %s (%s) crashed: %s", live.name, live.id, crash)
+        if not expected:
+            self.events.emit(InstanceEvent(
+                EventKind.EXITED, live.id, manual=False,
+                exit_code=exit_info.code if exit_info else None, crash=crash,
+            ))
 
     async def adopt(self, live: LiveInstance) -> None:
         """At server start: watch a VMM that outlived the last server, or record the exit of one
@@ -307,7 +319,7 @@ class Lifecycle:
 
     # ---- operations ---------------------------------------------------------------------------
 
-    async def stop(self, live: LiveInstance) -> None:
+    async def stop(self, live: LiveInstance, **changes: Any) -> None:
         observed = await self.reader.state(live)
         if observed.state not in (InstanceState.RUNNING, InstanceState.INITIALIZING):
             raise InvalidState(
@@ -319,7 +331,7 @@ class Lifecycle:
         await self.agents.close(live)
         outcome = await handle.shutdown(timeout=live.record.stop_timeout + POWEROFF_MARGIN)
         self.oplog.write(live, f"stop: {outcome.value}")
-        await self.record_exit(live, at=utcnow(), expected=True)
+        await self.record_exit(live, at=utcnow(), expected=True, **changes)
 
     async def start(self, live: LiveInstance, request: StartInstanceRequest) -> None:
         observed = await self.reader.state(live)

@@ -21,6 +21,7 @@ from hypemand.hypervisor.base import VMHandle, VMStatus
 from hypemand.instances.console import ConsoleScanner
 from hypemand.instances.models import InstanceRecord
 from hypemand.layout import InstancePaths
+from hypemand.policies.models import InstanceHealthStatus
 
 
 @dataclass
@@ -41,6 +42,8 @@ class LiveInstance:
     deleted: bool = False
     clock_stale: bool = False  # restored: set the guest's clock before the agent is handed out
     exit_seen_at: datetime | None = None  # when a read first found the VMM gone, before the watcher
+    # What the health monitor saw last (hypemand/policies); None: not checked by this server yet.
+    health: InstanceHealthStatus | None = None
 
     @property
     def id(self) -> str:

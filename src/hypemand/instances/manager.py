@@ -30,6 +30,7 @@ from hypemand.images.service import ImageService
 from hypemand.instances import records
 from hypemand.instances.admission import Admission, Demand, DiskClaim, claim_of
 from hypemand.instances.agents import AgentLinks
+from hypemand.instances.events import EventKind, InstanceEvent, InstanceEvents
 from hypemand.instances.host import HostCapacity, host_capacity, process_usage
 from hypemand.instances.lifecycle import Lifecycle
 from hypemand.instances.live import InstanceTable, LiveInstance, mutating
@@ -54,7 +55,6 @@ from hypemand.instances.saved import SavedVM, SavedVMOperations, SnapshotKind
 from hypemand.instances.state import Observed, StateReader, StateWatch
 from hypemand.instances.validation import (
     BOARDS,
-    check_update,
     expiry,
     merged_env,
     new_instance_id,
@@ -70,6 +70,7 @@ from hypemand.instances.volumes import (
 )
 from hypemand.layout import DataLayout, InstancePaths
 from hypemand.network import InstanceAddress, NetworkHost
+from hypemand.policies.models import RestartStatus
 from hypemand.savedvm.files import SavedVMFiles
 from hypemand.savedvm.jobs import CompressionJobs
 from hypemand.system.files import SystemFiles
@@ -108,6 +109,8 @@ class InstanceManager:
         self.watch = StateWatch(self.reader)
         self.agents = AgentLinks()
         self.oplog = OperationsLog()
+        # What happened to each instance, for the policies (hypemand/policies) to act on.
+        self.events = InstanceEvents()
         self.network = Networking(
             self.table, network_host.config if network_host else None, network_host, user_mode_reason
         )
@@ -126,6 +129,7 @@ class InstanceManager:
             compression=compression,
             network=self.network,
             attachments=self.attachments,
+            events=self.events,
         )
         self.saved = SavedVMOperations(
             table=self.table,
@@ -345,6 +349,9 @@ class InstanceManager:
                     created_at=now,
                     phase_since=now,
                     volumes=mounts,
+                    health_check=request.health_check,
+                    restart_policy=request.restart_policy,
+                    auto_standby=request.auto_standby,
                 )
                 live = LiveInstance(record=record, paths=paths)
                 await records.save(live)
@@ -357,6 +364,7 @@ class InstanceManager:
             except BaseException:
                 await self.lifecycle.discard(instance_id, paths.directory)
                 raise
+        self.events.emit(InstanceEvent(EventKind.CREATED, live.id))
         return await self.reader.view(live)
 
     def _plan_create_mounts(self, request: CreateInstanceRequest, board: Board) -> list[VolumeMountRecord]:
@@ -378,9 +386,18 @@ class InstanceManager:
 
     async def update(self, ref: str, request: UpdateInstanceRequest) -> Instance:
         live = self.table.resolve(ref)
-        check_update(request)
         async with mutating(live):
             changes: dict[str, Any] = {}
+            # Each policy given replaces the stored one.
+            for policy in ("health_check", "auto_standby"):
+                if policy in request.model_fields_set:
+                    changes[policy] = getattr(request, policy)
+            if "restart_policy" in request.model_fields_set:
+                changes["restart_policy"] = request.restart_policy
+                # A new policy starts with a clean count, but a manual stop still holds.
+                status = live.record.restart_status
+                if status is None or status.blocked_reason != "manual_stop":
+                    changes["restart_status"] = None
             if request.env is not None:
                 changes["env"] = merged_env(live.record.env, request.env)
             if request.ttl is not None or request.expires_at is not None:
@@ -456,34 +473,50 @@ class InstanceManager:
         live = self.table.resolve(ref)
         async with mutating(live):
             await self.lifecycle.delete(live, graceful=graceful)
+        self.events.emit(InstanceEvent(EventKind.DELETED, live.id))
 
     # ---- lifecycle ---------------------------------------------------------------------------------
 
-    async def stop(self, ref: str) -> Instance:
+    async def stop(self, ref: str, *, manual: bool = True) -> Instance:
+        """``manual``: a client asked. A manual stop blocks automatic restarts until the next
+        manual start; the block lands in the same record write as the stop."""
         live = self.table.resolve(ref)
         async with mutating(live):
-            await self.lifecycle.stop(live)
+            changes: dict[str, Any] = {}
+            if manual and live.record.restart_policy is not None:
+                status = live.record.restart_status or RestartStatus()
+                changes["restart_status"] = status.model_copy(
+                    update={"blocked_reason": "manual_stop", "next_attempt_at": None})
+            await self.lifecycle.stop(live, **changes)
+        self.events.emit(InstanceEvent(EventKind.STOPPED, live.id, manual=manual))
         return await self.reader.view(live)
 
-    async def start(self, ref: str, request: StartInstanceRequest) -> Instance:
+    async def start(self, ref: str, request: StartInstanceRequest, *, manual: bool = True) -> Instance:
+        """``manual``: a client asked, which lifts a manual stop's block on restarts and starts
+        the attempt count afresh."""
         live = self.table.resolve(ref)
         async with mutating(live):
             await self.lifecycle.start(live, request)
+            if manual and live.record.restart_status is not None:
+                await records.update(live, restart_status=None)
+        self.events.emit(InstanceEvent(EventKind.STARTED, live.id, manual=manual))
         return await self.reader.view(live)
 
-    async def standby(self, ref: str, request: StandbyInstanceRequest) -> Instance:
+    async def standby(self, ref: str, request: StandbyInstanceRequest, *, manual: bool = True) -> Instance:
         live = self.table.resolve(ref)
         async with mutating(live):
             await self.saved.standby(live, request)
+        self.events.emit(InstanceEvent(EventKind.STANDBY, live.id, manual=manual))
         return await self.reader.view(live)
 
-    async def restore(self, ref: str) -> Instance:
+    async def restore(self, ref: str, *, manual: bool = True) -> Instance:
         live = self.table.resolve(ref)
         async with mutating(live):
             state = (await self.reader.state(live)).state
             if state is not InstanceState.STANDBY:
                 raise InvalidState(f"cannot restore instance {live.name} from state {state.value}")
             await self.saved.restore(live)
+        self.events.emit(InstanceEvent(EventKind.RESTORED, live.id, manual=manual))
         return await self.reader.view(live)
 
     # ---- snapshots: capture, restore in place, fork ---------------------------------------------
@@ -502,6 +535,7 @@ class InstanceManager:
         # The snapshot's attachments become the instance's: they must still be allowed.
         async with mutating(live), self.attachments.claim(live.id, source.record.volumes):
             await self.saved.restore_snapshot(live, source, target, board)
+        self.events.emit(InstanceEvent(EventKind.RESTORED, live.id))
         return await self.reader.view(live)
 
     async def fork(self, source: SavedVM, name: str, target: InstanceState, board: Board | None) -> Instance:
@@ -520,6 +554,7 @@ class InstanceManager:
             except BaseException:
                 await self.lifecycle.discard(instance_id, paths.directory)
                 raise
+        self.events.emit(InstanceEvent(EventKind.CREATED, live.id))
         return await self.reader.view(live)
 
     # ---- the guest agent and logs (exec, cp, stat, logs) --------------------------------------

@@ -14,6 +14,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hypemand.hypervisor.base import Board
+from hypemand.policies.models import (
+    AutoStandbyMemory,
+    AutoStandbyPolicy,
+    HealthCheck,
+    InstanceHealthStatus,
+    RestartPolicy,
+    RestartStatus,
+)
 from hypemand.savedvm.models import SnapshotCompressionConfig
 from hypemand.tags import check_tags
 from hypemand.wire import WireModel
@@ -129,9 +137,6 @@ class NetworkRequest(BaseModel):
 UNSUPPORTED_CREATE_FIELDS = (
     "devices",
     "gpu",
-    "health_check",
-    "restart_policy",
-    "auto_standby",
     "credentials",
     "disk_io_bps",
 )
@@ -207,9 +212,9 @@ class CreateInstanceRequest(BaseModel):
     volumes: list[VolumeMountRequest] | None = None
     devices: list[Any] | None = None
     gpu: dict[str, Any] | None = None
-    health_check: dict[str, Any] | None = None
-    restart_policy: dict[str, Any] | None = None
-    auto_standby: dict[str, Any] | None = None
+    health_check: HealthCheck | None = None
+    restart_policy: RestartPolicy | None = None
+    auto_standby: AutoStandbyPolicy | None = None
     credentials: dict[str, Any] | None = None
     disk_io_bps: str | None = None
 
@@ -251,9 +256,9 @@ class UpdateInstanceRequest(BaseModel):
     env: dict[str, str] | None = None
     ttl: str | None = None
     expires_at: datetime | None = None
-    auto_standby: dict[str, Any] | None = None
-    health_check: dict[str, Any] | None = None
-    restart_policy: dict[str, Any] | None = None
+    auto_standby: AutoStandbyPolicy | None = None
+    health_check: HealthCheck | None = None
+    restart_policy: RestartPolicy | None = None
 
     @field_validator("env")
     @classmethod
@@ -326,6 +331,11 @@ class Instance(WireModel):
     current_phase_since: datetime
     phase_durations_ms: dict[str, int]
     volumes: list[VolumeMount] = Field(default_factory=list)
+    health_check: HealthCheck | None = None
+    health_status: InstanceHealthStatus | None = None
+    restart_policy: RestartPolicy | None = None
+    restart_status: RestartStatus | None = None
+    auto_standby: AutoStandbyPolicy | None = None
 
 
 class WaitForStateResponse(WireModel):
@@ -407,6 +417,13 @@ class InstanceRecord(BaseModel):
     phase_ms: dict[str, int] = Field(default_factory=dict)
     # Volumes attached, in the order the guest gets their disks (see instances/volumes.py).
     volumes: list[VolumeMountRecord] = Field(default_factory=list)
+    # Policies (hypemand/policies): what the instance asked for, and the supervisors' own
+    # bookkeeping that must survive a server restart.
+    health_check: HealthCheck | None = None
+    restart_policy: RestartPolicy | None = None
+    restart_status: RestartStatus | None = None
+    auto_standby: AutoStandbyPolicy | None = None
+    auto_standby_memory: AutoStandbyMemory | None = None
 
 
 class StandbyInstanceRequest(BaseModel):

@@ -270,6 +270,12 @@ class SavedVMOperations:
                 "phase": current.phase,
                 "phase_since": current.phase_since,
                 "phase_ms": current.phase_ms,
+                # Policies are the instance's, not the snapshot's.
+                "health_check": current.health_check,
+                "restart_policy": current.restart_policy,
+                "restart_status": current.restart_status,
+                "auto_standby": current.auto_standby,
+                "auto_standby_memory": current.auto_standby_memory,
             }
         )
         live.scanner = ConsoleScanner(paths.console_log, console)
@@ -330,6 +336,9 @@ class SavedVMOperations:
                 "phase": "standby" if source.kind == "Standby" else "stopped",
                 "phase_since": now,
                 "phase_ms": {},
+                # The source's policies come along; its supervisors' bookkeeping does not.
+                "restart_status": None,
+                "auto_standby_memory": None,
             }
         )
         live = LiveInstance(record=record, paths=paths)

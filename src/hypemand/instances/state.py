@@ -25,6 +25,7 @@ from hypemand.instances.live import LiveInstance
 from hypemand.instances.models import GuestExitInfo, Instance, InstanceNetwork, InstanceRecord, InstanceState
 from hypemand.instances.records import phase_change, utcnow
 from hypemand.instances.volumes import view as volume_views
+from hypemand.policies.models import InstanceHealthStatus
 from hypemand.units import format_rate, format_size
 
 STATUS_TIMEOUT = 1.0  # a QMP query-status slower than this makes the state Unknown
@@ -227,7 +228,26 @@ class StateReader:
             current_phase_since=phase.phase_since,
             phase_durations_ms=phases,
             volumes=volume_views(record.volumes),
+            health_check=record.health_check,
+            health_status=health_view(live, state),
+            restart_policy=record.restart_policy,
+            restart_status=record.restart_status if record.restart_policy is not None else None,
+            auto_standby=record.auto_standby,
         )
+
+
+def health_view(live: LiveInstance, state: InstanceState) -> InstanceHealthStatus:
+    """``health_status``: ``disabled`` without a check; what the monitor saw while the VM runs;
+    ``unknown`` for a VM that does not run (nothing to check), ``starting`` before the first
+    check of this boot."""
+    check = live.record.health_check
+    if check is None or not check.enabled:
+        return InstanceHealthStatus(status="disabled")
+    if state not in (InstanceState.RUNNING, InstanceState.INITIALIZING):
+        return InstanceHealthStatus(status="unknown")
+    if live.health is None:
+        return InstanceHealthStatus(status="starting")
+    return live.health
 
 
 WAIT_POLL = 0.025  # a waiting client learns of a new state within this

@@ -14,7 +14,6 @@ from hypemand.instances.models import (
     UNSUPPORTED_CREATE_FIELDS,
     CreateInstanceRequest,
     SnapshotPolicy,
-    UpdateInstanceRequest,
     validate_env,
 )
 from hypemand.savedvm.codec import normalize
@@ -35,7 +34,6 @@ MIN_OVERLAY = 16 << 20
 # the rounded bytes, so the API shows exactly what the guest gets.
 SIZE_GRANULE = 1 << 20
 MAX_OVERLAY = 100 << 30
-UNSUPPORTED_UPDATE_FIELDS = ("auto_standby", "health_check", "restart_policy")
 
 
 def new_instance_id() -> str:
@@ -101,12 +99,6 @@ def validate_create(request: CreateInstanceRequest, *, platform: str, hotplug_me
         overlay_bytes=overlay,
         expires_at=expiry(request.ttl, request.expires_at),
     )
-
-
-def check_update(request: UpdateInstanceRequest) -> None:
-    for name in UNSUPPORTED_UPDATE_FIELDS:
-        if getattr(request, name) is not None:
-            raise BadRequest(f"{name} is not supported yet by this server", code="not_supported")
 
 
 def merged_env(current: dict[str, str], patch: dict[str, str]) -> dict[str, str]:
