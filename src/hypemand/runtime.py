@@ -21,6 +21,8 @@ from hypemand.ingress.service import IngressOptions, IngressService
 from hypemand.instances.logrotate import LogRotator
 from hypemand.instances.manager import InstanceManager
 from hypemand.network import NetworkConfig, NetworkConfigError, NetworkHost
+from hypemand.policies.health import HealthMonitor
+from hypemand.policies.restarts import RestartSupervisor
 from hypemand.savedvm.jobs import CompressionJobs
 from hypemand.snapshots.service import SnapshotService
 from hypemand.system.files import SystemFiles, ensure_system_files
@@ -134,6 +136,10 @@ class Runtime:
         self.instances.use_volumes(self.volumes)
         self.volumes.attachments = self.instances
         self.snapshots = SnapshotService(self.layout, self.instances, self.compression)
+        # Listening to the instances' events from now on: an exit recorded while the instances
+        # are taken charge of is planned for like any other.
+        self.health = HealthMonitor(self.instances)
+        self.restarts = RestartSupervisor(self.instances, self.health)
         self.ingresses = IngressService(
             self.layout, ingress_options(settings), self.instances, self._ingress_unavailable
         )
@@ -165,6 +171,8 @@ class Runtime:
         await self.hypervisor.vmm_shim()
         await self.volumes.start()  # before the instances, whose VMs use the volumes' disks
         await self.instances.take_charge()
+        self.health.start()
+        await self.restarts.start()
         await self.ingresses.start()  # after the network, whose namespace Caddy runs in
         self.log_rotator.start()
         await self.snapshots.start()
@@ -173,6 +181,8 @@ class Runtime:
     async def stop(self) -> None:
         """Stop the server's own work. VMs are never stopped here: they outlive the server."""
         await self.ingresses.stop()  # Caddy too only with CADDY_STOP_ON_SHUTDOWN
+        await self.restarts.stop()
+        await self.health.stop()
         await self.log_rotator.close()
         await self.images.stop()
         await self.compression.close()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
@@ -61,6 +62,9 @@ class NetworkHost:
         self.config = config
         self._upload_capacity = upload_capacity
         self._worker: NamespaceWorker | None = None
+        # Makes sockets for the server's own connections to VMs (health probes): a thread of its
+        # own, so a probe never waits behind a slow change of devices or rules.
+        self._sockets: NamespaceWorker | None = None
         self.uplink: str | None = None
         self.capacity: int = upload_capacity or DEFAULT_UPLOAD_CAPACITY
 
@@ -73,6 +77,7 @@ class NetworkHost:
             if self.config.namespace is not None:
                 await asyncio.to_thread(ensure_namespace, self.config.namespace)
             self._worker = NamespaceWorker(self.config.namespace)
+            self._sockets = NamespaceWorker(self.config.namespace, label="sockets")
         return await self.reconcile(expected_vm_ids)
 
     async def reconcile(self, expected_vm_ids: set[str] | None = None) -> ReconcileReport:
@@ -255,6 +260,19 @@ class NetworkHost:
                         for link in ipr.get_links() if is_tap_name(str(link.get_attr("IFLA_IFNAME")))}
         return await self._run(listing)
 
+    # ---- the server's own connections to VMs ----------------------------------------------------
+
+    async def connect_socket(self) -> socket.socket:
+        """A non-blocking TCP socket made in the network's namespace, for the event loop to
+        connect to a VM's address (``loop.sock_connect``, ``asyncio.open_connection(sock=)``):
+        a socket belongs to the namespace it was made in, whichever thread uses it later.
+        The caller closes it."""
+        if self._sockets is None:
+            raise RuntimeError("NetworkHost.start() first")
+        made = await self._sockets.run(socket.socket, socket.AF_INET, socket.SOCK_STREAM)
+        made.setblocking(False)
+        return made
+
     # ---- teardown ------------------------------------------------------------------------------
 
     async def remove_everything(self) -> None:
@@ -275,6 +293,9 @@ class NetworkHost:
         if self._worker is not None:
             self._worker.close()
             self._worker = None
+        if self._sockets is not None:
+            self._sockets.close()
+            self._sockets = None
 
     async def _run(self, function: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
         if self._worker is None:
