@@ -20,6 +20,12 @@ that the services receive as arguments.
     ACME_EMAIL, ACME_CA            certificates from an ACME CA (default: Caddy's internal CA)
     TLS_ALLOWED_DOMAINS            hostnames tls may be asked for: name, *.example.com or *
     HYPEMAND_INGRESS_DNS_PORT      the UDP port of the ingress's DNS responder (default 5353)
+
+Test-only (the test suite sets them; a deployment never should):
+
+    HYPEMAND_TEST_SCHEDULE_MIN_INTERVAL  the shortest snapshot schedule interval accepted, in
+                                   place of the reference's 1m (e.g. 1s), so that schedule tests
+                                   see several runs without waiting minutes
 """
 
 from __future__ import annotations
@@ -111,6 +117,8 @@ class Settings(BaseModel):
     acme_ca: str | None = None  # the ACME directory URL; None: Caddy's default (Let's Encrypt)
     tls_allowed_domains: tuple[str, ...] | None = None  # None: any hostname may have tls
     ingress_dns_port: int = Field(default=5353, ge=1, le=65535)  # UDP, 127.0.0.1 in the namespace
+    # Snapshot schedules (policies/README.md): the shortest interval, seconds. Lowered by tests only.
+    schedule_min_interval: float = Field(default=60.0, gt=0)
 
     @field_validator("caddy_listen_address")
     @classmethod
@@ -130,6 +138,7 @@ class Settings(BaseModel):
         env = os.environ
         accel = env.get("HYPEMAND_ACCEL", "").strip().lower() or None
         size, every = env.get("HYPEMAND_LOG_MAX_SIZE"), env.get("HYPEMAND_LOG_ROTATE_INTERVAL")
+        schedule_minimum = env.get("HYPEMAND_TEST_SCHEDULE_MIN_INTERVAL")
         log_rotation = {  # unset: the field's default
             "log_max_size": parse_size(size) if size else None,
             "log_max_files": env.get("HYPEMAND_LOG_MAX_FILES") or None,
@@ -161,6 +170,7 @@ class Settings(BaseModel):
             "tls_allowed_domains": _domains(env.get("TLS_ALLOWED_DOMAINS")),
             "ingress_dns_port": env.get("HYPEMAND_INGRESS_DNS_PORT") or 5353,
             **{key: value for key, value in log_rotation.items() if value is not None},
+            **({"schedule_min_interval": parse_duration(schedule_minimum)} if schedule_minimum else {}),
         })
 
     @property

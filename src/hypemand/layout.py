@@ -8,6 +8,7 @@
       hypervisor/                host-wide hypervisor caches (see HypervisorStatePaths)
       guests/<instance id>/      one directory per instance (see InstancePaths)
       snapshots/<snapshot id>/   stored snapshots: snapshot.json and guest/ (see hypemand.snapshots)
+      snapshot-schedules/<instance id>.json   one snapshot schedule each (see hypemand.policies)
       ingresses/<id>.json        one ingress each (see hypemand.ingress)
       caddy/                     the ingress proxy's config, pid, log, certificates (see CaddyPaths)
 
@@ -499,6 +500,14 @@ class DataLayout:
 
     def snapshot(self, snapshot_id: str) -> SnapshotPaths:
         return SnapshotPaths(self.snapshots / snapshot_id)
+
+    @property
+    def snapshot_schedules(self) -> Path:
+        return self.root / "snapshot-schedules"
+
+    def snapshot_schedule(self, instance_id: str) -> Path:
+        """``snapshot-schedules/<instance id>.json``: the instance's schedule, as the API shows it."""
+        return self.snapshot_schedules / f"{instance_id}.json"
 
     def fork_staging(self, token: str) -> SnapshotPaths:
         """A fork of an instance copies its saved VM here first (removed after, or at start)."""

@@ -23,6 +23,7 @@ from hypemand.instances.manager import InstanceManager
 from hypemand.network import NetworkConfig, NetworkConfigError, NetworkHost
 from hypemand.policies.health import HealthMonitor
 from hypemand.policies.restarts import RestartSupervisor
+from hypemand.policies.schedules import SnapshotScheduler
 from hypemand.savedvm.jobs import CompressionJobs
 from hypemand.snapshots.service import SnapshotService
 from hypemand.system.files import SystemFiles, ensure_system_files
@@ -136,6 +137,9 @@ class Runtime:
         self.instances.use_volumes(self.volumes)
         self.volumes.attachments = self.instances
         self.snapshots = SnapshotService(self.layout, self.instances, self.compression)
+        self.schedules = SnapshotScheduler(
+            self.layout, self.instances, self.snapshots, minimum_interval=settings.schedule_min_interval
+        )
         # Listening to the instances' events from now on: an exit recorded while the instances
         # are taken charge of is planned for like any other.
         self.health = HealthMonitor(self.instances)
@@ -176,10 +180,12 @@ class Runtime:
         await self.ingresses.start()  # after the network, whose namespace Caddy runs in
         self.log_rotator.start()
         await self.snapshots.start()
+        await self.schedules.start()  # after the instances and the snapshots it goes by
         await self.images.start()
 
     async def stop(self) -> None:
         """Stop the server's own work. VMs are never stopped here: they outlive the server."""
+        await self.schedules.stop()  # first: a run in flight still has every service it uses
         await self.ingresses.stop()  # Caddy too only with CADDY_STOP_ON_SHUTDOWN
         await self.restarts.stop()
         await self.health.stop()

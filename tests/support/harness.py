@@ -35,7 +35,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,10 +138,11 @@ def remove_namespace(name: str) -> None:
 
 
 def launch(argv: Sequence[str], data_dir: Path, log_path: Path, port: int | None = None,
-           namespace: str | None = None) -> ServerProcess:
-    """Run ``argv --port P --data-dir D --log-level info``, wait for /health, mint a token."""
+           namespace: str | None = None, env: Mapping[str, str] | None = None) -> ServerProcess:
+    """Run ``argv --port P --data-dir D --log-level info``, wait for /health, mint a token.
+    ``env``: variables added to the server's environment (a test-only setting, say)."""
     port = port or free_port()
-    env = server_environment(namespace)
+    env = {**server_environment(namespace), **(env or {})}
     with log_path.open("ab") as log:
         process = subprocess.Popen(
             [*argv, "--port", str(port), "--data-dir", str(data_dir), "--log-level", "info"],
@@ -372,14 +373,15 @@ class Harness:
     # -- starting -------------------------------------------------------------------------------
 
     def start(self, data_dir: Path | None = None, *, port: int | None = None,
-              log_path: Path | None = None) -> ServerProcess:
+              log_path: Path | None = None, env: Mapping[str, str] | None = None) -> ServerProcess:
         """A server on ``data_dir`` (default ``<root>/data``); a data directory used before by
-        this harness is a restart. Its log is ``<root>/server-<n>.log`` unless given."""
+        this harness is a restart. Its log is ``<root>/server-<n>.log`` unless given; ``env``
+        adds to its environment."""
         self.root.mkdir(parents=True, exist_ok=True)
         data_dir = data_dir or self.root / "data"
         log_path = log_path or self.root / f"server-{len(self.started) + 1}.log"
         before = log_path.stat().st_size if log_path.exists() else 0
-        server = launch(self.argv, data_dir, log_path, port, self.namespace_of(data_dir))
+        server = launch(self.argv, data_dir, log_path, port, self.namespace_of(data_dir), env)
         self.started.append(_Started(server, checked=before))
         return server
 

@@ -49,6 +49,9 @@ class SnapshotRecord(BaseModel):
     # checked before a restore or fork uses the files.
     digests: dict[str, str]
     qemu_version: str
+    # The instance whose snapshot schedule made this snapshot (hypemand/policies/schedules.py);
+    # None for a client's own. Only the schedule's retention deletes snapshots that carry it.
+    scheduled_by: str | None = None
 
 
 class CreateSnapshotRequest(BaseModel):

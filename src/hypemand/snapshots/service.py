@@ -126,6 +126,12 @@ class SnapshotService:
     def get(self, snapshot_id: str) -> Snapshot:
         return self._record(snapshot_id).snapshot
 
+    def made_by_schedule(self, instance_id: str) -> tuple[Snapshot, ...]:
+        """The snapshots the snapshot schedule of ``instance_id`` made, oldest first (a
+        client's own snapshots of the instance are never among them)."""
+        made = (r.snapshot for r in self._records.values() if r.scheduled_by == instance_id)
+        return tuple(sorted(made, key=lambda s: (s.created_at, s.id)))
+
     def _record(self, snapshot_id: str) -> SnapshotRecord:
         record = self._records.get(snapshot_id)
         if record is None:
@@ -164,7 +170,11 @@ class SnapshotService:
 
     # ---- create -----------------------------------------------------------------------------------
 
-    async def create(self, ref: str, request: CreateSnapshotRequest) -> Snapshot:
+    async def create(
+        self, ref: str, request: CreateSnapshotRequest, *, scheduled_by: str | None = None
+    ) -> Snapshot:
+        """``scheduled_by``: the instance whose snapshot schedule takes this one (kept in the
+        record, never shown: it is what the schedule's retention goes by)."""
         source = await self.instances.get(ref)
         # Checked again under the instance's lock when the files are captured.
         self.instances.require_readonly_volumes(source.id, "a snapshot")
@@ -221,6 +231,7 @@ class SnapshotService:
                 instance=instance,
                 digests=digests,
                 qemu_version=await self.instances.hypervisor_version(),
+                scheduled_by=scheduled_by,
             )
             await asyncio.to_thread(write_model_atomic, paths.record, record)
         except BaseException:
