@@ -20,6 +20,8 @@ that the services receive as arguments.
     ACME_EMAIL, ACME_CA            certificates from an ACME CA (default: Caddy's internal CA)
     TLS_ALLOWED_DOMAINS            hostnames tls may be asked for: name, *.example.com or *
     HYPEMAND_INGRESS_DNS_PORT      the UDP port of the ingress's DNS responder (default 5353)
+    HYPEMAND_AUTO_STANDBY_MAX_CONCURRENT  auto-standbys committed at once; the others queue
+                                   (default 16, the reference's auto_standby.max_concurrent)
 
 Test-only (the test suite sets them; a deployment never should):
 
@@ -117,6 +119,7 @@ class Settings(BaseModel):
     acme_ca: str | None = None  # the ACME directory URL; None: Caddy's default (Let's Encrypt)
     tls_allowed_domains: tuple[str, ...] | None = None  # None: any hostname may have tls
     ingress_dns_port: int = Field(default=5353, ge=1, le=65535)  # UDP, 127.0.0.1 in the namespace
+    auto_standby_max_concurrent: int = Field(default=16, ge=1, le=1024)  # policies/README.md
     # Snapshot schedules (policies/README.md): the shortest interval, seconds. Lowered by tests only.
     schedule_min_interval: float = Field(default=60.0, gt=0)
 
@@ -169,6 +172,7 @@ class Settings(BaseModel):
             "acme_ca": env.get("ACME_CA") or None,
             "tls_allowed_domains": _domains(env.get("TLS_ALLOWED_DOMAINS")),
             "ingress_dns_port": env.get("HYPEMAND_INGRESS_DNS_PORT") or 5353,
+            "auto_standby_max_concurrent": env.get("HYPEMAND_AUTO_STANDBY_MAX_CONCURRENT") or 16,
             **{key: value for key, value in log_rotation.items() if value is not None},
             **({"schedule_min_interval": parse_duration(schedule_minimum)} if schedule_minimum else {}),
         })

@@ -21,6 +21,8 @@ from hypemand.ingress.service import IngressOptions, IngressService
 from hypemand.instances.logrotate import LogRotator
 from hypemand.instances.manager import InstanceManager
 from hypemand.network import NetworkConfig, NetworkConfigError, NetworkHost
+from hypemand.network.conntrack import FlowReader
+from hypemand.policies.autostandby import AutoStandbyController
 from hypemand.policies.health import HealthMonitor
 from hypemand.policies.restarts import RestartSupervisor
 from hypemand.policies.schedules import SnapshotScheduler
@@ -144,6 +146,10 @@ class Runtime:
         # are taken charge of is planned for like any other.
         self.health = HealthMonitor(self.instances)
         self.restarts = RestartSupervisor(self.instances, self.health)
+        # Its connection tracking reader comes at start, once the network's model is known.
+        self.auto_standby = AutoStandbyController(
+            self.instances, None, max_concurrent=settings.auto_standby_max_concurrent
+        )
         self.ingresses = IngressService(
             self.layout, ingress_options(settings), self.instances, self._ingress_unavailable
         )
@@ -159,6 +165,12 @@ class Runtime:
         """Why ingress has no bridge network to route to, or None when it has one."""
         network = self.instances.network
         return None if network.model == "bridge" else (network.user_mode_reason or "user-mode networking")
+
+    def _flow_reader(self) -> FlowReader | None:
+        """Connection tracking of the VM network's namespace, for auto-standby; None when VMs
+        have QEMU's user-mode NIC (no address of their own)."""
+        host = self.instances.network.host
+        return FlowReader(host.config.namespace) if host is not None else None
 
     def system_files(self) -> SystemFiles:
         if self.system is None:
@@ -177,6 +189,8 @@ class Runtime:
         await self.instances.take_charge()
         self.health.start()
         await self.restarts.start()
+        self.auto_standby.flows = self._flow_reader()
+        self.auto_standby.start()
         await self.ingresses.start()  # after the network, whose namespace Caddy runs in
         self.log_rotator.start()
         await self.snapshots.start()
@@ -185,6 +199,7 @@ class Runtime:
 
     async def stop(self) -> None:
         """Stop the server's own work. VMs are never stopped here: they outlive the server."""
+        await self.auto_standby.close()
         await self.schedules.stop()  # first: a run in flight still has every service it uses
         await self.ingresses.stop()  # Caddy too only with CADDY_STOP_ON_SHUTDOWN
         await self.restarts.stop()

@@ -66,6 +66,21 @@ def parse_duration(text: str) -> float:
     return total
 
 
+def format_duration(seconds: float) -> str:
+    """Seconds in Go syntax, to the millisecond: 0 -> "0s", 0.25 -> "250ms", 1.5 -> "1.5s",
+    150 -> "2m30s", 3723 -> "1h2m3s"."""
+    millis = max(0, round(seconds * 1000))
+    if millis < 1000:
+        return f"{millis}ms" if millis else "0s"
+    hours, rest = divmod(millis, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    whole, fraction = divmod(rest, 1000)
+    text = f"{hours}h" if hours else ""
+    if hours or minutes:
+        text += f"{minutes}m"
+    return text + (f"{whole}.{fraction:03d}".rstrip("0") if fraction else f"{whole}") + "s"
+
+
 _RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(bps|bit/s|B/s|Bps)?\s*$")
 _RATE_POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4}
 MAX_RATE = 1 << 50  # bytes per second: far beyond any NIC, small enough for tc

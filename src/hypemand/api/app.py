@@ -80,11 +80,12 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
 def _domain_routers() -> list[tuple[APIRouter, str | None]]:
     """Routers that need a bearer token, with the scope resource each one's routes require
     (``image`` -> ``image:read`` for GET, ``image:delete`` for DELETE, ``image:write`` else)."""
-    from hypemand.api import images, ingresses, instances, schedules, snapshots, system, volumes
+    from hypemand.api import autostandby, images, ingresses, instances, schedules, snapshots, system, volumes
 
     return [
         (images.router, "image"),
         (instances.router, "instance"),
+        (autostandby.router, "instance"),  # status: read, hold: write
         (snapshots.router, "snapshot"),
         (schedules.router, "snapshot"),  # set: write, get: read, delete: delete
         (ingresses.router, "ingress"),

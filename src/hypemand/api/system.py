@@ -57,8 +57,6 @@ UNBUILT_ROUTES: list[tuple[str, str]] = [
     ("GET", "/pushes"),
     ("POST", "/pushes"),
     ("GET", "/pushes/{id}"),
-    ("GET", "/instances/{id}/auto-standby/status"),
-    ("POST", "/instances/{id}/auto-standby/hold"),
 ]
 
 

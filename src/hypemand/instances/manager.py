@@ -15,7 +15,7 @@ import asyncio
 import logging
 import os
 import shutil
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -502,10 +502,15 @@ class InstanceManager:
         self.events.emit(InstanceEvent(EventKind.STARTED, live.id, manual=manual))
         return await self.reader.view(live)
 
-    async def standby(self, ref: str, request: StandbyInstanceRequest, *, manual: bool = True) -> Instance:
+    async def standby(
+        self, ref: str, request: StandbyInstanceRequest, *, manual: bool = True,
+        precheck: Callable[[], Awaitable[None]] | None = None,
+    ) -> Instance:
+        """``precheck``: run with the VM paused and saved, just before the standby is committed;
+        an exception from it resumes the VM and is raised here (auto-standby's last check)."""
         live = self.table.resolve(ref)
         async with mutating(live):
-            await self.saved.standby(live, request)
+            await self.saved.standby(live, request, precheck)
         self.events.emit(InstanceEvent(EventKind.STANDBY, live.id, manual=manual))
         return await self.reader.view(live)
 

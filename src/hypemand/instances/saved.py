@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -90,8 +90,14 @@ class SavedVMOperations:
 
     # ---- standby and restore ----------------------------------------------------------------
 
-    async def standby(self, live: LiveInstance, request: StandbyInstanceRequest) -> None:
-        """Pause the VM, save its device state, end QEMU; the RAM file stays where it is."""
+    async def standby(
+        self, live: LiveInstance, request: StandbyInstanceRequest,
+        precheck: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Pause the VM, save its device state, end QEMU; the RAM file stays where it is.
+        ``precheck`` (auto-standby's last look for a connection) runs while the VM is paused and
+        saved, before the standby is committed; if it raises, the VM runs on as if nothing
+        happened and the error is the caller's."""
         policy = live.record.snapshot_policy
         plan = self.compression.plan(
             request.compression,
@@ -112,6 +118,8 @@ class SavedVMOperations:
         # also tell a paused, already saved guest that the host left.
         await self.hypervisor.save_state(handle, files.device_state)
         try:
+            if precheck is not None:
+                await precheck()
             standby = StandbyRecord(
                 created_at=utcnow(),
                 state_digest=await asyncio.to_thread(file_digest, files.device_state),

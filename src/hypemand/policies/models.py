@@ -213,3 +213,47 @@ class AutoStandbyMemory(BaseModel):
     idle_since: datetime | None = None
     last_inbound_activity_at: datetime | None = None
     hold_until: datetime | None = None
+
+
+AutoStandbyReason = Literal[
+    "unsupported_platform",
+    "policy_missing",
+    "policy_disabled",
+    "instance_not_running",
+    "network_disabled",
+    "missing_ip",
+    "has_vgpu",
+    "active_inbound_connections",
+    "idle_timeout_not_elapsed",
+    "observer_error",
+    "ready_for_standby",
+]
+AutoStandbyState = Literal[
+    "unsupported",
+    "disabled",
+    "ineligible",
+    "active",
+    "idle_countdown",
+    "ready_for_standby",
+    "standby_requested",
+    "error",
+]
+
+
+class AutoStandbyStatus(WireModel):
+    """``GET /instances/{id}/auto-standby/status``: what the auto-standby controller sees."""
+
+    supported: bool
+    configured: bool
+    enabled: bool
+    eligible: bool
+    status: AutoStandbyState
+    reason: AutoStandbyReason
+    active_inbound_connections: int = 0
+    tracking_mode: str
+    idle_timeout: str | None = None
+    idle_since: datetime | None = None
+    last_inbound_activity_at: datetime | None = None
+    next_standby_at: datetime | None = None
+    countdown_remaining: str | None = None
+    hold_until: datetime | None = None
