@@ -13,7 +13,7 @@ from hypeman import NOT_GIVEN, Hypeman, omit
 from hypeman.types import Instance
 from hypeman.types.shared_params import SnapshotCompressionConfig
 
-from hypeman_cli import resolve, state
+from hypeman_cli import autostandby, resolve, state, supervision
 from hypeman_cli.errors import CLIError, describe
 from hypeman_cli.images import ensure_image
 from hypeman_cli.output import Column, emit, emit_lines
@@ -40,6 +40,8 @@ INSTANCE_COLUMNS = [
     Column("HV", lambda r: r.get("hypervisor")),
     Column("IP", lambda r: (r.get("network") or {}).get("ip")),
     Column("CREATED", lambda r: age(r.get("created_at"))),
+    Column("HEALTH", supervision.health_cell),
+    Column("RESTARTS", supervision.restarts_cell),
 ]
 
 TagOption = Annotated[list[str] | None, typer.Option("--tag", "-l", "--metadata",
@@ -162,6 +164,44 @@ def run(
     snapshot_compression_level: Annotated[int | None, typer.Option(help="zstd 1-19, lz4 0-9")] = None,
     snapshot_compression_delay: Annotated[str | None, typer.Option(help="delay before compressing, e.g. 30s")]
     = None,
+    health_cmd: Annotated[str | None, typer.Option(
+        help="health check: run this shell command in the guest, healthy on exit 0")] = None,
+    health_http: Annotated[str | None, typer.Option(
+        help="health check: GET PORT or PORT/PATH on the VM's address, healthy on 200")] = None,
+    health_tcp: Annotated[int | None, typer.Option(
+        "--health-tcp", "--health-tcp-port", help="health check: connect to this port")] = None,
+    health_type: Annotated[str | None, typer.Option(help="none, http, tcp or exec")] = None,
+    health_interval: Annotated[str | None, typer.Option(help="between probes (default 10s)")] = None,
+    health_timeout: Annotated[str | None, typer.Option(help="of one probe (default 2s)")] = None,
+    health_start_period: Annotated[str | None, typer.Option(
+        help="failures after boot not counted for this long (default 30s)")] = None,
+    health_failure_threshold: Annotated[int | None, typer.Option(help="failures in a row to be unhealthy")]
+    = None,
+    health_success_threshold: Annotated[int | None, typer.Option(help="successes in a row to be healthy")]
+    = None,
+    health_http_port: Annotated[int | None, typer.Option(help="health check: GET this port")] = None,
+    health_http_path: Annotated[str | None, typer.Option(help="the health check's path (default /)")] = None,
+    health_http_scheme: Annotated[str | None, typer.Option(help="http or https")] = None,
+    health_http_expected_status: Annotated[int | None, typer.Option(help="the healthy status (200)")] = None,
+    health_exec_working_dir: Annotated[str | None, typer.Option(help="the health command's directory")]
+    = None,
+    restart: Annotated[str | None, typer.Option(
+        "--restart", "--restart-policy", help="never, always or on_failure")] = None,
+    restart_backoff: Annotated[str | None, typer.Option(help="wait before a restart, doubled each time")]
+    = None,
+    restart_max_attempts: Annotated[int | None, typer.Option(help="restarts in a row (0: unlimited)")]
+    = None,
+    restart_stable_after: Annotated[str | None, typer.Option(help="a run this long resets the count")]
+    = None,
+    auto_standby: Annotated[str | None, typer.Option(
+        "--auto-standby", help="standby after this long without inbound TCP connections, e.g. 10m")] = None,
+    auto_standby_enabled: Annotated[bool | None, typer.Option(
+        "--auto-standby-enabled/--no-auto-standby-enabled", help="auto-standby on or off")] = None,
+    auto_standby_idle_timeout: Annotated[str | None, typer.Option(help="the same as --auto-standby")] = None,
+    auto_standby_ignore_destination_port: Annotated[list[int] | None, typer.Option(
+        help="connections to this guest port keep it awake no longer (repeatable)")] = None,
+    auto_standby_ignore_source_cidr: Annotated[list[str] | None, typer.Option(
+        help="connections from this CIDR keep it awake no longer (repeatable)")] = None,
     detach: Annotated[bool, typer.Option("--detach", "-d", help="return once created, not Running")] = False,
     wait_timeout: Annotated[str, typer.Option(help="how long to wait for Running")] = "5m",
 ) -> None:
@@ -205,6 +245,24 @@ def run(
         if snapshot_compression_delay:
             policy["standby_compression_delay"] = snapshot_compression_delay
         params["snapshot_policy"] = policy
+    check = supervision.health_check(
+        cmd=health_cmd, http=health_http, tcp=health_tcp, kind=health_type, interval=health_interval,
+        timeout=health_timeout, start_period=health_start_period,
+        failure_threshold=health_failure_threshold, success_threshold=health_success_threshold,
+        http_port=health_http_port, http_path=health_http_path, http_scheme=health_http_scheme,
+        http_expected_status=health_http_expected_status, exec_working_dir=health_exec_working_dir)
+    if check is not None:
+        params["health_check"] = check
+    restart_policy = supervision.restart_policy(
+        policy=restart, backoff=restart_backoff, max_attempts=restart_max_attempts,
+        stable_after=restart_stable_after)
+    if restart_policy is not None:
+        params["restart_policy"] = restart_policy
+    standby_policy = autostandby.policy(
+        idle=auto_standby, enabled=auto_standby_enabled, idle_timeout=auto_standby_idle_timeout,
+        ignore_ports=auto_standby_ignore_destination_port, ignore_cidrs=auto_standby_ignore_source_cidr)
+    if standby_policy is not None:
+        params["auto_standby"] = standby_policy
     with Phases() as phases:
         ready = ensure_image(client, image, phases, platform)
         instance_name = name or generate_name(image)
