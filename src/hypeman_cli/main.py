@@ -13,7 +13,17 @@ from typing import Annotated, Any
 
 import typer
 
-from hypeman_cli import __version__, images, ingress, instances, snapshots, state, system, volumes
+from hypeman_cli import (
+    __version__,
+    autostandby,
+    images,
+    ingress,
+    instances,
+    snapshots,
+    state,
+    system,
+    volumes,
+)
 from hypeman_cli.copy import cp
 from hypeman_cli.errors import CLIError, describe
 from hypeman_cli.execute import exec_
@@ -135,6 +145,7 @@ app.add_typer(images.image_app, name="image")
 app.add_typer(snapshots.snapshot_app, name="snapshot")
 app.add_typer(ingress.ingress_app, name="ingress")
 app.add_typer(volumes.volume_app, name="volume")
+app.add_typer(autostandby.auto_standby_app, name="auto-standby")
 app.command("resources")(system.resources)
 app.command("health")(system.health)
 
