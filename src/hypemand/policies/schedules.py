@@ -94,7 +94,8 @@ class SnapshotScheduler:
         killed in between) recorded now, as if it had ended when its snapshot was made."""
         made = self.snapshots.made_by_schedule(schedule.instance_id)
         newest = made[-1] if made else None
-        if newest is None or (schedule.last_run_at is not None and newest.created_at <= schedule.last_run_at):
+        if newest is None or newest.id == schedule.last_snapshot_id or (
+                schedule.last_run_at is not None and newest.created_at <= schedule.last_run_at):
             return schedule
         log.info("snapshot schedule of %s: recording its run of %s that the last server did not record",
                  schedule.instance_id, newest.created_at.isoformat())
