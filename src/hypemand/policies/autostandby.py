@@ -128,12 +128,14 @@ class AutoStandbyController:
     async def _run(self) -> None:
         while True:
             try:
-                await self._tick()
+                await self.tick()
             except Exception:  # one bad read must not end auto-standby for every instance
                 log.exception("auto-standby: a pass over the instances failed")
             await asyncio.sleep(self.poll_interval)
 
-    async def _tick(self) -> None:
+    async def tick(self) -> None:
+        """One read of the table and one pass over the instances (the loop runs it every
+        ``poll_interval``)."""
         watched = [live for live in self.manager.table if _enabled(live) is not None]
         for gone in set(self._tracked) - {live.id for live in watched}:
             self._forget(gone)
