@@ -1,4 +1,4 @@
-"""``snapshot create|restore|list|get|delete|fork``."""
+"""``snapshot create|restore|list|get|delete|fork``, and ``snapshot schedule`` (schedules.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from hypeman_cli.errors import CLIError
 from hypeman_cli.instances import INSTANCE_COLUMNS, compression_config, hypervisor_name, target_state_name
 from hypeman_cli.output import Column, emit, emit_lines, emit_names
 from hypeman_cli.progress import Phases
+from hypeman_cli.schedules import schedule_app
 from hypeman_cli.units import age, human_bytes, key_values, parse_duration, short_id
 
 SNAPSHOT_COLUMNS = [
@@ -27,6 +28,7 @@ SNAPSHOT_COLUMNS = [
 ]
 
 snapshot_app = typer.Typer(help="Snapshots of instances: create, list, restore, fork.", no_args_is_help=True)
+snapshot_app.add_typer(schedule_app, name="schedule")
 
 Kind = Literal["Standby", "Stopped"]
 TagOption = Annotated[list[str] | None, typer.Option("--tag", "-l", help="KEY=VALUE tag (repeatable)")]
