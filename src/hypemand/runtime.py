@@ -18,6 +18,7 @@ from hypemand.hypervisor.qemu import QemuHypervisor
 from hypemand.images.disk import DiskFormat
 from hypemand.images.service import ImageService
 from hypemand.ingress.service import IngressOptions, IngressService
+from hypemand.instances.events import EventKind, InstanceEvent
 from hypemand.instances.logrotate import LogRotator
 from hypemand.instances.manager import InstanceManager
 from hypemand.network import NetworkConfig, NetworkConfigError, NetworkHost
@@ -151,8 +152,10 @@ class Runtime:
             self.instances, None, max_concurrent=settings.auto_standby_max_concurrent
         )
         self.ingresses = IngressService(
-            self.layout, ingress_options(settings), self.instances, self._ingress_unavailable
+            self.layout, ingress_options(settings), self.instances, self._ingress_unavailable,
+            restore=self._wake,  # a request through the ingress wakes an instance in standby
         )
+        self.instances.events.subscribe(self._instance_event)
         self.log_rotator = LogRotator(
             lambda: self.instances.table,
             max_size=settings.log_max_size,
@@ -160,6 +163,13 @@ class Runtime:
             interval=settings.log_rotate_interval,
         )
         self.system: SystemFiles | None = None
+
+    async def _wake(self, instance_id: str) -> None:
+        await self.instances.restore(instance_id, manual=False)
+
+    def _instance_event(self, event: InstanceEvent) -> None:
+        if event.kind is not EventKind.STANDBY:  # it runs, or is gone: a failed wake is history
+            self.ingresses.instance_changed(event.instance_id)
 
     def _ingress_unavailable(self) -> str | None:
         """Why ingress has no bridge network to route to, or None when it has one."""

@@ -33,8 +33,9 @@ class Directory:
     def __init__(self) -> None:
         self.table: dict[str, InstanceAddress] = {}
 
-    def set(self, name: str, ip_address: str | None, instance_id: str | None = None) -> None:
-        entry = InstanceAddress(instance_id or f"{name:0<24}"[:24], name, ip_address)
+    def set(self, name: str, ip_address: str | None, instance_id: str | None = None,
+            asleep: bool = False) -> None:
+        entry = InstanceAddress(instance_id or f"{name:0<24}"[:24], name, ip_address, asleep)
         self.table[entry.name] = entry
         self.table[entry.id] = entry
 

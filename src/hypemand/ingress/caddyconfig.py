@@ -28,6 +28,18 @@ INSTANCE_ZONE = "vm.hypemand.internal"
 # after the interval, so a short interval costs nothing measurable; it bounds how long a route
 # goes to an old address after an instance's address changes (a stop/start, a restore elsewhere).
 DNS_REFRESH = "1s"
+# Wake on traffic (README "Wake on traffic"): a dial that fails is tried again every
+# RETRY_INTERVAL for up to WAKE_WAIT, each try asking for the upstreams again. A VM in standby
+# keeps its address, and TCP to it is reset at once (network/firewall.py) while our DNS responder,
+# asked for it, has it restored: the request is answered once it runs. Only dial errors are
+# retried (``retry_match`` that matches nothing), so a request that reached a VM is never sent
+# twice, and no address (a stopped instance, a failed wake) is a 503 at once.
+WAKE_WAIT = "30s"
+RETRY_INTERVAL = "20ms"
+NEVER: dict[str, Any] = {"expression": "false"}
+# Caddy's idle connections to VMs close after this: an idle keep-alive connection is an open
+# connection to the VM, which auto-standby counts as activity (Caddy's default is 2 minutes).
+UPSTREAM_IDLE = "2s"
 REDIRECT_PORT = 80  # redirect_http answers plain HTTP here
 GRACE_PERIOD = "2s"  # open connections get this long when a config change or a stop closes a server
 
@@ -75,6 +87,10 @@ def _proxy(rule: IngressRule, matcher: str, options: CaddyOptions) -> dict[str, 
             "refresh": DNS_REFRESH,
             "resolver": {"addresses": [f"udp/{options.dns_address}"]},
         },
+        "load_balancing": {"try_duration": WAKE_WAIT, "try_interval": RETRY_INTERVAL, "retry_match": [NEVER]},
+        # Caddy's defaults but the idle timeout (a keep_alive object replaces all of them).
+        "transport": {"protocol": "http", "keep_alive": {
+            "probe_interval": "30s", "idle_timeout": UPSTREAM_IDLE, "max_idle_conns_per_host": 32}},
     }
 
 

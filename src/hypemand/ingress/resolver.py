@@ -6,7 +6,8 @@ namespace, created by a thread that joined the namespace and then served by the 
 answers from :class:`InstanceDirectory`, in memory:
 
 * ``A`` for an instance that has an address: that address (TTL 0: Caddy keeps it for its own
-  ``refresh`` interval);
+  ``refresh`` interval); for one in standby, also the address it keeps, once it has been asked
+  to wake (``waker.py``: the answer never waits for the restore);
 * no answer (NOERROR) for ``AAAA`` and other types of a known instance, and for one without an
   address (stopped);
 * NXDOMAIN for anything else, also names outside the zone: nothing is forwarded anywhere.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Callable
 from typing import Protocol, cast
 
 import dns.exception
@@ -35,6 +37,9 @@ from hypemand.network import InstanceAddress
 
 log = logging.getLogger(__name__)
 
+# Called with the id of an instance in standby that an A query asks for: start (or join) its wake.
+Wake = Callable[[str], object]
+
 
 class InstanceDirectory(Protocol):
     """Where instances are now. Implemented by the instance manager."""
@@ -45,8 +50,10 @@ class InstanceDirectory(Protocol):
         ...
 
 
-def answer(query_wire: bytes, zone: str, directory: InstanceDirectory) -> bytes | None:
-    """The response to one DNS message, or None for something that is not a query."""
+def answer(query_wire: bytes, zone: str, directory: InstanceDirectory,
+           wake: Wake | None = None) -> bytes | None:
+    """The response to one DNS message, or None for something that is not a query. ``wake``
+    (None: instances in standby are not woken) is called for an ``A`` query of one in standby."""
     try:
         query = dns.message.from_wire(query_wire)
     except dns.exception.DNSException:
@@ -61,6 +68,8 @@ def answer(query_wire: bytes, zone: str, directory: InstanceDirectory) -> bytes 
         response.set_rcode(dns.rcode.NXDOMAIN)
     elif found.ip is not None and question.rdtype == dns.rdatatype.A \
             and question.rdclass == dns.rdataclass.IN:
+        if found.asleep and wake is not None:
+            wake(found.id)
         response.answer.append(dns.rrset.from_text(question.name, 0, "IN", "A", found.ip))
     return response.to_wire()
 
@@ -86,9 +95,10 @@ def bind_udp(host: str, port: int) -> socket.socket:
 
 
 class _Protocol(asyncio.DatagramProtocol):
-    def __init__(self, zone: str, directory: InstanceDirectory) -> None:
+    def __init__(self, zone: str, directory: InstanceDirectory, wake: Wake | None) -> None:
         self.zone = zone
         self.directory = directory
+        self.wake = wake
         self.transport: asyncio.DatagramTransport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -96,7 +106,7 @@ class _Protocol(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
         try:
-            reply = answer(data, self.zone, self.directory)
+            reply = answer(data, self.zone, self.directory, self.wake)
         except Exception:  # a lookup that fails must not end the responder
             log.exception("ingress DNS: answering a query failed")
             return
@@ -107,15 +117,16 @@ class _Protocol(asyncio.DatagramProtocol):
 class DnsResponder:
     """Serves :func:`answer` on a socket made elsewhere (in Caddy's namespace)."""
 
-    def __init__(self, zone: str, directory: InstanceDirectory) -> None:
+    def __init__(self, zone: str, directory: InstanceDirectory, wake: Wake | None = None) -> None:
         self.zone = zone
         self.directory = directory
+        self.wake = wake
         self._transport: asyncio.DatagramTransport | None = None
 
     async def serve(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         self._transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Protocol(self.zone, self.directory), sock=sock)
+            lambda: _Protocol(self.zone, self.directory, self.wake), sock=sock)
 
     def close(self) -> None:
         if self._transport is not None:

@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +27,8 @@ from hypemand.ingress.caddyconfig import INSTANCE_ZONE, REDIRECT_PORT, CaddyOpti
 from hypemand.ingress.hostnames import domain_allowed, is_template, parse_hostname
 from hypemand.ingress.models import CreateIngressRequest, Ingress, IngressRule, new_ingress_id
 from hypemand.ingress.resolver import DnsResponder, InstanceDirectory, bind_udp
+from hypemand.ingress.wakefail import WakeFailures
+from hypemand.ingress.waker import Waker
 from hypemand.layout import DataLayout
 from hypemand.network.namespace import NamespaceWorker, ensure_namespace
 
@@ -61,8 +63,11 @@ class IngressOptions:
 
 class IngressService:
     def __init__(self, layout: DataLayout, options: IngressOptions, directory: InstanceDirectory,
-                 unavailable: Callable[[], str | None]) -> None:
-        """``unavailable()`` says why the server has no bridge network to route to (None: it has)."""
+                 unavailable: Callable[[], str | None],
+                 restore: Callable[[str], Awaitable[object]] | None = None) -> None:
+        """``unavailable()`` says why the server has no bridge network to route to (None: it has).
+        ``restore(instance_id)`` wakes an instance in standby that a request is for (None:
+        requests for one fail)."""
         self.layout = layout
         self.options = options
         self.directory = directory
@@ -71,7 +76,11 @@ class IngressService:
         self._lock = asyncio.Lock()
         self._worker: NamespaceWorker | None = None
         self._caddy: CaddyProcess | None = None
-        self._dns = DnsResponder(INSTANCE_ZONE, directory)
+        self._failures = WakeFailures()
+        self._refused: dict[str, str] = {}  # instance id -> the address answered 502 for it
+        self.waker = Waker(restore, self._asleep, on_failure=self._refuse, on_clear=self._admit) \
+            if restore is not None else None
+        self._dns = DnsResponder(INSTANCE_ZONE, directory, self.waker.wake if self.waker else None)
         self._supervisor: asyncio.Task[None] | None = None
         self._stopping = False
         paths = layout.caddy
@@ -106,6 +115,9 @@ class IngressService:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
         self._dns.close()
+        if self.waker is not None:
+            await self.waker.close()
+        await self._failures.close()
         if self._caddy is not None:
             if self.options.stop_on_shutdown:
                 await self._caddy.stop()
@@ -125,6 +137,8 @@ class IngressService:
             self._worker = self._worker or NamespaceWorker(namespace, label="ingress")
             sock = await self._worker.run(bind_udp, DNS_HOST, self.options.dns_port)
             await self._dns.serve(sock)
+            if self.waker is not None:
+                await self._failures.start(self._worker)
             caddy = CaddyProcess(self.layout.caddy, self.options.caddy_binary, self._worker)
             how = await caddy.run(base_config(self.caddy_options))
         except DomainError:
@@ -153,6 +167,38 @@ class IngressService:
                     await self._load(self._config(self._ingresses.values()))
                 except (DomainError, OSError, RuntimeError) as exc:
                     log.warning("ingress: restarting Caddy failed: %s", exc)
+
+    # ---- wake on traffic (waker.py, wakefail.py) -----------------------------------------------
+
+    def instance_changed(self, instance_id: str) -> None:
+        """The instance was restored, started, stopped or deleted: a failed wake of it is history."""
+        if self.waker is not None:
+            self.waker.forget(instance_id)
+
+    def _asleep(self, instance_id: str) -> bool:
+        found = self.directory.find_address(instance_id)
+        return found is not None and found.asleep
+
+    async def _refuse(self, instance_id: str, reason: str) -> None:
+        found = self.directory.find_address(instance_id)
+        if found is None or found.ip is None:
+            return
+        self._refused[instance_id] = found.ip
+        try:
+            await self._failures.refuse(found.ip, f"instance {found.name} is in standby and could not be "
+                                        f"woken: {reason}")
+        except (OSError, RuntimeError) as exc:  # requests wait for Caddy's own limit instead
+            log.warning("ingress: could not answer for instance %s at once: %s", instance_id, exc)
+
+    async def _admit(self, instance_id: str) -> None:
+        address = self._refused.pop(instance_id, None)
+        if address is None:
+            return
+        try:
+            await self._failures.admit(address)
+        except (OSError, RuntimeError) as exc:
+            log.warning("ingress: instance %s's address is still answered by the server: %s",
+                        instance_id, exc)
 
     # ---- reads ------------------------------------------------------------------------------------
 

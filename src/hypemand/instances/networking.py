@@ -69,6 +69,11 @@ class NetworkFacts:
     source: str
 
 
+def is_asleep(live: LiveInstance) -> bool:
+    """In standby with an address: no VMM (and no TAP) behind the address it keeps."""
+    return live.record.ip is not None and live.handle is None and live.record.phase == "standby"
+
+
 def holds_address(live: LiveInstance) -> bool:
     """Whether the instance holds its IP and MAC now: its VMM runs (a handle), or its saved VM
     waits in standby, which comes back with the same identity."""
@@ -101,7 +106,9 @@ class Networking:
             log.info("network: user-mode networking (%s)", self.user_mode_reason)
             return
         try:
-            report = await self.host.start(running_ids)
+            sleeping = {IPv4Address(live.record.ip) for live in self.table
+                        if is_asleep(live) and live.record.ip}
+            report = await self.host.start(running_ids, sleeping)
         except (NamespaceError, PermissionError, NetlinkError, OSError) as exc:
             if not _lacks_privileges(exc):
                 raise
@@ -135,7 +142,8 @@ class Networking:
         live = self.table.get(ref) or next((item for item in self.table if item.name == ref), None)
         if live is None or live.deleted:
             return None
-        return InstanceAddress(live.id, live.name, live.record.ip if holds_address(live) else None)
+        return InstanceAddress(live.id, live.name, live.record.ip if holds_address(live) else None,
+                               asleep=is_asleep(live))
 
     # ---- a create's choices --------------------------------------------------------------------
 
@@ -243,6 +251,9 @@ class Networking:
             except BaseException:
                 await self.unplug(live, release=not keep_identity)
                 raise
+            # The VMM runs behind the TAP: connections to it are let through again (a restore's
+            # address was refused while asleep; any other's is cleared of an entry left stale).
+            await self._set_sleeping(live, False)
         finally:
             self.settle(live.id)
 
@@ -252,12 +263,28 @@ class Networking:
         what it could not remove, the next start's reconcile does."""
         if self.host is None or live.record.ip is None:
             return
+        if not release:
+            # Asleep from now on: connections to its address are reset at once (the ingress
+            # retries them while it wakes the VM) rather than left to wait for ARP to give up.
+            await self._set_sleeping(live, True)
         try:
             await self.host.delete_tap(live.id)
             if release:
                 await self.host.forget_connections(IPv4Address(live.record.ip))
         except Exception as exc:
             log.warning("instance %s: could not remove its TAP: %s", live.id, exc)
+        if release:
+            await self._set_sleeping(live, False)
+
+    async def _set_sleeping(self, live: LiveInstance, asleep: bool) -> None:
+        """Never raises: what it could not change, the next start's reconcile does."""
+        if self.host is None or live.record.ip is None:
+            return
+        try:
+            await self.host.set_sleeping(IPv4Address(live.record.ip), asleep)
+        except Exception as exc:
+            log.warning("instance %s: could not mark its address %s: %s", live.id,
+                        "asleep" if asleep else "awake", exc)
 
     async def open_tap(self, vm_id: str) -> int:
         """For the hypervisor: a descriptor of the VM's TAP, opened in the network's namespace."""

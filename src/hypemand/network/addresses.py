@@ -106,8 +106,10 @@ def _pick(first: int, last: int, free: Callable[[int], bool], tries: int, rng: r
 @dataclass(frozen=True)
 class InstanceAddress:
     """Where an instance is on the VM network now: what the ingress's resolver answers for its
-    name. ``ip`` is None while the instance holds no address (stopped, or no NIC)."""
+    name. ``ip`` is None while the instance holds no address (stopped, or no NIC). ``asleep``:
+    in standby, its address kept but no VMM behind it (the ingress wakes it on a request)."""
 
     id: str
     name: str
     ip: str | None
+    asleep: bool = False

@@ -21,6 +21,14 @@ Why these rules, in the forward hook (a drop in any table is final, an accept is
    reach no other interface of the namespace).
 
 and in postrouting, the subnet leaving by the uplink is masqueraded.
+
+In the output hook (the namespace's own connections: the ingress proxy, health probes), TCP to
+an address in the set ``sleeping`` is answered at once with a reset. The set holds the addresses
+of VMs in standby (they keep their address, but their TAP is gone): without it a connection to
+one would wait for ARP to give up (seconds) where the ingress needs a quick, retryable dial
+error while it wakes the VM (``hypemand.ingress``: wake on traffic). Its elements are what the
+instance manager says is asleep (added when a standby unplugs the TAP, removed whenever a VMM
+gets its TAP back), set again from the instances at every server start.
 """
 
 from __future__ import annotations
@@ -29,8 +37,9 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Collection
 from dataclasses import dataclass
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from hypemand.network.config import NetworkConfig
@@ -61,8 +70,11 @@ class RuleSpec:
 
 
 FORWARD = ChainSpec("forward", "filter", "forward", 0)
+OUTPUT = ChainSpec("output", "filter", "output", 0)
 POSTROUTING = ChainSpec("postrouting", "nat", "postrouting", 100)  # srcnat
-CHAINS = (FORWARD, POSTROUTING)
+CHAINS = (FORWARD, OUTPUT, POSTROUTING)
+SLEEPING = "sleeping"  # the set of addresses of VMs in standby
+SETS = (SLEEPING,)
 
 
 def _iif(name: str) -> Json:
@@ -82,6 +94,15 @@ _ACCEPT: Json = {"accept": None}
 _DROP: Json = {"drop": None}
 
 
+def _refuse_sleeping(tag: str) -> RuleSpec:
+    """A reset, not a drop: the dialer learns at once, and the ingress proxy retries."""
+    return RuleSpec(OUTPUT.name, f"{tag}: TCP to VMs in standby reset at once",
+                    ({"match": {"op": "==", "left": {"payload": {"protocol": "ip", "field": "daddr"}},
+                                "right": f"@{SLEEPING}"}},
+                     {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "tcp"}},
+                     {"reject": {"type": "tcp reset"}}))
+
+
 def desired_rules(config: NetworkConfig, uplink: str | None) -> list[RuleSpec]:
     """The rules for this bridge, subnet and uplink, in order. Without an uplink nothing is
     forwarded at all (VMs still reach the namespace itself: the gateway, the ingress proxy)."""
@@ -92,7 +113,7 @@ def desired_rules(config: NetworkConfig, uplink: str | None) -> list[RuleSpec]:
         RuleSpec(FORWARD.name, f"{tag}: nothing else to VMs", (_oif(br), _DROP)),
     ]
     if uplink is None:
-        return isolation
+        return [*isolation, _refuse_sleeping(tag)]
     return [
         isolation[0],
         RuleSpec(FORWARD.name, f"{tag}: VMs of {net} out via {uplink}",
@@ -102,16 +123,23 @@ def desired_rules(config: NetworkConfig, uplink: str | None) -> list[RuleSpec]:
                   {"match": {"op": "in", "left": {"ct": {"key": "state"}},
                              "right": ["established", "related"]}}, _ACCEPT)),
         *isolation[1:],
+        _refuse_sleeping(tag),
         RuleSpec(POSTROUTING.name, f"{tag}: masquerade {net} out {uplink}",
                  (_oif(uplink), _saddr_in(net), {"masquerade": None})),
     ]
 
 
-def replace_table_commands(table: str, rules: list[RuleSpec]) -> Json:
-    """One nft JSON transaction that leaves the table holding exactly these chains and rules.
-    ``add`` before ``delete`` makes the delete valid whether or not the table exists."""
+def replace_table_commands(table: str, rules: list[RuleSpec],
+                           sleeping: Collection[IPv4Address] = ()) -> Json:
+    """One nft JSON transaction that leaves the table holding exactly these chains and rules,
+    and ``sleeping`` in its set. ``add`` before ``delete`` makes the delete valid whether or not
+    the table exists."""
     ref = {"family": FAMILY, "name": table}
-    commands: list[Json] = [{"add": {"table": ref}}, {"delete": {"table": ref}}, {"add": {"table": ref}}]
+    commands: list[Json] = [{"add": {"table": ref}}, {"delete": {"table": ref}}, {"add": {"table": ref}},
+                            {"add": {"set": {"family": FAMILY, "table": table, "name": SLEEPING,
+                                             "type": "ipv4_addr"}}}]
+    if sleeping:
+        commands.append({"add": {"element": _elements(table, sleeping)}})
     for chain in CHAINS:
         commands.append({"add": {"chain": {"family": FAMILY, "table": table, "name": chain.name,
                                            "type": chain.type, "hook": chain.hook,
@@ -119,6 +147,26 @@ def replace_table_commands(table: str, rules: list[RuleSpec]) -> Json:
     for rule in rules:
         commands.append({"add": {"rule": {"family": FAMILY, "table": table, "chain": rule.chain,
                                           "comment": rule.comment, "expr": list(rule.expr)}}})
+    return {"nftables": commands}
+
+
+def _elements(table: str, addresses: Collection[IPv4Address]) -> Json:
+    return {"family": FAMILY, "table": table, "name": SLEEPING, "elem": sorted(str(a) for a in addresses)}
+
+
+def sleeping_commands(table: str, address: IPv4Address, asleep: bool) -> Json:
+    """Add the address to the set, or remove it (``add`` first: valid whether or not present)."""
+    change: list[Json] = [{"add": {"element": _elements(table, [address])}}]
+    if not asleep:
+        change.append({"delete": {"element": _elements(table, [address])}})
+    return {"nftables": change}
+
+
+def sync_sleeping_commands(table: str, sleeping: Collection[IPv4Address]) -> Json:
+    """One transaction that leaves exactly ``sleeping`` in the set."""
+    commands: list[Json] = [{"flush": {"set": {"family": FAMILY, "table": table, "name": SLEEPING}}}]
+    if sleeping:
+        commands.append({"add": {"element": _elements(table, sleeping)}})
     return {"nftables": commands}
 
 
@@ -149,9 +197,18 @@ def run_nft(document: Json | None, *args: str) -> Json:
     return json.loads(done.stdout) if done.stdout.strip() else {}
 
 
-def current_rules(table: str) -> tuple[list[str], list[tuple[str, str]]] | None:
-    """Blocking: the table's chain names and (chain, comment) pairs, sorted (a duplicated rule
-    shows twice), or None without the table."""
+@dataclass(frozen=True)
+class TableState:
+    """What the kernel's table holds, as far as hypemand compares it."""
+
+    chains: list[str]
+    rules: list[tuple[str, str]]  # (chain, comment), sorted; a duplicated rule shows twice
+    sets: list[str]
+    sleeping: frozenset[IPv4Address]
+
+
+def current_table(table: str) -> TableState | None:
+    """Blocking: the table's chains, rules, sets and sleeping addresses, or None without it."""
     try:
         listing = run_nft(None, "list", "table", FAMILY, table)
     except FirewallError as err:
@@ -160,22 +217,45 @@ def current_rules(table: str) -> tuple[list[str], list[tuple[str, str]]] | None:
         raise
     chains: list[str] = []
     rules: list[tuple[str, str]] = []
+    sets: list[str] = []
+    sleeping: set[IPv4Address] = set()
     for item in listing.get("nftables", []):
         if "chain" in item:
             chains.append(item["chain"]["name"])
         elif "rule" in item:
             rules.append((item["rule"]["chain"], item["rule"].get("comment", "")))
-    return sorted(chains), sorted(rules)
+        elif "set" in item:
+            sets.append(item["set"]["name"])
+            if item["set"]["name"] == SLEEPING:
+                sleeping.update(IPv4Address(e) for e in item["set"].get("elem", []) if isinstance(e, str))
+    return TableState(sorted(chains), sorted(rules), sorted(sets), frozenset(sleeping))
 
 
-def ensure_rules(config: NetworkConfig, uplink: str | None) -> bool:
-    """Blocking: make hypemand's table exactly the desired rules. True when it wrote."""
+def current_rules(table: str) -> tuple[list[str], list[tuple[str, str]]] | None:
+    """Blocking: the table's chain names and (chain, comment) pairs, or None without it."""
+    state = current_table(table)
+    return None if state is None else (state.chains, state.rules)
+
+
+def ensure_rules(config: NetworkConfig, uplink: str | None,
+                 sleeping: Collection[IPv4Address] | None = None) -> bool:
+    """Blocking: make hypemand's table exactly the desired rules, and (unless ``sleeping`` is
+    None: keep what it holds) exactly ``sleeping`` in its set. True when it rewrote the rules."""
     rules = desired_rules(config, uplink)
-    wanted = (sorted(c.name for c in CHAINS), sorted((r.chain, r.comment) for r in rules))
-    if current_rules(config.nft_table) == wanted:
+    wanted = (sorted(c.name for c in CHAINS), sorted((r.chain, r.comment) for r in rules), sorted(SETS))
+    state = current_table(config.nft_table)
+    if state is not None and (state.chains, state.rules, state.sets) == wanted:
+        if sleeping is not None and state.sleeping != frozenset(sleeping):
+            run_nft(sync_sleeping_commands(config.nft_table, sleeping))
         return False
-    run_nft(replace_table_commands(config.nft_table, rules))
+    keep = sleeping if sleeping is not None else (state.sleeping if state is not None else ())
+    run_nft(replace_table_commands(config.nft_table, rules, keep))
     return True
+
+
+def set_sleeping(config: NetworkConfig, address: IPv4Address, asleep: bool) -> None:
+    """Blocking: TCP to ``address`` reset at once (``asleep``) or let through again."""
+    run_nft(sleeping_commands(config.nft_table, address, asleep))
 
 
 def remove_rules(config: NetworkConfig) -> None:

@@ -70,7 +70,8 @@ class NetworkHost:
 
     # ---- start and reconcile -------------------------------------------------------------------
 
-    async def start(self, expected_vm_ids: set[str] | None = None) -> ReconcileReport:
+    async def start(self, expected_vm_ids: set[str] | None = None,
+                    sleeping: set[IPv4Address] | None = None) -> ReconcileReport:
         """Create the namespace if missing, then :meth:`reconcile`. Raises
         :class:`NetworkConfigError` for a subnet in use or an uplink that does not exist."""
         if self._worker is None:
@@ -78,15 +79,18 @@ class NetworkHost:
                 await asyncio.to_thread(ensure_namespace, self.config.namespace)
             self._worker = NamespaceWorker(self.config.namespace)
             self._sockets = NamespaceWorker(self.config.namespace, label="sockets")
-        return await self.reconcile(expected_vm_ids)
+        return await self.reconcile(expected_vm_ids, sleeping)
 
-    async def reconcile(self, expected_vm_ids: set[str] | None = None) -> ReconcileReport:
+    async def reconcile(self, expected_vm_ids: set[str] | None = None,
+                        sleeping: set[IPv4Address] | None = None) -> ReconcileReport:
         """Bring the namespace to what it must be: bridge, forwarding, rules, the upload root;
-        and, when ``expected_vm_ids`` is given, delete the TAPs of every other VM and upload
-        classes no TAP uses. Idempotent: a second call changes nothing."""
-        return await self._run(self._reconcile_sync, expected_vm_ids)
+        when ``expected_vm_ids`` is given, delete the TAPs of every other VM and upload classes
+        no TAP uses; when ``sleeping`` is given, make it the set of addresses of VMs in standby
+        (see :meth:`set_sleeping`). Idempotent: a second call changes nothing."""
+        return await self._run(self._reconcile_sync, expected_vm_ids, sleeping)
 
-    def _reconcile_sync(self, expected_vm_ids: set[str] | None) -> ReconcileReport:
+    def _reconcile_sync(self, expected_vm_ids: set[str] | None,
+                        sleeping: set[IPv4Address] | None = None) -> ReconcileReport:
         config = self.config
         with IPRoute() as ipr:
             names = {int(link["index"]): str(link.get_attr("IFLA_IFNAME")) for link in ipr.get_links()}
@@ -118,7 +122,7 @@ class NetworkHost:
                 for offset in sorted(shaping.upload_class_offsets(ipr, ifb_index) - used):
                     shaping.release_upload(ipr, ifb_index, offset)
                     stray_classes.append(offset)
-        rewritten = firewall.ensure_rules(config, uplink)
+        rewritten = firewall.ensure_rules(config, uplink, sleeping)
         if uplink is None and self.uplink is None:
             log.warning("network %s: %s has no default route and no uplink is named: VMs reach "
                         "the gateway but nothing beyond it", config.bridge, config.where())
@@ -223,6 +227,12 @@ class NetworkHost:
         if offset is not None and ifb_index is not None:
             shaping.release_upload(ipr, ifb_index, offset)
         return tap.delete_link(ipr, name)
+
+    async def set_sleeping(self, ip: IPv4Address, asleep: bool) -> None:
+        """Whether the VM at ``ip`` is in standby (no TAP, its address kept): while it is, TCP
+        from this namespace to it is reset at once instead of waiting for ARP to give up, so
+        the ingress proxy's dial fails fast and is retried while the VM is woken."""
+        await self._run(firewall.set_sleeping, self.config, ip, asleep)
 
     async def forget_connections(self, ip: IPv4Address) -> int:
         """Drop the conntrack entries of a released address (connections from or to it), so
