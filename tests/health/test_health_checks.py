@@ -6,6 +6,7 @@ probes reach them from there."""
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from hypeman import Hypeman
 
 from hypemand.images import demo
 from tests.health.conftest import PATIENCE, SMALL, guest_sh, health_of, when
+from tests.support.harness import Harness, LogAllowance, report, strict_client
 
 pytestmark = [pytest.mark.vm, pytest.mark.netns]
 
@@ -110,3 +112,30 @@ def test_a_hanging_probe_is_bounded_by_its_timeout_and_holds_up_no_other_instanc
             if found.id == hanging and found.health_status is not None:
                 hanging_checks.add(found.health_status.last_checked_at)
     assert len(checks_of_quick) >= 3, checks_of_quick
+
+
+def test_user_mode_networking_makes_http_and_tcp_unknown_and_exec_still_works(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    """QEMU's user-mode NIC gives the VM no address the server can reach: an http or tcp check
+    says so (``unknown``, with why); an exec check goes through the guest agent as ever."""
+    own = Harness(tmp_path / "user-mode", LogAllowance.of(request.node), network="user")
+    try:
+        server = own.start()
+        demo.install(server.base_url, server.token, wait_seconds=300)
+        with strict_client(server) as sdk:
+            base = {"interval": "500ms", "start_period": "0s"}
+            http = create(sdk, "user-http", WEB, {**base, "type": "http", "http": {"port": 80}})
+            tcp = create(sdk, "user-tcp", WEB, {**base, "type": "tcp", "tcp": {"port": 80}})
+            inside = create(sdk, "user-exec", WEB, {**base, "type": "exec", "exec": {"command": ["true"]}})
+            for instance in (http, tcp):
+                found = when(sdk, instance, lambda i: i.state == "Running" and health_of(i) == "unknown"
+                             and i.health_status is not None and i.health_status.last_checked_at is not None,
+                             "unknown under user-mode networking")
+                assert found.health_status is not None
+                assert "user-mode networking" in (found.health_status.last_error or ""), found.health_status
+                assert found.health_status.consecutive_failures == 0
+            when(sdk, inside, lambda i: health_of(i) == "healthy", "exec healthy under user-mode networking")
+    finally:
+        problems = own.finish()
+    report(problems, "the user-mode server left problems")

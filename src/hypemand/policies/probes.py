@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -100,41 +101,56 @@ async def _tcp(host: NetworkHost, ip: str, port: int) -> ProbeOutcome:
 
 
 async def _http(host: NetworkHost, ip: str, http: HealthCheckHTTP) -> ProbeOutcome:
+    loop = asyncio.get_running_loop()
     sock = await host.connect_socket()
     try:
-        await asyncio.get_running_loop().sock_connect(sock, (ip, http.port))
-    except BaseException:
-        sock.close()
-        raise
-    tls = _TLS if http.scheme == "https" else None
-    reader, writer = await asyncio.open_connection(sock=sock, ssl=tls, server_hostname=ip if tls else None)
-    try:
-        status = await _exchange(reader, writer, ip, http)
+        await loop.sock_connect(sock, (ip, http.port))
+        if http.scheme == "https":
+            status = await _over_tls(sock, ip, http)
+        else:
+            # Plain HTTP straight on the socket: no transport or streams to build per probe.
+            async def send(data: bytes) -> None:
+                await loop.sock_sendall(sock, data)
+
+            async def receive() -> bytes:
+                return await loop.sock_recv(sock, READ_CHUNK)
+
+            status = await _exchange(send, receive, ip, http)
     finally:
-        writer.close()
-        with contextlib.suppress(OSError, ssl.SSLError):
-            await writer.wait_closed()
+        sock.close()
     if status != http.expected_status:
         return ProbeOutcome(False, f"GET {http.path} answered {status}, expected {http.expected_status}")
     return ProbeOutcome(True)
 
 
-async def _exchange(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, ip: str, http: HealthCheckHTTP
-) -> int:
+async def _over_tls(sock: socket.socket, ip: str, http: HealthCheckHTTP) -> int:
+    reader, writer = await asyncio.open_connection(sock=sock, ssl=_TLS, server_hostname=ip)
+    try:
+        async def send(data: bytes) -> None:
+            writer.write(data)
+            await writer.drain()
+
+        return await _exchange(send, lambda: reader.read(READ_CHUNK), ip, http)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await writer.wait_closed()
+
+
+async def _exchange(send: Callable[[bytes], Awaitable[None]], receive: Callable[[], Awaitable[bytes]],
+                    ip: str, http: HealthCheckHTTP) -> int:
     """Send the GET and read up to the response's head; its status code."""
     conn = h11.Connection(h11.CLIENT)
     host = ip if http.port == (443 if http.scheme == "https" else 80) else f"{ip}:{http.port}"
     request = h11.Request(method="GET", target=http.path, headers=[
         ("Host", host), ("User-Agent", USER_AGENT), ("Connection", "close"),
     ])
-    writer.write(conn.send(request) + conn.send(h11.EndOfMessage()))
-    await writer.drain()
+    await send(conn.send(request) + conn.send(h11.EndOfMessage()))
     received = 0
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
-            data = await reader.read(READ_CHUNK)
+            data = await receive()
             received += len(data)
             if received > MAX_RESPONSE_HEAD:
                 raise h11.RemoteProtocolError("the response's head is too long")
