@@ -8,7 +8,7 @@ conntrack included, is tests/autostandby/test_autostandby_vm.py.)"""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -83,8 +83,8 @@ class Flows:
     def __init__(self) -> None:
         self.flows: list[TcpFlow] = []
 
-    async def tcp_flows(self) -> list[TcpFlow]:
-        return list(self.flows)
+    async def inbound_tcp_flows(self, servers: Collection[IPv4Address]) -> dict[IPv4Address, list[TcpFlow]]:
+        return {server: [flow for flow in self.flows if flow.server == server] for server in servers}
 
     def close(self) -> None:
         pass
