@@ -4,9 +4,11 @@ kept, TCP to it reset from the server's namespace) and woken by a restore the te
 holds as long as it likes, so every order of events below is certain, not timed.
 
 Requests wait for one wake, and other instances are served while they wait; a request for an
-address Caddy still holds from before the standby is answered too; a wake that fails is a 503
-at once, and the next request after the pause tries again. Caddy is stopped and the namespaces
-removed also when a test fails.
+address Caddy still holds from before the standby is answered too; a wake that fails is answered
+502 with its reason at once, and the next request after the pause wakes it. And the network
+keeps the set of sleeping addresses it is told, across a rewrite of its rules, and exactly the
+one a server's start gives it. Caddy is stopped and the namespaces removed also when a test
+fails.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from hypemand.errors import Conflict, DomainError
 from hypemand.ingress.models import CreateIngressRequest
 from hypemand.ingress.service import IngressOptions, IngressService
 from hypemand.layout import DataLayout
-from hypemand.network import NetworkConfig
-from hypemand.network.firewall import ensure_rules, set_sleeping
+from hypemand.network import NetworkConfig, NetworkHost
+from hypemand.network.firewall import current_table, ensure_rules, set_sleeping
 from hypemand.network.namespace import run_in_namespace
 from tests.ingress.netlab import BACKEND_PORT, VM_NET, Directory, Reply, VmNet, fetch, vm_net
-from tests.network.lab import netns_supported
+from tests.network.lab import lab, netns_supported, tool
 from tests.support.harness import kill, processes_in
 
 _why_not = netns_supported() or (None if os.access("/usr/bin/caddy", os.X_OK) else "needs caddy")
@@ -158,15 +160,16 @@ async def test_an_address_caddy_still_holds_from_before_the_standby_is_answered_
     sleeper = Sleeper(net, Directory())
     address = sleeper.add(APP)
     sleeper.release.set()  # restores finish as soon as they are asked for
-    async with serving(data, net, sleeper):
+    async with serving(data, net, sleeper) as service:
         assert app_page(await get(clients, net, "app.test"))  # Caddy holds the address now
         await sleeper.sleep(APP)
         with pytest.raises(ConnectionRefusedError):  # reset at once from the server's namespace
             await asyncio.to_thread(run_in_namespace, net.srv,
                                     partial(socket.create_connection, (address, BACKEND_PORT), 10))
         assert app_page(await get(clients, net, "app.test"))
-        assert sleeper.calls == [APP_ID]
-        assert not sleeper.directory.table[APP].asleep
+        assert service.waker is not None
+        await service.waker.settled()  # the restore's bookkeeping ends after the guest answers
+        assert sleeper.calls == [APP_ID] and not sleeper.directory.table[APP].asleep
 
 
 async def test_a_failed_wake_is_answered_502_with_its_reason_and_the_next_request_after_the_pause_wakes(
@@ -195,3 +198,42 @@ async def test_a_failed_wake_is_answered_502_with_its_reason_and_the_next_reques
         assert not service.waker.failed(APP_ID)
         assert app_page(await get(clients, net, "app.test"))
         assert sleeper.calls == [APP_ID, APP_ID]
+
+
+async def test_the_network_keeps_the_sleeping_addresses_and_the_start_sets_them_again() -> None:
+    first, second = IPv4Address("10.213.9.11"), IPv4Address("10.213.9.12")
+    with lab() as own:
+        srv = own.add_namespace("srv")
+        config = NetworkConfig.parse(subnet="10.213.9.0/24", namespace=srv)
+
+        def asleep() -> frozenset[IPv4Address]:
+            table = run_in_namespace(srv, partial(current_table, config.nft_table))
+            assert table is not None
+            return table.sleeping
+
+        host = NetworkHost(config)
+        try:
+            await host.start(set(), sleeping={first})
+            assert asleep() == {first}
+            for _ in range(2):  # each change twice: idempotent
+                await host.set_sleeping(second, True)
+            for _ in range(2):
+                await host.set_sleeping(first, False)
+            assert asleep() == {second}
+            # Reset at once, not left to ARP (which would end in EHOSTUNREACH seconds later).
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.to_thread(run_in_namespace, srv,
+                                        partial(socket.create_connection, (str(second), 80), 10))
+            # Rules changed by hand are rewritten; the sleeping addresses stay when none are given.
+            tool("ip", "netns", "exec", srv, "nft", "flush", "chain", "inet", config.nft_table, "output")
+            report = await host.reconcile(set())
+            assert report.rules_rewritten and asleep() == {second}
+            assert not (await host.reconcile(set())).rules_rewritten
+        finally:
+            host.close()
+        restarted = NetworkHost(config)  # a server's start says what is asleep now
+        try:
+            report = await restarted.start(set(), sleeping={first})
+            assert not report.rules_rewritten and asleep() == {first}
+        finally:
+            restarted.close()

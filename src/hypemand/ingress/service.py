@@ -138,7 +138,10 @@ class IngressService:
             sock = await self._worker.run(bind_udp, DNS_HOST, self.options.dns_port)
             await self._dns.serve(sock)
             if self.waker is not None:
-                await self._failures.start(self._worker)
+                try:
+                    await self._failures.start(self._worker)
+                except (OSError, RuntimeError) as exc:  # wakes work; a failed one waits for Caddy's limit
+                    log.warning("ingress: failed wakes cannot be answered at once: %s", exc)
             caddy = CaddyProcess(self.layout.caddy, self.options.caddy_binary, self._worker)
             how = await caddy.run(base_config(self.caddy_options))
         except DomainError:
