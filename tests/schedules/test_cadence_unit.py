@@ -13,7 +13,11 @@ from pydantic import ValidationError
 
 from hypemand.config import Settings
 from hypemand.policies import cadence
-from hypemand.policies.schedule_models import SetSnapshotScheduleRequest, SnapshotSchedule
+from hypemand.policies.schedule_models import (
+    SetSnapshotScheduleRequest,
+    SnapshotSchedule,
+    SnapshotScheduleRetention,
+)
 from hypemand.policies.schedules import shown_seconds
 
 T0 = datetime(2026, 12, 7, 12, 0, 0, tzinfo=UTC)
@@ -150,7 +154,7 @@ def test_bad_requests_name_the_field(body: dict[str, Any], field: str) -> None:
 
 def test_the_wire_shape_leaves_out_what_is_unset_and_sends_null_only_where_the_sdk_allows() -> None:
     schedule = SnapshotSchedule(
-        instance_id="i", interval="1h", retention={"max_count": 2},  # type: ignore[arg-type]
+        instance_id="i", interval="1h", retention=SnapshotScheduleRetention(max_count=2),
         next_run_at=T0, created_at=T0, updated_at=T0)
     wire = schedule.model_dump(mode="json")
     assert wire["retention"] == {"max_count": 2}

@@ -12,6 +12,7 @@ import json
 import signal
 import time
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -153,7 +154,7 @@ def test_a_server_killed_during_a_scheduled_snapshot_leaves_no_half_snapshot(har
             assert check.output.decode().strip() == digest, phase
             # The schedule goes on: a whole snapshot after the restart.
             eventually(f"{phase}: a successful run after the restart",
-                       lambda since=killed_at: _succeeded(sdk, instance, since))
+                       partial(_succeeded, sdk, instance, killed_at))
 
     with strict_client(server) as sdk:
         sdk.instances.snapshot_schedule.delete(instance)  # no run in flight after this

@@ -8,8 +8,12 @@ its snapshots."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +29,7 @@ ZSTD_1 = {"enabled": True, "algorithm": "zstd", "level": 1}
 
 
 def expect(error: type[Exception], call: Callable[[], object], *fragments: str) -> dict[str, Any]:
-    with pytest.raises(error) as caught:  # type: ignore[call-overload]
+    with pytest.raises(error) as caught:
         call()
     body: dict[str, Any] = caught.value.body  # type: ignore[attr-defined]
     assert set(body) >= {"code", "message"}, body
@@ -51,7 +55,7 @@ def test_max_count_two_keeps_the_two_newest_of_its_own_and_no_manual_snapshot(sd
     seen: list[str] = []
     last: datetime | None = None
     while len(seen) < 5:
-        schedule = eventually("the schedule's next run", lambda since=last: run_after(sdk, instance, since))
+        schedule = eventually("the schedule's next run", partial(run_after, sdk, instance, last))
         assert schedule.last_error is None, schedule.last_error
         assert schedule.last_snapshot_id is not None
         last = schedule.last_run_at
@@ -65,7 +69,7 @@ def test_max_count_two_keeps_the_two_newest_of_its_own_and_no_manual_snapshot(sd
     assert len(kept) == 2, [(s.name, s.created_at) for s in kept]
     assert seen[-1] in {s.id for s in kept}, "the newest is kept"
     for early in seen[:3]:
-        expect(NotFoundError, lambda early=early: sdk.snapshots.get(early))
+        expect(NotFoundError, partial(sdk.snapshots.get, early))
     for snapshot in kept:
         assert snapshot.kind == "Standby"  # the instance was Running
         assert snapshot.tags == {"team": "db", "tier": "gold"}
@@ -97,6 +101,56 @@ def test_a_stopped_instance_gets_stopped_snapshots_and_a_max_age_retention(sdk: 
     sdk.instances.delete(instance)
     for made in sdk.snapshots.list(source_instance_id=instance):
         sdk.snapshots.delete(made.id)
+
+
+def qemu_of(data: Path, instance: str) -> int:
+    """The pid of the QEMU running in the instance's directory."""
+    directory = str((data / "guests" / instance).resolve())
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv0 = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0]
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if b"qemu-system" in argv0 and cwd == directory:
+            return int(entry)
+    raise AssertionError(f"no QEMU runs for {instance}")
+
+
+def test_a_run_in_a_state_without_a_snapshot_records_last_error_and_a_later_success_clears_it(
+        sdk: Hypeman, api: ServerProcess) -> None:
+    """A VMM that does not answer (its QEMU stopped with SIGSTOP, then continued) makes the
+    instance Unknown: the run records why, takes nothing; once it answers again, a run succeeds."""
+    instance = running(sdk, "frozen")
+    qemu = qemu_of(api.data_dir, instance)
+    os.kill(qemu, signal.SIGSTOP)
+    try:
+        eventually("the instance to be Unknown",
+                   lambda: True if sdk.instances.get(instance).state == "Unknown" else None)
+        sdk.instances.snapshot_schedule.update(instance, interval="1s", retention={"max_count": 1},
+                                               name_prefix="frozen")
+        failed = eventually("a run", lambda: run_after(sdk, instance, None))
+        assert failed.last_error is not None and "invalid state transition" in failed.last_error, failed
+        assert "Unknown" in failed.last_error and failed.last_snapshot_id is None
+        assert scheduled_of(sdk, instance, "frozen") == []
+    finally:
+        os.kill(qemu, signal.SIGCONT)
+    since = failed.last_run_at
+
+    def succeeded() -> bool | None:
+        schedule = run_after(sdk, instance, since)
+        return True if schedule is not None and schedule.last_snapshot_id is not None else None
+
+    eventually("a run once the VMM answers", succeeded)
+    sdk.instances.snapshot_schedule.delete(instance)
+    schedule_file = api.data_dir / "snapshot-schedules" / f"{instance}.json"
+    assert not schedule_file.exists()
+    made = scheduled_of(sdk, instance, "frozen")
+    assert len(made) == 1 and made[0].kind == "Standby"
+    sdk.instances.delete(instance)
+    sdk.snapshots.delete(made[0].id)
 
 
 def test_updating_retention_metadata_or_prefix_keeps_the_next_run_a_new_interval_resets_it(
@@ -137,7 +191,7 @@ def test_bad_schedules_are_refused_naming_the_field_and_nothing_is_stored(
         ({"interval": "1h", "retention": {"max_count": 1}, "metadata": {"k!": "v"}}, "metadata"),
     ]
     for body, field in bad:
-        error = expect(BadRequestError, lambda body=body: update(instance, **body), field)
+        error = expect(BadRequestError, partial(update, instance, **body), field)
         assert error["code"] in ("invalid_request", "bad_request"), error
     # Without retention at all: a raw PUT (the SDK's types will not send one).
     expect(BadRequestError, lambda: sdk.put(f"/instances/{instance}/snapshot-schedule", cast_to=object,
