@@ -47,6 +47,10 @@ from hypemand.units import format_duration
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 1.0
+# The longest an instance's flows go unread: within it no activity is missed (a finished flow
+# stays in the table: TIME_WAIT two minutes, CLOSE ten seconds), only seen a little late. An
+# instance is read every tenth of its idle timeout, between POLL_INTERVAL and this.
+MAX_READ_INTERVAL = 5.0
 DEFAULT_MAX_CONCURRENT = 16
 TRACKING_MODE = "conntrack_poll_v4_tcp"
 STOP_GRACE = 30.0  # how long the server's stop waits for standbys already being committed
@@ -67,6 +71,7 @@ class Tracked:
     phase: Literal["queued", "standby"] | None = None
     cancelled: bool = False  # a hold or activity came while the attempt was under way
     committing: bool = False  # the precheck passed: the standby can no longer be given up
+    next_read: datetime | None = None  # its flows are read again from then on
 
     @property
     def requested(self) -> bool:
@@ -153,12 +158,13 @@ class AutoStandbyController:
         for gone in set(self._tracked) - {live.id for live in watched}:
             self._forget(gone)
         counted: list[LiveInstance] = []
+        now = self.clock()
         for live in watched:
             reason = await self._ineligible(live)
-            if reason is None:
-                counted.append(live)
-            else:
+            if reason is not None:
                 await self._not_counting(live)
+            elif self._read_due(live, now):
+                counted.append(live)
         if not counted or self.flows is None:
             return  # nothing to count: the table is not read at all
         try:
@@ -173,6 +179,14 @@ class AutoStandbyController:
             self.observer_error = None
         for live in counted:
             await self._count(live, flows.get(_address(live), []))
+
+    def _read_due(self, live: LiveInstance, now: datetime) -> bool:
+        tracked = self._tracked.get(live.id)
+        return tracked is None or tracked.next_read is None or tracked.next_read <= now
+
+    def _read_interval(self, policy: AutoStandbyPolicy) -> timedelta:
+        tenth = _timeout(policy).total_seconds() / 10
+        return timedelta(seconds=min(MAX_READ_INTERVAL, max(self.poll_interval, tenth)))
 
     async def _not_counting(self, live: LiveInstance) -> None:
         """An instance that cannot go to standby now: no countdown (a start or a restore begins
@@ -195,6 +209,7 @@ class AutoStandbyController:
         if tracked.committing:
             return
         now = self.clock()
+        tracked.next_read = now + self._read_interval(policy)
         countdown = tracked.countdown
         if countdown.observe(InboundFilter.of(live.record.ip, policy).inbound(flows), now):
             await self._remember(live, countdown.memory())
