@@ -146,7 +146,7 @@ app.add_typer(snapshots.snapshot_app, name="snapshot")
 app.add_typer(ingress.ingress_app, name="ingress")
 app.add_typer(volumes.volume_app, name="volume")
 app.add_typer(autostandby.auto_standby_app, name="auto-standby")
-app.command("resources")(system.resources)
+app.add_typer(system.resources_app, name="resources")
 app.command("health")(system.health)
 
 

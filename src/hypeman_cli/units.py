@@ -41,6 +41,21 @@ def key_values(pairs: Iterable[str], what: str) -> dict[str, str]:
     return result
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)\s*$", re.IGNORECASE)
+_SIZE_POWERS = {"": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5}
+
+
+def parse_size(text: str, what: str) -> int:
+    """``"512MB"`` -> 536870912: a bare number is bytes, K/M/G/T/P (with an optional B or iB) are
+    powers of 1024, as the server reads sizes."""
+    match = _SIZE.match(text)
+    unit = match.group(3).lower() if match else ""
+    if not match or unit == "i" or (unit == "ib" and not match.group(2)):
+        raise CLIError(f"{what} must be a size like 512MB, 1GB or 1073741824, not {text!r}")
+    number, prefix, _ = match.groups()
+    return int(float(number) * 1024 ** _SIZE_POWERS[prefix.upper()])
+
+
 def human_bytes(size: int | None) -> str:
     return "-" if size is None else decimal(size)
 

@@ -9,6 +9,7 @@
       guests/<instance id>/      one directory per instance (see InstancePaths)
       snapshots/<snapshot id>/   stored snapshots: snapshot.json and guest/ (see hypemand.snapshots)
       snapshot-schedules/<instance id>.json   one snapshot schedule each (see hypemand.policies)
+      memory-reclaim-hold.json   the memory reclaim's hold while one is active (hypemand.policies)
       ingresses/<id>.json        one ingress each (see hypemand.ingress)
       caddy/                     the ingress proxy's config, pid, log, certificates (see CaddyPaths)
 
@@ -508,6 +509,11 @@ class DataLayout:
     def snapshot_schedule(self, instance_id: str) -> Path:
         """``snapshot-schedules/<instance id>.json``: the instance's schedule, as the API shows it."""
         return self.snapshot_schedules / f"{instance_id}.json"
+
+    @property
+    def memory_reclaim_hold(self) -> Path:
+        """``memory-reclaim-hold.json``: the reclaim held until its expiry, when it deflates."""
+        return self.root / "memory-reclaim-hold.json"
 
     def fork_staging(self, token: str) -> SnapshotPaths:
         """A fork of an instance copies its saved VM here first (removed after, or at start)."""

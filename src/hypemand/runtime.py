@@ -25,6 +25,7 @@ from hypemand.network import NetworkConfig, NetworkConfigError, NetworkHost
 from hypemand.network.conntrack import FlowReader
 from hypemand.policies.autostandby import AutoStandbyController
 from hypemand.policies.health import HealthMonitor
+from hypemand.policies.reclaim import MemoryReclaimer
 from hypemand.policies.restarts import RestartSupervisor
 from hypemand.policies.schedules import SnapshotScheduler
 from hypemand.savedvm.jobs import CompressionJobs
@@ -151,6 +152,7 @@ class Runtime:
         self.auto_standby = AutoStandbyController(
             self.instances, None, max_concurrent=settings.auto_standby_max_concurrent
         )
+        self.memory_reclaim = MemoryReclaimer(self.instances, self.layout.memory_reclaim_hold)
         self.ingresses = IngressService(
             self.layout, ingress_options(settings), self.instances, self._ingress_unavailable,
             restore=self._wake,  # a request through the ingress wakes an instance in standby
@@ -202,6 +204,7 @@ class Runtime:
         self.auto_standby.flows = self._flow_reader()
         self.auto_standby.start()
         await self.ingresses.start()  # after the network, whose namespace Caddy runs in
+        await self.memory_reclaim.start()  # after the instances: it ends a hold that expired
         self.log_rotator.start()
         await self.snapshots.start()
         await self.schedules.start()  # after the instances and the snapshots it goes by
@@ -214,6 +217,7 @@ class Runtime:
         await self.ingresses.stop()  # Caddy too only with CADDY_STOP_ON_SHUTDOWN
         await self.restarts.stop()
         await self.health.stop()
+        await self.memory_reclaim.stop()
         await self.log_rotator.close()
         await self.images.stop()
         await self.compression.close()

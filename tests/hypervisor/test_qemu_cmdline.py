@@ -107,6 +107,23 @@ def test_q35_uses_pci_devices_and_no_tsc_hint() -> None:
     assert "tsc_early_khz" not in option(argv, "-append")[0]
 
 
+@pytest.mark.parametrize(("board", "bus"), [(Board.QEMU_MICROVM, "device"), (Board.QEMU, "pci")])
+def test_the_balloon_comes_last_and_only_when_asked(board: Board, bus: str) -> None:
+    without = build_qemu_argv(make_config(board=board), binary=QEMU, accel=Accel.TCG, tsc_khz=None)
+    assert not any("balloon" in arg for arg in without)  # a launch record from before: unchanged
+    argv = build_qemu_argv(make_config(board=board, balloon=True), binary=QEMU, accel=Accel.TCG, tsc_khz=None)
+    # Last: the devices before it keep their transports / PCI slots.
+    assert argv[:-2] == without
+    balloon = f"virtio-balloon-{bus},id=balloon0,deflate-on-oom=on,free-page-reporting=off"
+    assert argv[-2:] == ["-device", balloon]
+
+
+def test_a_launch_record_without_balloon_reads_as_none() -> None:
+    data = make_config().model_dump(mode="json")
+    del data["balloon"]
+    assert VMConfig.model_validate(data).balloon is False
+
+
 def test_kvm_uses_host_cpu_without_arch_capabilities() -> None:
     argv = build_qemu_argv(make_config(), binary=QEMU, accel=Accel.KVM, tsc_khz=None)
     assert option(argv, "-accel") == ["kvm"]

@@ -73,11 +73,11 @@ def test_plan_mount_rules() -> None:
 
 
 def test_device_limits_count_overlays_twice() -> None:
-    assert max_volume_devices(Board.QEMU_MICROVM) == 19  # 24 virtio-mmio transports - 5
-    assert max_volume_devices(Board.QEMU) == 23  # the reference's limit (q35 has 25 free)
-    plain = [VolumeMountRecord(volume_id=f"v{i}", mount_path=f"/d{i}", readonly=True) for i in range(17)]
-    plan_mount(wish("/x", readonly=True), "vx", plain, Board.QEMU_MICROVM)  # 18 devices
-    with pytest.raises(BadRequest, match="at most 19"):
+    assert max_volume_devices(Board.QEMU_MICROVM) == 18  # 24 virtio-mmio transports - 6
+    assert max_volume_devices(Board.QEMU) == 23  # the reference's limit (q35 has 24 free)
+    plain = [VolumeMountRecord(volume_id=f"v{i}", mount_path=f"/d{i}", readonly=True) for i in range(16)]
+    plan_mount(wish("/x", readonly=True), "vx", plain, Board.QEMU_MICROVM)  # 17 devices
+    with pytest.raises(BadRequest, match="at most 18"):
         plan_mount(wish("/x", readonly=True, overlay=True, size="64MB"), "vx", [*plain, plain[0].model_copy(
             update={"volume_id": "vy", "mount_path": "/y"})], Board.QEMU_MICROVM)
 

@@ -1,4 +1,5 @@
-"""``/capabilities``, ``/resources``, and the official routes this server does not offer yet.
+"""``/capabilities``, ``/resources`` (and its memory reclaim), and the official routes this server
+does not offer yet.
 
 Every route of the official clients that no part of this server implements answers 501
 ``not_implemented`` in the error shape, so a client learns "not here yet" instead of a 404 that
@@ -14,6 +15,8 @@ from fastapi import APIRouter, Request
 from hypemand.api.errors import ApiError
 from hypemand.instances.manager import InstanceManager
 from hypemand.instances.resources import Capabilities, Resources, capabilities, resource_inputs, resources
+from hypemand.policies.reclaim import MemoryReclaimer
+from hypemand.policies.reclaim_plan import MemoryReclaimRequest, MemoryReclaimResponse
 
 router = APIRouter()
 unbuilt_router = APIRouter()
@@ -36,9 +39,14 @@ async def get_resources(request: Request) -> Resources:
     return await asyncio.to_thread(resources, resource_inputs(_manager(request)))
 
 
+@router.post("/resources/memory/reclaim", response_model=MemoryReclaimResponse)
+async def reclaim_memory(body: MemoryReclaimRequest, request: Request) -> MemoryReclaimResponse:
+    reclaimer: MemoryReclaimer = request.app.state.runtime.memory_reclaim
+    return await reclaimer.reclaim(body)
+
+
 # (method, path) of the official API (hypeman SDK 0.28.0) that nothing here serves yet.
 UNBUILT_ROUTES: list[tuple[str, str]] = [
-    ("POST", "/resources/memory/reclaim"),
     ("GET", "/builders"),
     ("POST", "/builders"),
     ("GET", "/builders/{id}"),

@@ -236,6 +236,10 @@ class VMConfig(BaseModel):
     tap_network: bool = False
     # The NIC's MAC (lower case, unicast) for either NIC kind; None: ``guest_mac(vm_id)``.
     nic_mac: str | None = None
+    # A memory balloon (virtio-balloon): the host can take guest memory back while the VM runs.
+    # False in the launch records of VMs launched before it existed: their saved device state
+    # has none, so they restore without one.
+    balloon: bool = False
 
     @field_validator("vm_id")
     @classmethod
@@ -433,6 +437,26 @@ class VMHandle(ABC):
         """Tell the network where the VM's NIC now is (a RARP, and the guest's own gratuitous ARP
         where its driver can): what a restored VM does once it runs (see :meth:`Hypervisor.restore`).
         Nothing for a VM without a NIC, or a backend whose restore announces by itself."""
+        return None
+
+    def balloon_refusal(self, *, inflate: bool) -> str | None:
+        """Why the guest's memory target cannot be set on this VM (``inflate``: below what the guest
+        has now), or None when it can."""
+        return "this backend has no memory balloon"
+
+    async def guest_memory_bytes(self) -> int:
+        """The memory the guest has now: its RAM less what its balloon holds."""
+        raise NotImplementedByBackend(f"VM {self.vm_id}: this backend has no memory balloon")
+
+    async def set_guest_memory_target(self, target_bytes: int) -> None:
+        """Ask the guest to hold ``target_bytes`` of its RAM (at most its size), the rest in its
+        balloon, where the host takes it back. The guest follows in its own time; returns at once.
+        ``InvalidState`` when :meth:`balloon_refusal` names a reason."""
+        raise NotImplementedByBackend(f"VM {self.vm_id}: this backend has no memory balloon")
+
+    async def reserve_guest_memory(self) -> None:
+        """Reserve again the RAM file's blocks the balloon gave back (see ``storage``): guest RAM
+        must not SIGBUS on a full disk when the balloon deflates."""
         return None
 
     @abstractmethod

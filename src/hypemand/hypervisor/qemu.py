@@ -116,6 +116,7 @@ class QemuHypervisor(Hypervisor):
         return Capabilities(
             pause=True, graceful_shutdown=True, user_networking=True, tap_networking=True,
             disk_io_limit=False, snapshot=True, standby=True, live_snapshot=True, fork=True,
+            balloon=True,
         )
 
     async def vmm_shim(self) -> Path:

@@ -27,9 +27,18 @@ MACHINE_TYPES = {Board.QEMU_MICROVM: "microvm", Board.QEMU: "q35"}
 # slot/function available"). tests/volumes_attach/test_board_limits.py checks both against QEMU.
 VIRTIO_SLOTS = {Board.QEMU_MICROVM: 24, Board.QEMU: 30}
 # What every VM takes of them before any volume: the root, overlay and config disks, the agent's
-# virtio-serial controller and one NIC (counted also for a VM without one: the limit must not
-# depend on a setting).
-BASE_VIRTIO_DEVICES = 5
+# virtio-serial controller, one NIC and the memory balloon (counted also for a VM without them:
+# the limit must not depend on a setting).
+BASE_VIRTIO_DEVICES = 6
+
+# The memory balloon (VMConfig.balloon). deflate-on-oom: a guest about to OOM-kill takes pages
+# back from its balloon instead, so a reclaim can slow a guest but never kill its program (the
+# guest then counts the balloon as used memory: MemTotal stays, MemAvailable drops). Free page
+# reporting stays off: QEMU 7.2 discards reported pages by punching holes in the RAM file even
+# where it is mapped privately, i.e. in a fork's, which is its snapshot's file shared by every fork
+# of it (hypervisor/README.md, "Memory balloon").
+BALLOON_DEVICE_ID = "balloon0"
+BALLOON_OPTIONS = "deflate-on-oom=on,free-page-reporting=off"
 
 
 def free_virtio_slots(board: Board) -> int:
@@ -163,4 +172,8 @@ def build_qemu_argv(
             raise ValueError(f"VM {config.vm_id}: a TAP NIC needs the TAP's descriptor")
         argv += ["-netdev", tap_netdev(tap_fd)]
         argv += ["-device", f"virtio-net-{bus},netdev=net0,mac={nic_mac(config)}"]
+
+    if config.balloon:
+        # Last, so that the devices before it keep the transports and PCI slots they had.
+        argv += ["-device", f"virtio-balloon-{bus},id={BALLOON_DEVICE_ID},{BALLOON_OPTIONS}"]
     return argv

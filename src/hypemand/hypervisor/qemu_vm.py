@@ -31,6 +31,7 @@ from hypemand.hypervisor.base import (
 from hypemand.hypervisor.process import ProcessRecord, ProcessWatch
 from hypemand.hypervisor.qemu_launch import QemuLaunchRecord
 from hypemand.hypervisor.qemu_qmp import QmpChannel
+from hypemand.hypervisor.storage import MIB, reserve_memory_file
 
 QUIT_TIMEOUT = 5.0
 # A power button press the guest cannot see yet (its ACPI button driver still loading) is lost,
@@ -104,6 +105,46 @@ class QemuVMHandle(VMHandle):
     async def announce(self) -> None:
         if self.has_nic:
             await self.qmp("announce-self", ANNOUNCE)
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.config.memory_mib * MIB
+
+    def balloon_refusal(self, *, inflate: bool) -> str | None:
+        if not self.config.balloon:
+            return "the VM has no memory balloon (it was launched before it had one)"
+        if inflate and not self.launch.maps_memory_shared:
+            # QEMU 7.2 discards a ballooned page of a file mapping by punching a hole in the file,
+            # also where it is mapped privately: a fork's RAM file is its snapshot's, shared by
+            # every fork of it, whose memory would lose that page.
+            return "a fork maps its snapshot's RAM file, which the balloon would punch holes in"
+        return None
+
+    async def guest_memory_bytes(self) -> int:
+        if not self.config.balloon:
+            return self.memory_bytes
+        reply = await self.qmp("query-balloon")
+        return int(reply["actual"])
+
+    async def set_guest_memory_target(self, target_bytes: int) -> None:
+        """Before a larger balloon, the RAM file is flushed: QEMU punches each page the guest
+        gives out of the file, and the host kernel frees a page-cache folio only if it is clean
+        then (a dirty large folio is kept whole: nothing returned, see README "Memory balloon").
+        Before a smaller one, the file's blocks are reserved again (the guest will write there)."""
+        target = max(MIB, min(target_bytes, self.memory_bytes))
+        refusal = self.balloon_refusal(inflate=target < self.memory_bytes)
+        if refusal is not None:
+            raise InvalidState(f"VM {self.vm_id}: {refusal}")
+        current = await self.guest_memory_bytes()
+        if target < current and self.launch.maps_memory_shared:
+            await asyncio.to_thread(_flush, self.memory_file)
+        elif target > current:
+            await self.reserve_guest_memory()
+        await self.qmp("balloon", {"value": target})
+
+    async def reserve_guest_memory(self) -> None:
+        if self.launch.maps_memory_shared and self.is_alive():
+            await asyncio.to_thread(reserve_memory_file, self.memory_file, self.memory_bytes, fresh=False)
 
     async def disk_io_status(self) -> dict[str, DiskIOStatus]:
         devices = await self.qmp("query-block")
@@ -221,6 +262,15 @@ class QemuVMHandle(VMHandle):
     async def _discard_memory_file(self) -> None:
         # The RAM of a VM that ended is garbage; a standby keeps it by never calling shutdown/kill.
         await asyncio.to_thread(_remove_memory_file, self.memory_file)
+
+
+def _flush(memory_file: Path) -> None:
+    """Write the RAM file's dirty pages to disk (blocking: as long as the guest's dirty memory)."""
+    fd = os.open(memory_file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove_memory_file(memory_file: Path) -> None:

@@ -41,6 +41,7 @@ from hypemand.guest.markers import (
     wait_for_markers,
 )
 from hypemand.hypervisor.base import Board, DiskConfig, Hypervisor, PortForward, VMConfig, VMHandle
+from hypemand.hypervisor.qemu_cmdline import free_virtio_slots
 from hypemand.instances.volume_disk import replay_journal
 from hypemand.layout import InstancePaths
 from hypemand.system.files import SystemFiles
@@ -138,6 +139,9 @@ def vm_config(spec: GuestSpec, system: SystemFiles) -> VMConfig:
         tap_network=spec.network and spec.tap,
         nic_mac=spec.mac,
         port_forwards=spec.port_forwards,
+        # Every VM has a balloon, but one whose volumes were attached when they could still take
+        # its virtio slot (before the balloon existed): it boots as it did.
+        balloon=len(spec.volume_disks) <= free_virtio_slots(spec.board),
     )
 
 

@@ -12,17 +12,18 @@ take it. The work is done by collaborators that share the :class:`LiveInstance` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 from hypemand.errors import BadRequest, Conflict, DomainError, InvalidState, NotFound
 from hypemand.guest.client import AgentClient
 from hypemand.guest.config_disk import make_overlay_disk
-from hypemand.hypervisor.base import Board, Hypervisor
+from hypemand.hypervisor.base import Board, Hypervisor, VMHandle
 from hypemand.hypervisor.qemu_cmdline import guest_mac
 from hypemand.images.errors import ImageNotFound
 from hypemand.images.models import ReadyImage
@@ -291,6 +292,17 @@ class InstanceManager:
         """Every instance with whether it holds host resources now (a VMM runs) and what it may
         take on the data disk."""
         return [(live.record, live.vmm_alive(), claim_of(live)) for live in self.table]
+
+    @contextlib.asynccontextmanager
+    async def locked_vm(self, instance_id: str) -> AsyncIterator[VMHandle | None]:
+        """The instance's VMM handle while its lock is held, for a policy acting on the VM itself
+        (memory reclaim sets its balloon): no standby, stop or restore swaps the VMM meanwhile.
+        None when its VMM does not run; ``NotFound`` once the instance is gone."""
+        live = self.table.get(instance_id)
+        if live is None:
+            raise NotFound(f"instance {instance_id!r} not found")
+        async with mutating(live):
+            yield live.handle if live.vmm_alive() else None
 
     async def hypervisor_version(self) -> str:
         """The VMM version saved VMs are recorded with (a restore needs the same one)."""

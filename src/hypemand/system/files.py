@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from hypemand.guest.build import build_guest_binary
 from hypemand.layout import SystemPaths
 from hypemand.system.initrd import build_initrd
-from hypemand.system.kernel import FAST_BOOT_ARGS, install_kernel
+from hypemand.system.kernel import FAST_BOOT_ARGS, GUEST_MEMORY_ARGS, install_kernel
 
 
 class SystemFiles(BaseModel):
@@ -24,9 +24,10 @@ class SystemFiles(BaseModel):
     initrd_path: Path
     initrd_version: str
     guest_binary_path: Path
-    # Extra kernel arguments for this kernel that shorten boot under TCG (see README); the VM
-    # launcher appends them to its own (console=ttyS0 quiet panic=-1, tsc_early_khz on microvm).
-    kernel_args: str = FAST_BOOT_ARGS
+    # Extra kernel arguments for this kernel that shorten boot under TCG (see README) and let the
+    # memory balloon return memory (GUEST_MEMORY_ARGS); the VM launcher appends them to its own
+    # (console=ttyS0 quiet panic=-1, tsc_early_khz on microvm).
+    kernel_args: str = f"{FAST_BOOT_ARGS} {GUEST_MEMORY_ARGS}"
 
 
 @contextmanager

@@ -377,6 +377,7 @@ static int virtio_device_present(int device_id)
 
 #define VIRTIO_ID_NET 1
 #define VIRTIO_ID_RNG 4
+#define VIRTIO_ID_BALLOON 5
 
 struct disks {
     char root[64];
@@ -1029,6 +1030,10 @@ int main(int argc, char **argv)
      * the power button is only pressed once the instance is up. */
     if (virtio_device_present(VIRTIO_ID_RNG))
         load_module_group("virtio_rng");
+    /* The host inflates the balloon only when it reclaims memory, never during a boot: the
+     * driver takes a request made before it loaded when it probes the device. */
+    if (virtio_device_present(VIRTIO_ID_BALLOON))
+        load_module_group("virtio_balloon");
     load_module_group("button");
     load_module_group("evdev");
     sup.button_count = power_button_open(sup.button_fds, POWER_BUTTON_MAX_DEVICES);
