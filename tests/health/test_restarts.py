@@ -84,7 +84,8 @@ def test_a_manual_stop_blocks_restarts_until_a_manual_start(sdk: Hypeman) -> Non
 
 
 def test_unhealthy_is_stopped_and_started_under_on_failure(sdk: Hypeman) -> None:
-    check = {"type": "http", "interval": "500ms", "timeout": "2s", "start_period": "0s",
+    # The start period forgives the refusals before httpd listens; it ends at the first healthy.
+    check = {"type": "http", "interval": "500ms", "timeout": "2s", "start_period": "2m",
              "failure_threshold": 2, "http": {"port": 80}}
     instance = create(sdk, "sick-web", shell("httpd -p 80 -h /www; exec sleep 100000"),
                       {"policy": "on_failure", "backoff": "200ms"}, health_check=check)
