@@ -92,7 +92,8 @@ async def settle(vm: QemuVMHandle, target: int, limit: float = 120.0) -> float:
     """Seconds until the guest's balloon holds what ``target`` asks (query-balloon)."""
     started = time.monotonic()
     while time.monotonic() - started < limit:
-        if await vm.guest_memory_bytes() <= target:
+        # QEMU handles the guest's balloon pages in its main loop: under load, QMP waits for it.
+        if (await vm.qmp("query-balloon", timeout=60))["actual"] <= target:
             return time.monotonic() - started
         await asyncio.sleep(0.05)
     raise TimeoutError(f"the balloon did not reach {target >> 20} MiB in {limit} s")
