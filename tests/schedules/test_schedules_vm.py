@@ -201,7 +201,7 @@ def test_bad_schedules_are_refused_naming_the_field_and_nothing_is_stored(
     sdk.instances.delete(instance)
 
 
-def test_unknown_instances_and_missing_schedules_are_404(sdk: Hypeman) -> None:
+def test_unknown_instances_and_missing_schedules_are_404(sdk: Hypeman, api: ServerProcess) -> None:
     schedules = sdk.instances.snapshot_schedule
     for call in (lambda: schedules.get("nope"),
                  lambda: schedules.update("nope", interval="1h", retention={"max_count": 1}),
@@ -210,7 +210,13 @@ def test_unknown_instances_and_missing_schedules_are_404(sdk: Hypeman) -> None:
     instance = sdk.instances.create(name="plain", image=demo.DEMO_NAME, **SMALL)
     expect(NotFoundError, lambda: schedules.get(instance.id), "no snapshot schedule")
     expect(NotFoundError, lambda: schedules.delete(instance.id), "no snapshot schedule")
+    # A schedule that made no snapshot goes with its instance.
+    schedules.update(instance.id, interval="1h", retention={"max_count": 1})
+    file = api.data_dir / "snapshot-schedules" / f"{instance.id}.json"
+    assert file.exists()
     sdk.instances.delete(instance.id)
+    eventually("the schedule of the deleted instance to go", lambda: True if not file.exists() else None)
+    expect(NotFoundError, lambda: schedules.get(instance.id))
 
 
 def test_a_deleted_instance_s_schedule_stays_until_its_snapshots_are_gone(
