@@ -200,8 +200,8 @@ class SnapshotScheduler:
     async def _loop(self, runner: _Runner) -> None:
         while True:
             runner.wake.clear()
-            if runner.orphan and not self.snapshots.made_by_schedule(runner.schedule.instance_id):
-                await self._retire(runner)
+            gone = runner.orphan and not self.snapshots.made_by_schedule(runner.schedule.instance_id)
+            if gone and await self._retire(runner):
                 return
             wait = (runner.schedule.next_run_at - utcnow()).total_seconds()
             if runner.orphan:
@@ -304,14 +304,21 @@ class SnapshotScheduler:
                 # at the next write (a server started meanwhile runs the schedule once more).
                 log.warning("snapshot schedule of %s: could not record its run: %s", current.instance_id, exc)
 
-    async def _retire(self, runner: _Runner) -> None:
-        """The instance is gone and so are the snapshots its schedule made: the schedule too."""
+    async def _retire(self, runner: _Runner) -> bool:
+        """The instance is gone and so are the snapshots its schedule made: the schedule too.
+        False if its file could not be removed (tried again at the next recheck)."""
         instance_id = runner.schedule.instance_id
         async with self._writing:
             if runner.deleted:
-                return
-            await asyncio.to_thread(self.store.remove, instance_id)
+                return True
+            try:
+                await asyncio.to_thread(self.store.remove, instance_id)
+            except OSError as exc:
+                log.warning("snapshot schedule of deleted instance %s: could not remove it: %s",
+                            instance_id, exc)
+                return False
             self._runners.pop(instance_id, None)
             runner.deleted = True
         log.info("snapshot schedule of deleted instance %s removed: its snapshots are gone", instance_id)
+        return True
 
