@@ -130,17 +130,19 @@ class RestartSupervisor:
     def __init__(self, instances: InstanceManager, health: HealthMonitor) -> None:
         self.instances = instances
         self._tasks: set[asyncio.Task[None]] = set()
-        self._seen: set[str] = set()  # instances an event was handled for before start()
+        # Instances an event was handled for before start() (while the instances were taken
+        # charge of): start() leaves them to that handling. None once started.
+        self._seen: set[str] | None = set()
         self._sweeper: asyncio.Task[None] | None = None
         instances.events.subscribe(self._on_event)
         health.on_unhealthy(self._on_unhealthy)
 
     async def start(self) -> None:
         """After the instances were taken charge of: carry on with what the last server left."""
+        seen, self._seen = self._seen or set(), None
         for live in self.instances.table:
-            if live.id not in self._seen:
+            if live.id not in seen:
                 self._spawn(self._recover(live), live)
-        self._seen.clear()
         self._sweeper = asyncio.create_task(self._sweep_stable(), name="restart-stable")
 
     async def stop(self) -> None:
@@ -151,7 +153,8 @@ class RestartSupervisor:
 
     def _spawn(self, work: Coroutine[Any, Any, None], live: LiveInstance | str) -> None:
         instance_id = live if isinstance(live, str) else live.id
-        self._seen.add(instance_id)
+        if self._seen is not None:
+            self._seen.add(instance_id)
         task = asyncio.create_task(self._guarded(work, instance_id), name=f"restart-{instance_id}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
