@@ -155,8 +155,10 @@ def round_of(client: Hypeman, namespace: str, instance: str, settle: float, orde
             if client.instances.restore(instance).state != "Running":
                 raise RuntimeError("restore did not answer Running")
             restored = time.monotonic() - started
+            request = first_byte(namespace)
             samples.add("restore", restored)
-            samples.add("restore_request", restored + first_byte(namespace))
+            samples.add("after_restore", request)
+            samples.add("restore_request", restored + request)
 
 
 def burst(client: Hypeman, namespace: str, instance: str, settle: float, size: int,
@@ -225,6 +227,7 @@ def report(samples: Samples, rounds: int, burst_size: int, woken: int | None) ->
     row("to the VM in Standby (wake), ms", ms("wake"))
     row("explicit restore (API, until Running) + the request, ms", ms("restore_request"))
     row("  of which the restore call, ms", ms("restore"))
+    row("  and the request, the guest's first since its restore, ms", ms("after_restore"))
     row("the server's own wake (restore as the waker saw it), ms", ms("server_wake"))
     if samples.values.get("step_qemu"):
         row("a wake's steps (operations log vs the client's clock), ms", "")
@@ -247,6 +250,13 @@ def report(samples: Samples, rounds: int, burst_size: int, woken: int | None) ->
         row("  restores it caused", f"{woken:8d}")
         checks.append((f"a burst of {burst_size} restores once", woken == 1, f"{woken} restores"))
     checks.append((f"wake <= restore + request + {AIM_MS:.0f} ms", added <= AIM_MS, f"{added:+.0f} ms"))
+    # Read literally, "wake adds no more than the restore itself plus 50 ms": (wake - running) -
+    # restore. The guest's first request after any restore is slower than one to a warm guest
+    # (the line above): the explicit restore pays it too, so it is printed beside it.
+    literal = (samples.med("wake") - samples.med("running") - samples.med("restore")) * 1000
+    explicit = (samples.med("restore_request") - samples.med("running") - samples.med("restore")) * 1000
+    checks.append((f"wake - running <= restore + {AIM_MS:.0f} ms", literal <= AIM_MS,
+                   f"{literal:+.0f} ms (explicit restore + request: {explicit:+.0f} ms)"))
     return checks
 
 

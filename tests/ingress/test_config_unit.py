@@ -66,7 +66,7 @@ def test_one_server_per_port_literals_before_patterns_and_a_404_last() -> None:
     assert on_80[-1] == {"handle": [{"handler": "static_response", "status_code": 404,
                                      "body": "no ingress for this host\n"}]}
     literal = proxy_of(on_80[0])["dynamic_upstreams"]
-    assert literal == {"source": "a", "name": f"web.{INSTANCE_ZONE}.", "port": "8080", "refresh": "1s",
+    assert literal == {"source": "a", "name": f"web.{INSTANCE_ZONE}.", "port": "8080", "refresh": "250ms",
                        "resolver": {"addresses": ["udp/127.0.0.1:5353"]}}
     assert "tls" not in config["apps"] and "pki" not in config["apps"]
 

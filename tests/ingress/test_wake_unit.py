@@ -205,7 +205,8 @@ def test_every_proxy_retries_dials_only_and_keeps_idle_upstream_connections_brie
         assert balancing["try_duration"] == "30s" and balancing["try_interval"] == "20ms"
         assert balancing["retry_match"] == [{"expression": "false"}]  # nothing but dial errors
         keep_alive = proxy["transport"]["keep_alive"]
-        assert keep_alive["idle_timeout"] == "2s" and keep_alive["max_idle_conns_per_host"] == 32
+        assert keep_alive["idle_timeout"] == "2s" and keep_alive["probe_interval"] == "5s"
+        assert keep_alive["max_idle_conns_per_host"] == 32
 
 
 # ---- the set of sleeping addresses ------------------------------------------------------------

@@ -1,8 +1,8 @@
 """Wake on traffic: a request through the ingress to an instance in standby restores it.
 
 Caddy asks our DNS responder (``resolver.py``) for an instance's address whenever its cached
-answer is older than its refresh interval, so a request for an instance that has been asleep
-for more than a second always reaches the responder. Asked for an instance in standby, the
+answer is older than its refresh interval (``caddyconfig.DNS_REFRESH``), so a request for an
+instance that has been asleep longer than that reaches the responder. Asked for an instance in standby, the
 responder calls :meth:`Waker.wake` and answers the address the instance keeps at once: Caddy
 holds one process-wide lock during every such lookup (measured on 2.6: a held answer stalled a
 request to another instance for as long), so the answer must never wait for the restore.
