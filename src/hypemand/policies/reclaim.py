@@ -107,7 +107,7 @@ class MemoryReclaimer:
         self._hold = await asyncio.to_thread(self._load_hold)
         self._manager.events.subscribe(self._on_event)
         if self._hold is not None and self._hold.until > datetime.now(UTC):
-            self._schedule_expiry(self._hold.until)
+            self._schedule_expiry(self._hold)
         else:
             # No hold (or one that ended while no server ran): balloons a killed server left
             # inflated are given back.
@@ -209,7 +209,7 @@ class MemoryReclaimer:
                 self._targets[vm_id] = (handle.pid, target)
                 if target < vm.current:
                     self._settle_later(vm_id, handle, target)
-        except (TimeoutError, DomainError) as exc:
+        except (TimeoutError, DomainError, OSError) as exc:
             status = SKIPPED if isinstance(exc, TimeoutError | NotFound) else ERROR
             return _action(vm.record, vm.current, target, status, _why(exc), after=vm.current)
         return _action(vm.record, vm.current, target, APPLIED, None, after=target)
@@ -233,18 +233,18 @@ class MemoryReclaimer:
             self._expiry.cancel()
             self._expiry = None
         if hold is not None:
-            self._schedule_expiry(hold.until)
+            self._schedule_expiry(hold)
 
-    def _schedule_expiry(self, until: datetime) -> None:
+    def _schedule_expiry(self, hold: ReclaimHold) -> None:
         async def expire() -> None:
-            await asyncio.sleep(max(0.0, (until - datetime.now(UTC)).total_seconds()))
+            # asyncio may wake a timer a little early (its clock's resolution): sleep again until
+            # the wall clock says the hold has ended.
+            while (remaining := (hold.until - datetime.now(UTC)).total_seconds()) > 0:  # noqa: ASYNC110
+                await asyncio.sleep(remaining)  # a wall-clock deadline, not another task's signal
             async with self._lock:
-                if self._hold is not None and self._hold.until <= datetime.now(UTC):
-                    log.info(
-                        "memory reclaim hold ended (set %s, reason: %s): deflating the balloons",
-                        self._hold.set_at.isoformat(),
-                        self._hold.reason or "-",
-                    )
+                if self._hold is hold:  # not replaced meanwhile
+                    log.info("memory reclaim hold ended (set %s, reason: %s): deflating the balloons",
+                             hold.set_at.isoformat(), hold.reason or "-")
                     await asyncio.to_thread(self._save_hold, None)
                     self._hold = None
                     await self._deflate_all()
@@ -275,7 +275,7 @@ class MemoryReclaimer:
                     await handle.set_guest_memory_target(record.memory_bytes)
                     log.info("memory reclaim: %s deflated to %d MiB", record.name, record.memory_bytes >> 20)
                 self._targets.pop(record.id, None)
-        except (TimeoutError, DomainError) as exc:
+        except (TimeoutError, DomainError, OSError) as exc:
             log.warning("memory reclaim: deflating %s failed: %s", record.name, _why(exc))
 
     def _on_event(self, event: InstanceEvent) -> None:
