@@ -103,6 +103,23 @@ def test_a_stopped_instance_gets_stopped_snapshots_and_a_max_age_retention(sdk: 
         sdk.snapshots.delete(made.id)
 
 
+def test_an_instance_in_standby_gets_standby_snapshots_and_stays_in_standby(sdk: Hypeman) -> None:
+    instance = running(sdk, "napping")
+    sdk.instances.standby(instance)
+    sdk.instances.snapshot_schedule.update(instance, interval="1s", retention={"max_count": 1},
+                                           name_prefix="nap")
+    schedule = eventually("a run", lambda: run_after(sdk, instance, None))
+    assert schedule.last_error is None and schedule.last_snapshot_id is not None
+    sdk.instances.snapshot_schedule.delete(instance)
+    assert sdk.snapshots.get(schedule.last_snapshot_id).kind == "Standby"
+    assert sdk.instances.get(instance).state == "Standby"
+    # The instance's own standby is intact: it restores.
+    assert sdk.instances.restore(instance).state == "Running"
+    sdk.instances.delete(instance)
+    for made in sdk.snapshots.list(source_instance_id=instance):
+        sdk.snapshots.delete(made.id)
+
+
 def qemu_of(data: Path, instance: str) -> int:
     """The pid of the QEMU running in the instance's directory."""
     directory = str((data / "guests" / instance).resolve())
