@@ -5,7 +5,9 @@ bench.instances (create -> Running through the API, GET /instances), bench.snaps
 restore, snapshots, fork, compression on ext4 and a loop-mounted XFS), bench.compression,
 bench.boot_path, bench.agent_roundtrip, bench.hypervisor_latency, bench.image_disk_formats, and
 bench.network (TAP vs user-mode throughput, requests/s through the ingress's Caddy vs straight to the
-VM, restore and fork with a network vs without; needs root: it makes network namespaces).
+VM, restore and fork with a network vs without; needs root: it makes network namespaces), and
+bench.wake (time to first byte through the ingress to a Standby VM vs Running vs an explicit
+restore + request; needs root).
 """
 
 from __future__ import annotations
