@@ -9,12 +9,13 @@ restore; the hold's end deflates it; a fork (whose RAM file is its snapshot's) i
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from hypeman import BadRequestError, Hypeman
+from hypeman import BadRequestError, Hypeman, NotFoundError
 from hypeman.lib.exec import exec as sdk_exec
 from hypeman.types import MemoryReclaimAction, MemoryReclaimResponse
 
@@ -70,88 +71,96 @@ def test_bad_requests_are_400_naming_the_field(sdk: Hypeman) -> None:
     for body, field in (({"reclaim_bytes": -1}, "reclaim_bytes"), ({"reclaim_bytes": 1, "hold_for": "soon"},
                         "hold_for"), ({"reclaim_bytes": 1, "hold_for": "0s"}, "hold_for")):
         with pytest.raises(BadRequestError) as info:
-            sdk.resources.reclaim_memory(**body)  # type: ignore[arg-type]
+            sdk.resources.reclaim_memory(**body)
         assert info.value.status_code == 400
         assert isinstance(info.value.body, dict) and field in info.value.body["message"], info.value.body
 
 
 def test_dry_run_plans_apply_inflates_across_a_standby_and_the_hold_end_deflates(sdk: Hypeman) -> None:
     instance = running(sdk, "reclaimed")
-    guest_sh(sdk, instance, "true")
-    assert balloon_bytes(sdk, instance) == 0
+    try:
+        guest_sh(sdk, instance, "true")
+        assert balloon_bytes(sdk, instance) == 0
 
-    # A dry run: the plan, nothing else.
-    planned = sdk.resources.reclaim_memory(reclaim_bytes=RECLAIM, dry_run=True, reason="test: plan")
-    assert planned.requested_reclaim_bytes == RECLAIM and planned.hold_until is None
-    assert planned.host_available_bytes > 0 and planned.host_pressure_state in ("healthy", "pressure")
-    action = action_of(planned, instance)
-    assert (action.status, action.hypervisor) == ("planned", "qemu-microvm")
-    assert action.instance_name == "reclaimed"
-    assert action.assigned_memory_bytes == action.previous_target_guest_memory_bytes == ASSIGNED
-    assert action.protected_floor_bytes == 128 * MIB
-    assert action.planned_target_guest_memory_bytes == ASSIGNED - RECLAIM
-    assert action.target_guest_memory_bytes == ASSIGNED and action.applied_reclaim_bytes == 0
-    assert planned.planned_reclaim_bytes == RECLAIM and planned.applied_reclaim_bytes == 0
-    # QEMU's balloon (query-balloon, read by the next plan) and the guest's: untouched.
-    again = action_of(sdk.resources.reclaim_memory(reclaim_bytes=RECLAIM, dry_run=True), instance)
-    assert again.previous_target_guest_memory_bytes == ASSIGNED
-    assert balloon_bytes(sdk, instance) == 0
+        # A dry run: the plan, nothing else.
+        planned = sdk.resources.reclaim_memory(reclaim_bytes=RECLAIM, dry_run=True, reason="test: plan")
+        assert planned.requested_reclaim_bytes == RECLAIM and planned.hold_until is None
+        assert planned.host_available_bytes > 0 and planned.host_pressure_state in ("healthy", "pressure")
+        action = action_of(planned, instance)
+        assert (action.status, action.hypervisor) == ("planned", "qemu-microvm")
+        assert action.instance_name == "reclaimed"
+        assert action.assigned_memory_bytes == action.previous_target_guest_memory_bytes == ASSIGNED
+        assert action.protected_floor_bytes == 128 * MIB
+        assert action.planned_target_guest_memory_bytes == ASSIGNED - RECLAIM
+        assert action.target_guest_memory_bytes == ASSIGNED and action.applied_reclaim_bytes == 0
+        assert planned.planned_reclaim_bytes == RECLAIM and planned.applied_reclaim_bytes == 0
+        # QEMU's balloon (query-balloon, read by the next plan) and the guest's: untouched.
+        again = action_of(sdk.resources.reclaim_memory(reclaim_bytes=RECLAIM, dry_run=True), instance)
+        assert again.previous_target_guest_memory_bytes == ASSIGNED
+        assert balloon_bytes(sdk, instance) == 0
 
-    # Applied, and held for long enough to look at it.
-    available_before = mem_available(sdk, instance)
-    applied = sdk.resources.reclaim_memory(reclaim_bytes=RECLAIM, hold_for="10m", reason="test: apply")
-    action = action_of(applied, instance)
-    assert action.status == "applied" and action.error is None
-    assert action.target_guest_memory_bytes == ASSIGNED - RECLAIM and action.applied_reclaim_bytes == RECLAIM
-    assert applied.applied_reclaim_bytes >= RECLAIM
-    assert applied.hold_until is not None
-    assert applied.hold_until - datetime.now(UTC) > timedelta(minutes=9)
-    until("the balloon holds what was reclaimed", lambda: balloon_bytes(sdk, instance) == RECLAIM)
-    assert available_before - mem_available(sdk, instance) > RECLAIM * 3 // 4
+        # Applied, and held for long enough to look at it.
+        available_before = mem_available(sdk, instance)
+        applied = sdk.resources.reclaim_memory(reclaim_bytes=RECLAIM, hold_for="10m", reason="test: apply")
+        action = action_of(applied, instance)
+        assert action.status == "applied" and action.error is None
+        assert action.target_guest_memory_bytes == ASSIGNED - RECLAIM
+        assert action.applied_reclaim_bytes == RECLAIM
+        assert applied.applied_reclaim_bytes >= RECLAIM
+        assert applied.hold_until is not None
+        assert applied.hold_until - datetime.now(UTC) > timedelta(minutes=9)
+        until("the balloon holds what was reclaimed", lambda: balloon_bytes(sdk, instance) == RECLAIM)
+        assert available_before - mem_available(sdk, instance) > RECLAIM * 3 // 4
 
-    # Asking again for the same is no change (the request is the total in effect).
-    same = action_of(sdk.resources.reclaim_memory(reclaim_bytes=RECLAIM, hold_for="10m"), instance)
-    assert (same.status, same.previous_target_guest_memory_bytes) == ("unchanged", ASSIGNED - RECLAIM)
+        # Asking again for the same is no change (the request is the total in effect).
+        same = action_of(sdk.resources.reclaim_memory(reclaim_bytes=RECLAIM, hold_for="10m"), instance)
+        assert (same.status, same.previous_target_guest_memory_bytes) == ("unchanged", ASSIGNED - RECLAIM)
 
-    # The balloon is device state: a standby and a restore keep it, and the VM works.
-    assert sdk.instances.standby(instance).state == "Standby"
-    assert sdk.instances.restore(instance).state == "Running"
-    assert balloon_bytes(sdk, instance) == RECLAIM
-    after_restore = action_of(sdk.resources.reclaim_memory(reclaim_bytes=RECLAIM, dry_run=True), instance)
-    assert after_restore.previous_target_guest_memory_bytes == ASSIGNED - RECLAIM  # read from QEMU
+        # The balloon is device state: a standby and a restore keep it, and the VM works.
+        assert sdk.instances.standby(instance).state == "Standby"
+        assert sdk.instances.restore(instance).state == "Running"
+        assert balloon_bytes(sdk, instance) == RECLAIM
+        after_restore = action_of(sdk.resources.reclaim_memory(reclaim_bytes=RECLAIM, dry_run=True), instance)
+        assert after_restore.previous_target_guest_memory_bytes == ASSIGNED - RECLAIM  # read from QEMU
 
-    # A short hold replaces the long one; its end gives the memory back.
-    short = sdk.resources.reclaim_memory(reclaim_bytes=RECLAIM, hold_for="2s", reason="test: expire")
-    assert short.hold_until is not None and short.hold_until - datetime.now(UTC) < timedelta(seconds=3)
-    until("the hold's end deflated the balloon", lambda: balloon_bytes(sdk, instance) == 0)
-    after = action_of(sdk.resources.reclaim_memory(reclaim_bytes=0, dry_run=True), instance)
-    assert after.previous_target_guest_memory_bytes == ASSIGNED and after.status == "unchanged"
-    sdk.instances.delete(instance)
+        # A short hold replaces the long one; its end gives the memory back.
+        short = sdk.resources.reclaim_memory(reclaim_bytes=RECLAIM, hold_for="2s", reason="test: expire")
+        assert short.hold_until is not None and short.hold_until - datetime.now(UTC) < timedelta(seconds=3)
+        until("the hold's end deflated the balloon", lambda: balloon_bytes(sdk, instance) == 0)
+        after = action_of(sdk.resources.reclaim_memory(reclaim_bytes=0, dry_run=True), instance)
+        assert after.previous_target_guest_memory_bytes == ASSIGNED and after.status == "unchanged"
+    finally:
+        sdk.instances.delete(instance)
 
 
 def test_a_fork_is_unsupported_and_reclaim_zero_ends_the_hold(sdk: Hypeman) -> None:
     source = running(sdk, "fork-source")
-    guest_sh(sdk, source, "true")
-    sdk.instances.standby(source)
-    snapshot = sdk.instances.snapshots.create(source, kind="Standby")
-    fork = sdk.snapshots.fork(snapshot.id, name="the-fork", target_state="Running")
-    assert fork.state == "Running"
-    sdk.instances.restore(source)
+    made: list[Callable[[], object]] = [lambda: sdk.instances.delete(source)]
+    try:
+        guest_sh(sdk, source, "true")
+        sdk.instances.standby(source)
+        snapshot = sdk.instances.snapshots.create(source, kind="Standby")
+        made.append(lambda: sdk.snapshots.delete(snapshot.id))
+        fork = sdk.snapshots.fork(snapshot.id, name="the-fork", target_state="Running")
+        made.append(lambda: sdk.instances.delete(fork.id))
+        assert fork.state == "Running"
+        sdk.instances.restore(source)
 
-    response = sdk.resources.reclaim_memory(reclaim_bytes=RECLAIM, hold_for="10m")
-    forked = action_of(response, fork.id)
-    assert forked.status == "unsupported" and forked.error is not None and "fork" in forked.error
-    assert forked.target_guest_memory_bytes == ASSIGNED and forked.applied_reclaim_bytes == 0
-    # The whole request went to the VM that can take it (within its floor).
-    assert action_of(response, source).target_guest_memory_bytes == ASSIGNED - RECLAIM
-    until("the source's balloon inflated", lambda: balloon_bytes(sdk, source) == RECLAIM)
-    assert balloon_bytes(sdk, fork.id) == 0
+        response = sdk.resources.reclaim_memory(reclaim_bytes=RECLAIM, hold_for="10m")
+        forked = action_of(response, fork.id)
+        assert forked.status == "unsupported" and forked.error is not None and "fork" in forked.error
+        assert forked.target_guest_memory_bytes == ASSIGNED and forked.applied_reclaim_bytes == 0
+        # The whole request went to the VM that can take it (within its floor).
+        assert action_of(response, source).target_guest_memory_bytes == ASSIGNED - RECLAIM
+        until("the source's balloon inflated", lambda: balloon_bytes(sdk, source) == RECLAIM)
+        assert balloon_bytes(sdk, fork.id) == 0
 
-    # Zero: everything back at once, and no hold any more.
-    released = sdk.resources.reclaim_memory(reclaim_bytes=0)
-    assert released.hold_until is None
-    assert action_of(released, source).status == "applied"
-    until("the source's balloon deflated", lambda: balloon_bytes(sdk, source) == 0)
-    sdk.instances.delete(fork.id)
-    sdk.instances.delete(source)
-    sdk.snapshots.delete(snapshot.id)
+        # Zero: everything back at once, and no hold any more.
+        released = sdk.resources.reclaim_memory(reclaim_bytes=0)
+        assert released.hold_until is None
+        assert action_of(released, source).status == "applied"
+        until("the source's balloon deflated", lambda: balloon_bytes(sdk, source) == 0)
+    finally:
+        for undo in reversed(made):
+            with contextlib.suppress(NotFoundError):
+                undo()

@@ -54,9 +54,13 @@ from hypemand.policies.reclaim_plan import (
 log = logging.getLogger(__name__)
 
 LOCK_WAIT = 5.0  # seconds a reclaim waits for a VM another operation holds
-SETTLE_POLL = 0.5  # how often an inflating balloon is looked at
-SETTLE_STALL = 10  # polls without progress after which the guest is taken to be done
-SETTLE_LIMIT = 600.0  # a guest inflating longer is left to itself (its blocks reserved anyway)
+# An inflation is walked down in steps of INFLATE_STEP, each waited for: QEMU handles the pages
+# the guest gives with its big lock held (a hole punched and a madvise per 4 KiB page, ~0.2 ms
+# each here, ms under I/O load), so a guest inflating a large balloon in one go kept QMP from
+# answering for seconds and the instance read as Unknown. 2 MiB is two of the guest's batches.
+INFLATE_STEP = 2 << 20
+INFLATE_POLL = 0.05  # how often an inflating step is looked at
+INFLATE_STALL = 100  # polls without progress after which the guest is taken to be done (5 s)
 
 
 class ReclaimHold(BaseModel):
@@ -99,7 +103,9 @@ class MemoryReclaimer:
         # still inflating reports more than it was asked for.
         self._targets: dict[str, tuple[int, int]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._settling: dict[str, asyncio.Task[None]] = {}
+        self._inflating: dict[str, asyncio.Task[None]] = {}
+        # The target each VM is held at while the hold lasts, across standby and restore.
+        self._goals: dict[str, int] = {}
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -205,10 +211,7 @@ class MemoryReclaimer:
                         "the VM stopped running meanwhile",
                         after=vm.current,
                     )
-                await handle.set_guest_memory_target(target)
-                self._targets[vm_id] = (handle.pid, target)
-                if target < vm.current:
-                    self._settle_later(vm_id, handle, target)
+                await self._walk_to(vm_id, handle, vm.current, target)
         except (TimeoutError, DomainError, OSError) as exc:
             status = SKIPPED if isinstance(exc, TimeoutError | NotFound) else ERROR
             return _action(vm.record, vm.current, target, status, _why(exc), after=vm.current)
@@ -264,9 +267,9 @@ class MemoryReclaimer:
 
     async def _deflate(self, record: InstanceRecord) -> None:
         """The VM's balloon back to nothing, if it holds anything (caller holds ``_lock``)."""
-        settling = self._settling.pop(record.id, None)
-        if settling is not None:
-            settling.cancel()
+        inflating = self._inflating.pop(record.id, None)
+        if inflating is not None:
+            inflating.cancel()
         try:
             async with self._locked_vm(record.id) as handle:
                 if handle is None or handle.balloon_refusal(inflate=False) is not None:
@@ -275,16 +278,33 @@ class MemoryReclaimer:
                     await handle.set_guest_memory_target(record.memory_bytes)
                     log.info("memory reclaim: %s deflated to %d MiB", record.name, record.memory_bytes >> 20)
                 self._targets.pop(record.id, None)
+                self._goals.pop(record.id, None)
         except (TimeoutError, DomainError, OSError) as exc:
             log.warning("memory reclaim: deflating %s failed: %s", record.name, _why(exc))
 
     def _on_event(self, event: InstanceEvent) -> None:
+        vm_id = event.instance_id
         if event.kind in (EventKind.STOPPED, EventKind.EXITED, EventKind.DELETED, EventKind.STANDBY):
-            self._targets.pop(event.instance_id, None)
+            self._targets.pop(vm_id, None)
+            if event.kind is not EventKind.STANDBY:
+                self._goals.pop(vm_id, None)
         elif event.kind in (EventKind.RESTORED, EventKind.CREATED) and self._hold is None:
-            self._spawn(
-                self._deflate_restored(event.instance_id), f"memory-reclaim-deflate-{event.instance_id}"
-            )
+            self._spawn(self._deflate_restored(vm_id), f"memory-reclaim-deflate-{vm_id}")
+        elif event.kind is EventKind.RESTORED and vm_id in self._goals:
+            # Saved while its balloon was still being walked down: carry on.
+            self._spawn(self._resume_walk(vm_id), f"memory-reclaim-resume-{vm_id}")
+
+    async def _resume_walk(self, instance_id: str) -> None:
+        async with self._lock:
+            goal = self._goals.get(instance_id)
+            if self._hold is None or goal is None:
+                return
+            try:
+                async with self._locked_vm(instance_id) as handle:
+                    if handle is not None and handle.balloon_refusal(inflate=True) is None:
+                        await self._walk_to(instance_id, handle, await handle.guest_memory_bytes(), goal)
+            except (TimeoutError, DomainError, OSError) as exc:
+                log.info("memory reclaim: resuming %s's balloon failed: %s", instance_id, _why(exc))
 
     async def _deflate_restored(self, instance_id: str) -> None:
         async with self._lock:
@@ -312,30 +332,49 @@ class MemoryReclaimer:
             return recorded[1]
         return await handle.guest_memory_bytes()
 
-    def _settle_later(self, instance_id: str, handle: VMHandle, target: int) -> None:
-        previous = self._settling.pop(instance_id, None)
+    async def _walk_to(self, instance_id: str, handle: VMHandle, current: int, target: int) -> None:
+        """Set the VM's target (caller holds the instance's lock): a deflation at once, an
+        inflation by its first step, the rest walked in the background."""
+        previous = self._inflating.pop(instance_id, None)
         if previous is not None:
             previous.cancel()
-        self._settling[instance_id] = self._spawn(
-            self._settle(handle, target), f"memory-reclaim-settle-{instance_id}"
+        self._targets[instance_id] = (handle.pid, target)
+        self._goals[instance_id] = target
+        if target >= current:
+            await handle.set_guest_memory_target(target)
+            return
+        first = max(target, current - INFLATE_STEP)
+        await handle.set_guest_memory_target(first)
+        self._inflating[instance_id] = self._spawn(
+            self._inflate(instance_id, handle, first, target), f"memory-reclaim-inflate-{instance_id}"
         )
 
-    async def _settle(self, handle: VMHandle, target: int) -> None:
-        """Wait for the guest to fill its balloon, then reserve the RAM file's blocks again."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + SETTLE_LIMIT
-        last, stalled = None, 0
+    async def _inflate(self, instance_id: str, handle: VMHandle, step: int, target: int) -> None:
+        """Walk the guest's balloon from ``step`` (already set) down to ``target`` one step at a
+        time (each set under the instance's lock, on this VMM only), then reserve the RAM file's
+        blocks again. Ends early when the VMM goes, or when the guest stops taking pages
+        (deflate-on-OOM, no free memory)."""
         try:
-            while loop.time() < deadline and stalled < SETTLE_STALL:
-                now = await handle.guest_memory_bytes()
-                if now <= target:
-                    break
-                stalled = stalled + 1 if now == last else 0
-                last = now
-                await asyncio.sleep(SETTLE_POLL)
+            while await self._reached(handle, step) and step > target:
+                step = max(target, step - INFLATE_STEP)
+                async with self._locked_vm(instance_id) as current:
+                    if current is not handle:
+                        return
+                    await handle.set_guest_memory_target(step)
             await handle.reserve_guest_memory()
-        except (DomainError, OSError) as exc:  # the VM ended meanwhile, or its disk is full
-            log.info("memory reclaim: not reserving %s's RAM file again: %s", handle.vm_id, exc)
+        except (TimeoutError, DomainError, OSError) as exc:  # the VM ended meanwhile, or a full disk
+            log.info("memory reclaim: inflating %s stopped: %s", handle.vm_id, _why(exc))
+
+    async def _reached(self, handle: VMHandle, step: int) -> bool:
+        """Whether the guest's balloon reached ``step`` (False: it stopped taking pages)."""
+        last, stalled = None, 0
+        while (now := await handle.guest_memory_bytes()) > step:
+            stalled = stalled + 1 if now == last else 0
+            if stalled >= INFLATE_STALL:
+                return False
+            last = now
+            await asyncio.sleep(INFLATE_POLL)
+        return True
 
     def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work, name=name)
