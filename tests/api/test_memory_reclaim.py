@@ -67,7 +67,9 @@ def action_of(response: MemoryReclaimResponse, instance: str) -> MemoryReclaimAc
     return action
 
 
-def test_bad_requests_are_400_naming_the_field(sdk: Hypeman) -> None:
+def test_capabilities_offer_balloon_control_and_bad_requests_are_400s(sdk: Hypeman) -> None:
+    runtimes = {runtime.name: runtime for runtime in sdk.capabilities.get().runtimes}
+    assert all("balloon-control" in runtimes[board].features for board in ("qemu-microvm", "qemu"))
     for body, field in (({"reclaim_bytes": -1}, "reclaim_bytes"), ({"reclaim_bytes": 1, "hold_for": "soon"},
                         "hold_for"), ({"reclaim_bytes": 1, "hold_for": "0s"}, "hold_for")):
         with pytest.raises(BadRequestError) as info:
