@@ -117,8 +117,8 @@ STEPS = (("requested", "restore requested"), ("vmm", "restore: VMM pid"),
 def wake_steps(client: Hypeman, instance: str, at: list[float], samples: Samples) -> None:
     """Where a wake's time went, from the last restore's lines in the operations log (UTC,
     milliseconds) against the client's clock: the request to the restore's start, to QEMU
-    running the guest again (its address let through from then on), to the first byte, and
-    when the agent answered (the restore call's own end, about)."""
+    running the guest again (its address was let through as QEMU got its TAP), to the first
+    byte, and when the agent answered (the restore call's own end, about)."""
     stamps: dict[str, float] = {}
     for line in client.instances.logs(instance, source="hypeman", tail=50):
         for key, text in STEPS:
@@ -232,7 +232,7 @@ def report(samples: Samples, rounds: int, burst_size: int, woken: int | None) ->
     if samples.values.get("step_qemu"):
         row("a wake's steps (operations log vs the client's clock), ms", "")
         row("  request -> restore requested", ms("step_trigger"))
-        row("  restore requested -> QEMU runs the guest (address let through)", ms("step_qemu"))
+        row("  restore requested -> QEMU runs the guest", ms("step_qemu"))
         row("  QEMU runs the guest -> first byte", ms("step_answer"))
         row("  (QEMU runs the guest -> its agent answered)", ms("step_agent"))
     row("wake / running (of medians / same round)",

@@ -251,9 +251,6 @@ class Networking:
             except BaseException:
                 await self.unplug(live, release=not keep_identity)
                 raise
-            # The VMM runs behind the TAP: connections to it are let through again (a restore's
-            # address was refused while asleep; any other's is cleared of an entry left stale).
-            await self._set_sleeping(live, False)
         finally:
             self.settle(live.id)
 
@@ -266,7 +263,7 @@ class Networking:
         if not release:
             # Asleep from now on: connections to its address are reset at once (the ingress
             # retries them while it wakes the VM) rather than left to wait for ARP to give up.
-            await self._set_sleeping(live, True)
+            await self._set_sleeping(live.id, IPv4Address(live.record.ip), True)
         try:
             await self.host.delete_tap(live.id)
             if release:
@@ -274,23 +271,31 @@ class Networking:
         except Exception as exc:
             log.warning("instance %s: could not remove its TAP: %s", live.id, exc)
         if release:
-            await self._set_sleeping(live, False)
+            await self._set_sleeping(live.id, IPv4Address(live.record.ip), False)
 
-    async def _set_sleeping(self, live: LiveInstance, asleep: bool) -> None:
+    async def _set_sleeping(self, instance_id: str, ip: IPv4Address, asleep: bool) -> None:
         """Never raises: what it could not change, the next start's reconcile does."""
-        if self.host is None or live.record.ip is None:
+        if self.host is None:
             return
         try:
-            await self.host.set_sleeping(IPv4Address(live.record.ip), asleep)
+            await self.host.set_sleeping(ip, asleep)
         except Exception as exc:
-            log.warning("instance %s: could not mark its address %s: %s", live.id,
+            log.warning("instance %s: could not mark its address %s %s: %s", instance_id, ip,
                         "asleep" if asleep else "awake", exc)
 
     async def open_tap(self, vm_id: str) -> int:
-        """For the hypervisor: a descriptor of the VM's TAP, opened in the network's namespace."""
+        """For the hypervisor: a descriptor of the VM's TAP, opened in the network's namespace.
+        From now on frames for the VM wait in the TAP until its VMM reads them, so connections to
+        its address are let through again: a restored guest finds the SYNs that wait for it as
+        soon as it runs (a restore's address was refused while asleep; any other's is cleared of
+        an entry left stale). A launch that fails puts a restore's back (``unplug``)."""
         if self.host is None:
             raise DomainError("no bridge network: a TAP NIC cannot be opened")
-        return await self.host.open_tap(vm_id)
+        fd = await self.host.open_tap(vm_id)
+        plugging = self._in_flight.get(vm_id)  # every launch with a TAP is plugged in flight
+        if plugging is not None:
+            await self._set_sleeping(vm_id, plugging.ip, False)
+        return fd
 
 
 def _lacks_privileges(exc: BaseException | None) -> bool:
