@@ -40,7 +40,8 @@ def test_kernel_is_installed_with_its_version_recorded(system_files: SystemFiles
     kept = sorted(p.name for p in (kernel_dir / "modules").rglob("*.ko"))
     assert "virtio_blk.ko" in kept and "overlay.ko" in kept and "erofs.ko" in kept
     assert len(kept) < 30
-    for name in ("virtio_blk", "virtio_console", "virtio_net", "overlay", "erofs", "virtio_mmio", "evdev"):
+    for name in ("virtio_blk", "virtio_console", "virtio_net", "overlay", "erofs", "virtio_mmio", "evdev",
+                 "virtio_balloon"):
         sequence = info.modules[name]
         assert sequence[-1].split("/")[-1].replace("-", "_") == f"{name}.ko"
     assert info.modules["button"] == ["kernel/drivers/acpi/button.ko"]  # ACPI power button
