@@ -43,7 +43,7 @@ from hypemand.system.files import SystemFiles, ensure_system_files
 GIB = 1 << 30
 MEMORY_MIB = 1024
 DIRTY_MIB = 640
-BALLOON_MIB = 512
+BALLOON_MIB = 256
 FILLED = "HM-BENCH-FILLED"
 FILLER = GuestConfig(
     entrypoint=["/bin/sh", "-c"],
@@ -88,7 +88,7 @@ def sample(vm: QemuVMHandle) -> dict[str, int]:
     }
 
 
-async def settle(vm: QemuVMHandle, target: int, limit: float = 120.0) -> float:
+async def settle(vm: QemuVMHandle, target: int, limit: float = 600.0) -> float:
     """Seconds until the guest's balloon holds what ``target`` asks (query-balloon)."""
     started = time.monotonic()
     while time.monotonic() - started < limit:
