@@ -7,7 +7,8 @@ bench.boot_path, bench.agent_roundtrip, bench.hypervisor_latency, bench.image_di
 bench.network (TAP vs user-mode throughput, requests/s through the ingress's Caddy vs straight to the
 VM, restore and fork with a network vs without; needs root: it makes network namespaces), and
 bench.wake (time to first byte through the ingress to a Standby VM vs Running vs an explicit
-restore + request; needs root).
+restore + request; needs root), and bench.balloon (host memory a memory reclaim returns per GiB
+ballooned vs QMP balloon by hand; boot and restore with the balloon device vs without).
 """
 
 from __future__ import annotations

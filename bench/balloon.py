@@ -3,7 +3,7 @@
 Run: .venv/bin/python -m bench.balloon [runs] [--only reclaim|boot]   (from the repo root)
 
 reclaim: a 1 GiB microvm guest dirties 640 MiB (a file in its /dev/shm, then removed: free in
-  the guest, still resident on the host), then its balloon is inflated by 512 MiB, once through
+  the guest, still resident on the host), then its balloon is inflated by 256 MiB, once through
   the handle (``set_guest_memory_target``, what the reclaim route does) and once by QMP
   ``balloon`` typed by hand, alternating. Measured before and after the guest's balloon settled:
   the RAM file's data (SEEK_DATA) and page-cache residency (fincore), QEMU's RSS, and the host's
