@@ -13,6 +13,7 @@ from hypemand.network.conntrack import (
     TCP_STATE_TIME_WAIT,
     TcpFlow,
 )
+from hypemand.network.firewall import SERVER_CONNECTION_MARK
 from hypemand.policies.activity import IdleCountdown, InboundFilter, is_live
 from hypemand.policies.models import AutoStandbyMemory, AutoStandbyPolicy
 from hypemand.units import format_duration, parse_duration
@@ -55,6 +56,15 @@ def test_the_filter_takes_flows_the_vm_answers_minus_the_ignore_lists() -> None:
     assert not chosen.matches(flow(client="192.0.2.9"))
     assert not chosen.matches(flow(port=22))
     assert chosen.matches(flow(port=2222))
+
+
+def test_the_server_s_own_connections_are_not_activity() -> None:
+    """A health probe's flow carries the firewall's mark: it never keeps a VM awake."""
+    chosen = InboundFilter.of(VM, policy())
+    probe = flow()
+    marked = TcpFlow(probe.flow_id, probe.client, probe.client_port, probe.dialled, probe.dialled_port,
+                     probe.server, probe.server_port, probe.state, mark=SERVER_CONNECTION_MARK)
+    assert chosen.matches(probe) and not chosen.matches(marked)
 
 
 def test_a_first_read_without_connections_starts_the_countdown_and_it_ends_after_the_timeout() -> None:

@@ -169,6 +169,22 @@ def test_ignored_connections_do_not_keep_it_running(
         echo(connection, b"after\n")
 
 
+def test_health_probes_do_not_keep_it_running(sdk: Hypeman) -> None:
+    """The server's own probes (http every half second) are not a client's traffic: the VM still
+    goes to Standby after its idle timeout, having been found healthy meanwhile."""
+    instance, _ = running(sdk, "probed")
+    check = {"type": "http", "interval": "500ms", "timeout": "2s", "start_period": "0s", "http": {"port": 80}}
+    healthy = sdk.instances.update(instance, health_check=check).health_status  # type: ignore[arg-type]
+    deadline = time.monotonic() + SETTLE
+    while healthy is None or healthy.status != "healthy":
+        assert time.monotonic() < deadline, f"never healthy: {healthy}"
+        time.sleep(0.2)
+        healthy = sdk.instances.get(instance).health_status
+    assert healthy.consecutive_successes >= 1
+    sdk.instances.update(instance, auto_standby={"enabled": True, "idle_timeout": SHORT})
+    standby_by_itself(sdk, instance)
+
+
 def test_the_status_of_instances_it_does_not_apply_to(sdk: Hypeman) -> None:
     from hypemand.images import demo
     from tests.autostandby.conftest import SERVES, SMALL

@@ -42,6 +42,7 @@ class TcpFlow:
     server: IPv4Address
     server_port: int
     state: int  # TCP_STATE_*
+    mark: int = 0  # the entry's conntrack mark (firewall.SERVER_CONNECTION_MARK: the server's own)
 
     @property
     def key(self) -> tuple[int, IPv4Address, int, IPv4Address, int]:
@@ -145,4 +146,5 @@ def _flow(message: Any) -> TcpFlow | None:
         server=IPv4Address(reply_ip.get_attr("CTA_IP_V4_SRC")),
         server_port=int(reply_ports.get_attr("CTA_PROTO_SRC_PORT") or 0),
         state=int(state or TCP_STATE_NONE),
+        mark=int(message.get_attr("CTA_MARK") or 0),
     )

@@ -22,6 +22,12 @@ Why these rules, in the forward hook (a drop in any table is final, an accept is
 
 and in postrouting, the subnet leaving by the uplink is masqueraded.
 
+In the output hook, the server's own connections to VMs (health probes: their sockets carry the
+socket mark :data:`SERVER_CONNECTION_MARK`, see ``NetworkHost.connect_socket``) get that mark on
+their conntrack entry, so the auto-standby policy can tell them from a client's traffic (a probe
+every few seconds must not keep an idle VM awake). The ingress proxy's connections are not
+marked: they are clients' requests.
+
 In the output hook (the namespace's own connections: the ingress proxy, health probes), TCP to
 an address in the set ``sleeping`` is answered at once with a reset. The set holds the addresses
 of VMs in standby (they keep their address, but their TAP is gone): without it a connection to
@@ -74,6 +80,8 @@ OUTPUT = ChainSpec("output", "filter", "output", 0)
 POSTROUTING = ChainSpec("postrouting", "nat", "postrouting", 100)  # srcnat
 CHAINS = (FORWARD, OUTPUT, POSTROUTING)
 SLEEPING = "sleeping"  # the set of addresses of VMs in standby
+# The socket mark of the server's own connections to VMs, copied to their conntrack entries.
+SERVER_CONNECTION_MARK = 0x686D0001
 SETS = (SLEEPING,)
 
 
@@ -103,6 +111,14 @@ def _refuse_sleeping(tag: str) -> RuleSpec:
                      {"reject": {"type": "tcp reset"}}))
 
 
+def _mark_server_connections(tag: str) -> RuleSpec:
+    """The socket mark of the server's own connections copied to the conntrack entry."""
+    return RuleSpec(OUTPUT.name, f"{tag}: the server's own connections marked in conntrack",
+                    ({"match": {"op": "==", "left": {"meta": {"key": "mark"}},
+                                "right": SERVER_CONNECTION_MARK}},
+                     {"mangle": {"key": {"ct": {"key": "mark"}}, "value": SERVER_CONNECTION_MARK}}))
+
+
 def desired_rules(config: NetworkConfig, uplink: str | None) -> list[RuleSpec]:
     """The rules for this bridge, subnet and uplink, in order. Without an uplink nothing is
     forwarded at all (VMs still reach the namespace itself: the gateway, the ingress proxy)."""
@@ -113,7 +129,7 @@ def desired_rules(config: NetworkConfig, uplink: str | None) -> list[RuleSpec]:
         RuleSpec(FORWARD.name, f"{tag}: nothing else to VMs", (_oif(br), _DROP)),
     ]
     if uplink is None:
-        return [*isolation, _refuse_sleeping(tag)]
+        return [*isolation, _mark_server_connections(tag), _refuse_sleeping(tag)]
     return [
         isolation[0],
         RuleSpec(FORWARD.name, f"{tag}: VMs of {net} out via {uplink}",
@@ -123,6 +139,7 @@ def desired_rules(config: NetworkConfig, uplink: str | None) -> list[RuleSpec]:
                   {"match": {"op": "in", "left": {"ct": {"key": "state"}},
                              "right": ["established", "related"]}}, _ACCEPT)),
         *isolation[1:],
+        _mark_server_connections(tag),
         _refuse_sleeping(tag),
         RuleSpec(POSTROUTING.name, f"{tag}: masquerade {net} out {uplink}",
                  (_oif(uplink), _saddr_in(net), {"masquerade": None})),

@@ -279,7 +279,7 @@ class NetworkHost:
         The caller closes it."""
         if self._sockets is None:
             raise RuntimeError("NetworkHost.start() first")
-        made = await self._sockets.run(socket.socket, socket.AF_INET, socket.SOCK_STREAM)
+        made = await self._sockets.run(_server_socket)
         made.setblocking(False)
         return made
 
@@ -328,3 +328,15 @@ def _link_speed(ifname: str) -> int | None:
     if mbps <= 0 or mbps >= 0xFFFF:  # unknown speed
         return None
     return mbps * 1_000_000 // 8
+
+
+def _server_socket() -> socket.socket:
+    """A TCP socket marked as the server's own (``firewall.SERVER_CONNECTION_MARK``): its flows
+    are not a client's activity."""
+    made = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        made.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, firewall.SERVER_CONNECTION_MARK)
+    except BaseException:
+        made.close()
+        raise
+    return made

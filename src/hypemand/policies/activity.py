@@ -22,6 +22,7 @@ from datetime import datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network, ip_network
 
 from hypemand.network.conntrack import TCP_STATE_CLOSE, TCP_STATE_NONE, TCP_STATE_TIME_WAIT, TcpFlow
+from hypemand.network.firewall import SERVER_CONNECTION_MARK
 from hypemand.policies.models import AutoStandbyMemory, AutoStandbyPolicy
 
 FINISHED_STATES = frozenset({TCP_STATE_NONE, TCP_STATE_TIME_WAIT, TCP_STATE_CLOSE})
@@ -50,6 +51,8 @@ class InboundFilter:
     def matches(self, flow: TcpFlow) -> bool:
         if flow.server != self.address or flow.server_port in self.ignored_ports:
             return False
+        if flow.mark == SERVER_CONNECTION_MARK:
+            return False  # the server's own (a health probe), not a client's
         return not any(flow.client in network for network in self.ignored_sources)
 
     def inbound(self, flows: Iterable[TcpFlow]) -> list[TcpFlow]:
