@@ -70,6 +70,9 @@ class ReclaimHold(BaseModel):
     until: datetime
     reason: str | None = None
     set_at: datetime
+    # Each VM's target (instance id -> bytes): a server that restarts while a balloon is being
+    # walked down finishes the walk.
+    targets: dict[str, int] = {}
 
 
 def read_meminfo() -> tuple[int, int]:
@@ -114,6 +117,9 @@ class MemoryReclaimer:
         self._manager.events.subscribe(self._on_event)
         if self._hold is not None and self._hold.until > datetime.now(UTC):
             self._schedule_expiry(self._hold)
+            self._goals = dict(self._hold.targets)
+            for instance_id in self._goals:
+                self._spawn(self._resume_walk(instance_id), f"memory-reclaim-resume-{instance_id}")
         else:
             # No hold (or one that ended while no server ran): balloons a killed server left
             # inflated are given back.
@@ -229,6 +235,7 @@ class MemoryReclaimer:
                 reason=request.reason,
                 set_at=now,
                 until=now + timedelta(seconds=request.hold_seconds),
+                targets=dict(self._goals),
             )
         await asyncio.to_thread(self._save_hold, hold)
         self._hold = hold
