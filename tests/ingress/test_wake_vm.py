@@ -139,3 +139,22 @@ def test_a_vm_whose_restore_fails_is_answered_a_clear_502_and_stays_in_standby(
     assert again.status == 502 and "could not be woken" in again.body
     # The restore refused before it began (its operations log has no line of it): the server's does.
     assert server.log().count(f"could not wake instance {vm}") == 1
+
+
+def test_scale_to_zero_a_vm_sleeps_by_itself_and_the_next_request_wakes_it(
+    sdk: Hypeman, namespace: str
+) -> None:
+    """The README's case: auto-standby and a health check on a VM behind the ingress. Idle (its
+    health probes are not traffic), it goes to Standby by itself; a request wakes it and gets the
+    page; and idle again, it sleeps again."""
+    vm = web_vm(sdk, namespace, "zero")
+    check = {"type": "http", "interval": "1s", "start_period": "0s", "http": {"port": 80}}
+    sdk.instances.update(vm, health_check=check,  # type: ignore[arg-type]
+                         auto_standby={"enabled": True, "idle_timeout": "2s"})
+    for _ in range(2):
+        waited = sdk.instances.wait(vm, state="Standby", api_timeout="60s")
+        assert waited.state == "Standby" and not waited.timed_out, waited
+        before = restores(sdk, vm)
+        assert page(request(namespace, "zero"))
+        assert running_again(sdk, vm) and restores(sdk, vm) == before + 1
+        assert sdk.instances.auto_standby.status(vm).status in ("active", "idle_countdown")

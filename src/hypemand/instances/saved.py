@@ -135,7 +135,12 @@ class SavedVMOperations:
             with contextlib.suppress(DomainError):
                 await handle.resume()
             raise
-        # From here the saved VM is complete on disk; ending QEMU cannot lose it.
+        # From here the saved VM is complete on disk; ending QEMU cannot lose it. The record says
+        # so before the handle goes: from the moment a read derives Standby (no VMM, a saved VM),
+        # the instance holds its address as one in standby (never free for another VM, and
+        # found asleep by the ingress, which wakes it), with no moment in between.
+        now = utcnow()
+        await records.update(live, stopped_at=now, **phase_change(live.record, "standby", now))
         live.handle = None
         live.forget_status()
         try:
@@ -144,8 +149,6 @@ class SavedVMOperations:
             await self.agents.close(live)
         # The TAP goes, the identity stays (the record keeps the pair, held while in standby).
         await self.network.unplug(live, release=False)
-        now = utcnow()
-        await records.update(live, stopped_at=now, **phase_change(live.record, "standby", now))
         self.oplog.write(live, "standby: device state saved, VMM ended")
         if plan is not None:
             self.compression.start_for_instance(live.id, files.memory, plan)
