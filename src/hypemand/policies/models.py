@@ -21,6 +21,7 @@ from hypemand.wire import WireModel
 MAX_PORT = 65535
 MAX_THRESHOLD = 1000
 MAX_POLICY_DURATION = 7 * 24 * 3600.0  # a week: anything longer is a typo, not a policy
+MAX_GO_DURATION = (2**63 - 1) / 1e9  # seconds: the longest a Go time.Duration holds
 MAX_ERROR_CHARS = 512  # last_error is truncated to this
 
 
@@ -29,20 +30,27 @@ def seconds(text: str) -> float:
     return parse_duration(text)
 
 
-def _duration(value: str | None, field: str, *, minimum: float = 0.0, allow_zero: bool = False) -> str | None:
-    if value is None:
-        return None
+def duration_seconds(value: str, field: str, *, minimum: float = 0.0, allow_zero: bool = False,
+                     maximum: float = MAX_GO_DURATION) -> float:
+    """``value``, a Go duration, in seconds: positive (or 0 with ``allow_zero``), at least
+    ``minimum`` and at most ``maximum``; otherwise a ValueError naming ``field``."""
     try:
         parsed = parse_duration(value)
     except UnitError as exc:
         raise ValueError(f"{field}: {exc}") from None
     if parsed == 0 and allow_zero:
-        return value
+        return parsed
     if parsed < minimum or parsed <= 0:
         shown = f"{minimum:g}s" if minimum else "0s"
         raise ValueError(f"{field} must be longer than {shown}, got {value!r}")
-    if parsed > MAX_POLICY_DURATION:
-        raise ValueError(f"{field} must be at most 168h, got {value!r}")
+    if parsed > maximum:
+        raise ValueError(f"{field} must be at most {int(maximum // 3600)}h, got {value!r}")
+    return parsed
+
+
+def _duration(value: str | None, field: str, *, minimum: float = 0.0, allow_zero: bool = False) -> str | None:
+    if value is not None:
+        duration_seconds(value, field, minimum=minimum, allow_zero=allow_zero, maximum=MAX_POLICY_DURATION)
     return value
 
 

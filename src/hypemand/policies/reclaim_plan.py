@@ -28,7 +28,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from hypemand.units import UnitError, parse_duration
+from hypemand.policies.models import duration_seconds
 from hypemand.wire import WireModel
 
 MIB = 1 << 20
@@ -37,7 +37,6 @@ FLOOR_MIN_BYTES = 128 * MIB
 FLOOR_SHARE = 0.5
 STEP_BYTES = 1 << 30
 DEFAULT_HOLD = "5m"
-MAX_HOLD_SECONDS = (2**63 - 1) / 1e9  # the longest Go time.Duration
 MAX_REASON_CHARS = 1024
 # The host is under pressure when less than this share of its memory is available (MemAvailable).
 PRESSURE_AVAILABLE_SHARE = 0.10
@@ -55,15 +54,7 @@ Hypervisor = Literal["cloud-hypervisor", "firecracker", "qemu", "qemu-microvm", 
 
 def hold_seconds(value: str) -> float:
     """``hold_for`` in seconds: a positive Go duration (ValueError naming the field)."""
-    try:
-        parsed = parse_duration(value)
-    except UnitError as exc:
-        raise ValueError(f"hold_for: {exc}") from None
-    if parsed <= 0:
-        raise ValueError(f"hold_for must be longer than 0s, got {value!r}")
-    if parsed > MAX_HOLD_SECONDS:
-        raise ValueError(f"hold_for must be at most 2562047h, got {value!r}")
-    return parsed
+    return duration_seconds(value, "hold_for")
 
 
 class MemoryReclaimRequest(BaseModel):

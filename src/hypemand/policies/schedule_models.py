@@ -13,26 +13,18 @@ from datetime import datetime
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hypemand.instances.models import validate_name
+from hypemand.policies.models import duration_seconds
 from hypemand.tags import check_tags
-from hypemand.units import UnitError, parse_duration
+from hypemand.units import parse_duration
 from hypemand.wire import WireModel
 
 NAME_PREFIX_MAX = 47  # 47 + "-" + a 15-character timestamp: a snapshot name's 63 at most
-MAX_GO_DURATION = (2**63 - 1) / 1e9  # seconds: the longest a Go time.Duration holds
 MAX_COUNT = 1_000_000
 
 
 def go_duration(value: str, field: str) -> float:
     """``value`` in seconds if it is a positive Go duration; ValueError naming ``field``."""
-    try:
-        parsed = parse_duration(value)
-    except UnitError as exc:
-        raise ValueError(f"{field}: {exc}") from None
-    if parsed <= 0:
-        raise ValueError(f"{field} must be longer than 0s, got {value!r}")
-    if parsed > MAX_GO_DURATION:
-        raise ValueError(f"{field} must be at most 2562047h, got {value!r}")
-    return parsed
+    return duration_seconds(value, field)
 
 
 class SnapshotScheduleRetention(WireModel):
