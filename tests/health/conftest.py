@@ -15,22 +15,15 @@ from hypeman import Hypeman
 from hypeman.lib.exec import exec as sdk_exec
 from hypeman.types import Instance
 
-from hypemand.images import demo
-from tests.support.harness import Harness, ServerProcess, strict_client
+from tests.api.conftest import SMALL, api
+from tests.support.harness import ServerProcess, strict_client
+
+__all__ = ["SMALL", "api"]  # the API tests' server fixture and guest size, shared
 
 T = TypeVar("T")
 
-# Small guests: TCG on 2 shared cores.
-SMALL = {"size": "256MB", "overlay_size": "64MB", "vcpus": 1}
 # The bound of a wait for something the server does by itself (a few boots on a loaded machine).
 PATIENCE = 240.0
-
-
-@pytest.fixture(scope="module")
-def api(module_harness: Harness) -> ServerProcess:
-    server = module_harness.start()
-    demo.install(server.base_url, server.token, wait_seconds=300)
-    return server
 
 
 @pytest.fixture
