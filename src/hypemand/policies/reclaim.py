@@ -34,6 +34,7 @@ from hypemand.hypervisor.base import VMHandle, VMMError
 from hypemand.instances.events import EventKind, InstanceEvent
 from hypemand.instances.manager import InstanceManager
 from hypemand.instances.models import InstanceRecord
+from hypemand.policies.clock import sleep_until
 from hypemand.policies.reclaim_plan import (
     APPLIED,
     ERROR,
@@ -247,10 +248,7 @@ class MemoryReclaimer:
 
     def _schedule_expiry(self, hold: ReclaimHold) -> None:
         async def expire() -> None:
-            # asyncio may wake a timer a little early (its clock's resolution): sleep again until
-            # the wall clock says the hold has ended.
-            while (remaining := (hold.until - datetime.now(UTC)).total_seconds()) > 0:  # noqa: ASYNC110
-                await asyncio.sleep(remaining)  # a wall-clock deadline, not another task's signal
+            await sleep_until(hold.until)  # the wall clock's moment (policies/clock.py)
             async with self._lock:
                 if self._hold is hold:  # not replaced meanwhile
                     log.info("memory reclaim hold ended (set %s, reason: %s): deflating the balloons",

@@ -41,6 +41,7 @@ from hypemand.instances.live import LiveInstance, mutating
 from hypemand.instances.manager import InstanceManager
 from hypemand.instances.models import InstanceRecord, InstanceState, StartInstanceRequest
 from hypemand.instances.records import utcnow
+from hypemand.policies.clock import sleep_until
 from hypemand.policies.health import HealthMonitor
 from hypemand.policies.models import RestartPolicy, RestartStatus, seconds
 
@@ -231,9 +232,7 @@ class RestartSupervisor:
     # ---- carrying it out --------------------------------------------------------------------
 
     async def _restart_at(self, live: LiveInstance, due: datetime) -> None:
-        wait = (due - utcnow()).total_seconds()
-        if wait > 0:
-            await asyncio.sleep(wait)
+        await sleep_until(due)  # never before it: the plan in the record says when
         async with mutating(live):
             status = live.record.restart_status
             policy = live.record.restart_policy
