@@ -7,19 +7,17 @@ balloon read over QMP while no server holds its socket."""
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from hypeman import Hypeman
 
 from hypemand.hypervisor.qemu_qmp import QmpChannel
 from hypemand.images import demo
 from tests.api.conftest import SMALL
+from tests.api.test_crash_faults import Rig
 from tests.api.test_memory_reclaim import ASSIGNED, MIB, action_of, balloon_bytes, guest_sh, until
-from tests.support.harness import Harness, ServerProcess, strict_client
+from tests.support.harness import Harness
 
 pytestmark = pytest.mark.vm
 
@@ -27,27 +25,11 @@ IDLE = {"entrypoint": ["/bin/sh", "-c"], "cmd": ["while true; do sleep 1; done"]
 RECLAIM = 128 * MIB  # everything above the 128 MiB floor: 64 steps
 
 
-@dataclass
-class Rig:
-    harness: Harness
-    server: ServerProcess
-
-    def client(self) -> Hypeman:
-        return strict_client(self.server)
-
-    def kill_server(self) -> None:
-        self.server.process.send_signal(signal.SIGKILL)
-        self.server.process.wait()
-
-    def restart(self) -> None:
-        self.server = self.harness.start(self.server.data_dir, port=self.server.port)
-
-
 @pytest.fixture(scope="module")
 def rig(module_harness: Harness) -> Iterator[Rig]:
     server = module_harness.start()
     demo.install(server.base_url, server.token, wait_seconds=300)
-    yield Rig(module_harness, server)
+    yield Rig(module_harness, server.data_dir, server)
 
 
 def qemu_guest_memory(data_dir: Path, instance_id: str) -> int:
