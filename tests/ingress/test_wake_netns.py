@@ -32,9 +32,9 @@ from hypemand.layout import DataLayout
 from hypemand.network import NetworkConfig, NetworkHost
 from hypemand.network.firewall import current_table, ensure_rules, set_sleeping
 from hypemand.network.namespace import run_in_namespace
-from tests.ingress.netlab import BACKEND_PORT, VM_NET, Directory, Reply, VmNet, fetch, vm_net
+from tests.ingress.netlab import BACKEND_PORT, VM_NET, Directory, Reply, VmNet, fetch
+from tests.ingress.test_caddy_netns import data, net
 from tests.network.lab import lab, netns_supported, tool
-from tests.support.harness import kill, processes_in
 
 _why_not = netns_supported() or (None if os.access("/usr/bin/caddy", os.X_OK) else "needs caddy")
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(_why_not is not None, reason=_why_not or "")]
@@ -44,20 +44,7 @@ APP_ID = f"{APP:0<24}"  # netlab's Directory numbers stand-ins after their names
 DEADLINE = 20.0  # for a condition that becomes true by itself
 PATIENCE = 60.0  # a client's timeout: far beyond any wake here (Caddy gives up after 30 s)
 BURST = 8
-
-
-@pytest.fixture
-def net() -> Iterator[VmNet]:
-    with vm_net() as own:
-        yield own
-
-
-@pytest.fixture
-def data(tmp_path: Path) -> Iterator[Path]:
-    yield tmp_path / "data"
-    left = processes_in(tmp_path / "data")
-    kill(left)
-    assert not left, f"processes left running (killed now): {left}"
+__all__ = ["data", "net"]  # the Caddy tests' fixtures: a VM network and a data dir left clean
 
 
 @pytest.fixture
