@@ -392,13 +392,11 @@ class AutoStandbyController:
         earlier hold) and give up a queued or unfinished attempt. 409 ``instance_in_standby``
         when the instance is in Standby or its standby is already being committed."""
         live = self.manager.table.resolve(ref)
-        tracked = self._tracked.get(live.id)
-        if tracked is not None and tracked.committing:
-            raise Conflict(f"instance {live.name} is entering standby: restore it first",
-                           code="instance_in_standby")
         state = (await self.manager.reader.state(live)).state
-        if state is InstanceState.STANDBY:
-            raise Conflict(f"instance {live.name} is in standby: restore it first",
+        # Looked up after the await: the controller may have begun tracking it meanwhile.
+        tracked = self._tracked.get(live.id)
+        if state is InstanceState.STANDBY or (tracked is not None and tracked.committing):
+            raise Conflict(f"instance {live.name} is in standby or entering it: restore it first",
                            code="instance_in_standby")
         policy = _enabled(live)
         if policy is None or not self.supported:
@@ -412,5 +410,9 @@ class AutoStandbyController:
             memory = (live.record.auto_standby_memory or AutoStandbyMemory()).model_copy(
                 update={"hold_until": hold_until})
         await self._remember(live, memory)
+        if tracked is None and (begun := self._tracked.get(live.id)) is not None:
+            # Tracking began from the record while the hold was being written: it holds too.
+            begun.countdown.hold_until = hold_until
+            self._cancel(begun)
         log.info("auto-standby: instance %s (%s) held until %s", live.name, live.id, hold_until)
         return await self._status(live)
