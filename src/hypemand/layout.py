@@ -11,6 +11,8 @@
       snapshot-schedules/<instance id>.json   one snapshot schedule each (see hypemand.policies)
       memory-reclaim-hold.json   the memory reclaim's hold while one is active (hypemand.policies)
       ingresses/<id>.json        one ingress each (see hypemand.ingress)
+      builds/<build id>/         one build each: record, source, log, disks (see BuildPaths)
+      builders/<builder id>/     one builder each: record and cache disk (see BuilderPaths)
       caddy/                     the ingress proxy's config, pid, log, certificates (see CaddyPaths)
 
 An instance directory is shared by two owners with a fixed split: the instance domain owns
@@ -192,6 +194,65 @@ class VolumePaths:
     @property
     def disk(self) -> Path:
         return self.directory / VOLUME_DISK
+
+
+# ---- builds/ and builders/ -----------------------------------------------------------------------
+
+
+class BuildPaths:
+    """One build (see ``hypemand/builds/README.md``): what is kept after it ends is the record, the
+    source it was given and its log; the disks and trees are its working files while it runs."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def record(self) -> Path:
+        return self.directory / "build.json"
+
+    @property
+    def source(self) -> Path:
+        """The source tarball as the client sent it (its sha256 is the provenance's source_hash)."""
+        return self.directory / "source.tar.gz"
+
+    @property
+    def log(self) -> Path:
+        return self.directory / "logs" / "build.log"
+
+    @property
+    def staging(self) -> Path:
+        """The tree the source disk is made from: ``context/``, ``Dockerfile``, ``bases/``."""
+        return self.directory / "staging"
+
+    @property
+    def source_disk(self) -> Path:
+        """The read-only ext4 disk the builder VM mounts at /src."""
+        return self.directory / "source.ext4"
+
+    @property
+    def scratch_disk(self) -> Path:
+        """The layer store of a build that has no builder (thrown away when it ends)."""
+        return self.directory / "scratch.ext4"
+
+    @property
+    def output(self) -> Path:
+        """The built image as an OCI layout, copied out of the VM before it is imported."""
+        return self.directory / "output"
+
+
+class BuilderPaths:
+    """One builder: its record and its persistent cache disk (buildah's layer store)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def record(self) -> Path:
+        return self.directory / "builder.json"
+
+    @property
+    def cache_disk(self) -> Path:
+        return self.directory / "cache.ext4"
 
 
 # ---- images/ -------------------------------------------------------------------------------------
@@ -530,6 +591,20 @@ class DataLayout:
         """Where a volume from an archive is unpacked and built before it becomes a volume
         (removed after, or at the next start)."""
         return self.volumes / f"{VOLUME_STAGING_PREFIX}{token}"
+
+    @property
+    def builds(self) -> Path:
+        return self.root / "builds"
+
+    def build(self, build_id: str) -> BuildPaths:
+        return BuildPaths(self.builds / build_id)
+
+    @property
+    def builders(self) -> Path:
+        return self.root / "builders"
+
+    def builder(self, builder_id: str) -> BuilderPaths:
+        return BuilderPaths(self.builders / builder_id)
 
     @property
     def ingresses(self) -> Path:
