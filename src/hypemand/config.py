@@ -22,6 +22,8 @@ that the services receive as arguments.
     HYPEMAND_INGRESS_DNS_PORT      the UDP port of the ingress's DNS responder (default 5353)
     HYPEMAND_AUTO_STANDBY_MAX_CONCURRENT  auto-standbys committed at once; the others queue
                                    (default 16, the reference's auto_standby.max_concurrent)
+    HYPEMAND_MAX_BUILD_SOURCE_BYTES  the largest build source (tar.gz) POST /builds takes, bytes
+                                   or a size like 512MB (default 1GB); larger is 413 too_large
 
 Test-only (the test suite sets them; a deployment never should):
 
@@ -50,6 +52,9 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_LOG_MAX_SIZE = 50 << 20
 DEFAULT_LOG_MAX_FILES = 1
 DEFAULT_LOG_ROTATE_INTERVAL = 10.0
+# A build's source tarball (the Dockerfile's context): 1 GiB is far beyond a real context and
+# still bounds what one request may make the server store.
+DEFAULT_MAX_BUILD_SOURCE_BYTES = 1 << 30
 
 
 def default_data_dir() -> Path:
@@ -122,6 +127,12 @@ class Settings(BaseModel):
     auto_standby_max_concurrent: int = Field(default=16, ge=1, le=1024)  # policies/README.md
     # Snapshot schedules (policies/README.md): the shortest interval, seconds. Lowered by tests only.
     schedule_min_interval: float = Field(default=60.0, gt=0)
+    # Builds (builds/README.md): the largest source tarball a build may be given.
+    max_build_source_bytes: int = Field(default=DEFAULT_MAX_BUILD_SOURCE_BYTES, ge=1)
+    # Builds (builds/README.md): how many run at once (the reference's MAX_CONCURRENT_BUILDS),
+    # and the directory of the secrets builds may mount (one file per secret id).
+    max_concurrent_builds: int = Field(default=1, ge=1, le=64)
+    build_secrets_dir: Path | None = None
 
     @field_validator("caddy_listen_address")
     @classmethod
@@ -142,6 +153,7 @@ class Settings(BaseModel):
         accel = env.get("HYPEMAND_ACCEL", "").strip().lower() or None
         size, every = env.get("HYPEMAND_LOG_MAX_SIZE"), env.get("HYPEMAND_LOG_ROTATE_INTERVAL")
         schedule_minimum = env.get("HYPEMAND_TEST_SCHEDULE_MIN_INTERVAL")
+        build_source = env.get("HYPEMAND_MAX_BUILD_SOURCE_BYTES")
         log_rotation = {  # unset: the field's default
             "log_max_size": parse_size(size) if size else None,
             "log_max_files": env.get("HYPEMAND_LOG_MAX_FILES") or None,
@@ -173,8 +185,11 @@ class Settings(BaseModel):
             "tls_allowed_domains": _domains(env.get("TLS_ALLOWED_DOMAINS")),
             "ingress_dns_port": env.get("HYPEMAND_INGRESS_DNS_PORT") or 5353,
             "auto_standby_max_concurrent": env.get("HYPEMAND_AUTO_STANDBY_MAX_CONCURRENT") or 16,
+            "max_concurrent_builds": env.get("MAX_CONCURRENT_BUILDS") or 1,
+            "build_secrets_dir": env.get("HYPEMAND_BUILD_SECRETS_DIR") or None,
             **{key: value for key, value in log_rotation.items() if value is not None},
             **({"schedule_min_interval": parse_duration(schedule_minimum)} if schedule_minimum else {}),
+            **({"max_build_source_bytes": parse_size(build_source)} if build_source else {}),
         })
 
     @property

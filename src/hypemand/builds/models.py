@@ -127,6 +127,8 @@ class BuildRecord(BaseModel):
     image_ref: str | None = None
     error: str | None = None
     builder_version: str | None = None
+    lockfile_hashes: dict[str, str] = Field(default_factory=dict)
+    recoveries: int = 0  # times a server restart found it running and queued it again
 
 
 class Build(WireModel):

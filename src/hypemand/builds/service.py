@@ -1,51 +1,458 @@
-"""BuildService and BuilderService: the `/builds` and `/builders` API's domain.
+"""BuildService: the `/builds` API's domain — intake, the queue, runs, cancel, events, recovery.
 
-(Interface first; the lead fills the bodies. Handlers code against these signatures.)
+* **Intake** (:meth:`BuildService.create`): the source is streamed to ``source.tar.gz`` (over
+  the limit: 413 before it is stored whole), unpacked safely, its Dockerfile found and scanned
+  for base images; any refusal is a 400 and leaves nothing behind. Then the record is written
+  (``queued``) and the build joins the queue: 202.
+* **The queue** is FIFO. At most ``max_concurrent`` builds run (the reference's
+  ``MAX_CONCURRENT_BUILDS``, default 1), and one per *lane*: a builder's builds, or builds of one
+  ``cache_scope``, share a cache disk and run one at a time; the others wait in order
+  (``queue_position`` is 1 for the next build to start).
+* **A run** (:mod:`hypemand.builds.runner`) is bounded by ``timeout_seconds``; the record says
+  ``building``, then ``pushing`` while the image is imported, then ``ready``/``failed``.
+  A cancel ends the run's task: the builder VM is deleted before ``DELETE`` answers.
+* **Recovery**: builds the last server left ``building``/``pushing`` are queued again (their
+  source is on disk), once; a second interruption fails them. Builder VMs of any build not
+  running are deleted at start (found by their ``hypeman.build`` tag).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
+import logging
+import shutil
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
 
-from hypemand.builds.models import Build, BuildEvent, Builder, BuildSpec, CreateBuilderRequest
+from hypemand.builds.builders import BuilderService
+from hypemand.builds.disks import BuildVolumes
+from hypemand.builds.events import BuildLog, stream
+from hypemand.builds.models import (
+    Build,
+    BuilderStatus,
+    BuildEvent,
+    BuildProvenance,
+    BuildRecord,
+    BuildSpec,
+    BuildStatus,
+    new_id,
+)
+from hypemand.builds.runner import BuildFailed, BuildJob, BuildRunner, RunnerHost
+from hypemand.errors import BadRequest, Conflict, DomainError, NotFound
+from hypemand.fsutil import write_model_atomic
+from hypemand.guest.client import AgentClient
+from hypemand.images.reference import pushed_image_reference, validate_repository_path
+from hypemand.images.service import ImageService
+from hypemand.instances.manager import InstanceManager
+from hypemand.instances.models import CreateInstanceRequest
+from hypemand.layout import BuildPaths, DataLayout
+from hypemand.volumes.disk import make_disk
+
+log = logging.getLogger(__name__)
+
+
+def _parts():  # type: ignore[no-untyped-def]  # TEMPORARY while the helpers' modules land
+    from hypemand.builds import dockerfile, oci_layout, rootfs, source
+    return dockerfile, oci_layout, rootfs, source
+
+GIB = 1 << 30
+SCRATCH_DISK_GB = 20  # sparse: costs what the build writes
+MAX_RECOVERIES = 1
+BUILD_TAG = "hypeman.build"
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    max_concurrent: int = 1
+    max_source_bytes: int = 1 << 30
+    max_context_bytes: int = 8 << 30
+    secrets_dir: Path | None = None
+
+
+class _InstancesHost(RunnerHost):
+    def __init__(self, instances: InstanceManager) -> None:
+        self.instances = instances
+
+    async def create_vm(self, request: CreateInstanceRequest) -> str:
+        return (await self.instances.create(request)).id
+
+    async def agent(self, instance_id: str, wait: float) -> AgentClient:
+        return await self.instances.guest_agent(instance_id, wait_for_agent=wait)
+
+    async def delete_vm(self, instance_id: str) -> None:
+        with contextlib.suppress(NotFound):
+            await self.instances.delete(instance_id)
 
 
 class BuildService:
-    async def create(self, spec: BuildSpec, source: AsyncIterator[bytes]) -> Build:
-        """Store the source (streamed; over the limit: 413 ``too_large`` before it is stored
-        whole), check it (400s), queue the build. 404 unknown builder."""
-        raise NotImplementedError
+    def __init__(self, layout: DataLayout, images: ImageService, instances: InstanceManager,
+                 volumes: BuildVolumes, builders: BuilderService, settings: BuildSettings,
+                 builder_layout: Path | None) -> None:
+        self.layout = layout
+        self.images = images
+        self.instances = instances
+        self.builders = builders
+        self.settings = settings
+        self.builder_layout = builder_layout
+        self.runner = BuildRunner(_InstancesHost(instances), volumes)
+        builders.usage = self
+        self._records: dict[str, BuildRecord] = {}
+        self._logs: dict[str, BuildLog] = {}
+        self._queue: list[str] = []
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._lanes: dict[str, str] = {}  # lane -> the build running in it
+        self._stopping = False
 
-    async def list_builds(self, tags: dict[str, str] | None = None) -> list[Build]:
-        raise NotImplementedError
+    # ---- start and stop ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self._records = await asyncio.to_thread(self._load)
+        for record in sorted(self._records.values(), key=lambda r: (r.created_at, r.id)):
+            if record.status in (BuildStatus.BUILDING, BuildStatus.PUSHING):
+                await self._recover(record)
+            elif record.status is BuildStatus.QUEUED:
+                self._queue.append(record.id)
+        await self._delete_stray_vms()
+        self._dispatch()
+
+    async def _recover(self, record: BuildRecord) -> None:
+        log_ = self._log(record.id)
+        if record.recoveries >= MAX_RECOVERIES:
+            await log_.append(b"==> the server stopped during the build again; giving up\n")
+            await self._finish(record, BuildStatus.FAILED,
+                               error="the server stopped twice while this build ran; submit it again")
+            return
+        await log_.append(b"==> the server stopped during the build; it starts again\n")
+        await self._update(record.id, status=BuildStatus.QUEUED, started_at=None, builder_instance_id=None,
+                           recoveries=record.recoveries + 1)
+        self._queue.append(record.id)
+
+    async def _delete_stray_vms(self) -> None:
+        """Builder VMs whose build is not running (a killed server left them)."""
+        for instance in await self.instances.list_instances():
+            build_id = (instance.tags or {}).get(BUILD_TAG)
+            if build_id is not None and build_id not in self._running:
+                log.info("deleting builder VM %s of build %s", instance.id, build_id)
+                with contextlib.suppress(NotFound):
+                    await self.instances.delete(instance.id)
+
+    async def stop(self) -> None:
+        """Running builds are interrupted but stay ``building`` on disk: the next start runs
+        them again."""
+        self._stopping = True
+        tasks = list(self._running.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _load(self) -> dict[str, BuildRecord]:
+        found: dict[str, BuildRecord] = {}
+        if not self.layout.builds.is_dir():
+            return found
+        for directory in self.layout.builds.iterdir():
+            paths = BuildPaths(directory)
+            if not paths.record.exists():  # an intake that did not finish
+                shutil.rmtree(directory, ignore_errors=True)
+                continue
+            record = BuildRecord.model_validate_json(paths.record.read_bytes())
+            found[record.id] = record
+        return found
+
+    # ---- reads ------------------------------------------------------------------------------
+
+    def _record(self, build_id: str) -> BuildRecord:
+        found = self._records.get(build_id)
+        if found is None:
+            raise NotFound(f"build {build_id!r} not found")
+        return found
 
     async def get(self, build_id: str) -> Build:
-        raise NotImplementedError
+        return self._wire(self._record(build_id))
 
-    async def cancel(self, build_id: str) -> None:
-        """409 ``build_finished`` when it has already ended; the VM is gone when this returns."""
-        raise NotImplementedError
+    async def list_builds(self, tags: dict[str, str] | None = None) -> list[Build]:
+        wanted = (tags or {}).items()
+        found = [r for r in self._records.values() if all(r.spec.tags.get(k) == v for k, v in wanted)]
+        return [self._wire(r) for r in sorted(found, key=lambda r: (r.created_at, r.id))]
 
     def events(self, build_id: str, follow: bool) -> AsyncIterator[BuildEvent]:
-        """The log so far and the current status; with ``follow``, then each new line and status
-        (heartbeat every 30 s) until the build ends. 404 is raised before the first event."""
-        raise NotImplementedError
+        record = self._record(build_id)
+        return stream(self._log(record.id), lambda: self._records[build_id].status, follow)
+
+    def _wire(self, record: BuildRecord) -> Build:
+        duration = None
+        if record.started_at is not None and record.completed_at is not None:
+            duration = int((record.completed_at - record.started_at).total_seconds() * 1000)
+        position = self._queue.index(record.id) + 1 if record.id in self._queue else None
+        return Build(
+            id=record.id, created_at=record.created_at, status=record.status,
+            builder_id=record.spec.builder_id, builder_instance_id=record.builder_instance_id, completed_at=record.completed_at,
+            duration_ms=duration, error=record.error, image_digest=record.image_digest,
+            image_ref=record.image_ref, queue_position=position, started_at=record.started_at,
+            tags=record.spec.tags,
+            provenance=BuildProvenance(
+                base_image_digest=record.base_image_digest, source_hash=record.source_hash,
+                buildkit_version=record.builder_version, lockfile_hashes=record.lockfile_hashes or None,
+                timestamp=record.completed_at,
+            ),
+        )
+
+    # BuilderUsage, for the builder service
+    def active_build(self, builder_id: str) -> str | None:
+        return self._lanes.get(_builder_lane(builder_id))
+
+    def queued_builds(self, builder_id: str) -> list[str]:
+        return [b for b in self._queue if self._records[b].spec.builder_id == builder_id]
+
+    def builder_changed(self) -> None:
+        self._dispatch()
+
+    # ---- intake -----------------------------------------------------------------------------
+
+    async def create(self, spec: BuildSpec, body: AsyncIterator[bytes]) -> Build:
+        self._check_spec(spec)
+        build_id = new_id()
+        paths = self.layout.build(build_id)
+        try:
+            record = await self._intake(build_id, paths, spec, body)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, paths.directory, True)
+            raise
+        self._records[build_id] = record
+        self._queue.append(build_id)
+        self._log(build_id).status(BuildStatus.QUEUED)
+        self._dispatch()
+        return self._wire(record)
+
+    def _check_spec(self, spec: BuildSpec) -> None:
+        if spec.builder_id is not None:
+            self.builders.record(spec.builder_id)  # 404
+        if spec.image_name is not None:
+            repository, _ = split_image_name(spec.image_name)
+            validate_repository_path(repository)
+        for secret in spec.secrets:
+            if self.settings.secrets_dir is None or not (self.settings.secrets_dir / secret.id).is_file():
+                raise BadRequest(f"secrets: no secret {secret.id!r} is configured on this server",
+                                 code="secret_not_found")
+
+    async def _intake(self, build_id: str, paths: BuildPaths, spec: BuildSpec,
+                      body: AsyncIterator[bytes]) -> BuildRecord:
+        dockerfile, _, _, source = _parts()
+        await asyncio.to_thread(paths.log.parent.mkdir, parents=True)
+        source_hash = await source.receive_source(body, paths.source, self.settings.max_source_bytes)
+        context = paths.staging / "context"
+        await asyncio.to_thread(source.unpack_source, paths.source, context, self.settings.max_context_bytes)
+        text = await asyncio.to_thread(source.read_dockerfile, context, spec.dockerfile)
+        bases = dockerfile.base_images(text)
+        await asyncio.to_thread((paths.staging / "Dockerfile").write_text, text)
+        lockfiles = await asyncio.to_thread(_lockfile_hashes, context)
+        repository, tag = split_image_name(spec.image_name or f"builds/{build_id}")
+        record = BuildRecord(
+            id=build_id, status=BuildStatus.QUEUED, created_at=datetime.now(UTC), spec=spec,
+            source_hash=source_hash, base_images=bases, image_repository=repository, image_tag=tag,
+            lockfile_hashes=lockfiles,
+        )
+        await asyncio.to_thread(write_model_atomic, paths.record, record)
+        return record
+
+    # ---- the queue --------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        if self._stopping:
+            return
+        for build_id in list(self._queue):
+            if len(self._running) >= self.settings.max_concurrent:
+                return
+            record = self._records[build_id]
+            lane = _lane(record.spec)
+            if lane is not None and lane in self._lanes:
+                continue
+            if record.spec.builder_id is not None and not self._builder_available(record.spec.builder_id):
+                continue
+            self._queue.remove(build_id)
+            if lane is not None:
+                self._lanes[lane] = build_id
+            self._running[build_id] = asyncio.get_running_loop().create_task(
+                self._run(build_id, lane), name=f"build {build_id}")
+
+    def _builder_available(self, builder_id: str) -> bool:
+        """Ready, and not being pruned or deleted right now."""
+        try:
+            builder = self.builders.record(builder_id)
+        except NotFound:
+            return False
+        return builder.status is BuilderStatus.READY and not self.builders.lock(builder_id).locked()
+
+    async def _run(self, build_id: str, lane: str | None) -> None:
+        record = self._records[build_id]
+        try:
+            await self._run_build(record)
+        except asyncio.CancelledError:
+            if not self._stopping:
+                await asyncio.shield(self._finish(self._records[build_id], BuildStatus.CANCELLED,
+                                                  error="cancelled"))
+        finally:
+            await asyncio.shield(self._cleanup(self.layout.build(build_id)))
+            self._running.pop(build_id, None)
+            if lane is not None:
+                self._lanes.pop(lane, None)
+            self._dispatch()
+
+    async def _run_build(self, record: BuildRecord) -> None:
+        build_log = self._log(record.id)
+        paths = self.layout.build(record.id)
+        record = await self._update(record.id, status=BuildStatus.BUILDING, started_at=datetime.now(UTC))
+        try:
+            async with asyncio.timeout(record.spec.timeout_seconds):
+                output = await self._build(record, paths, build_log)
+                record = await self._update(record.id, status=BuildStatus.PUSHING)
+                await build_log.append(b"==> importing the image\n")
+                digest, name = await self._publish(record, output)
+        except TimeoutError:
+            limit = record.spec.timeout_seconds
+            await self._finish(self._records[record.id], BuildStatus.FAILED,
+                               error=f"the build did not finish within its timeout of {limit} s")
+            return
+        except DomainError as exc:
+            await build_log.append(f"==> failed: {exc}\n".encode())
+            await self._finish(self._records[record.id], BuildStatus.FAILED, error=str(exc))
+            return
+        except Exception as exc:
+            log.exception("build %s failed", record.id)
+            await self._finish(self._records[record.id], BuildStatus.FAILED, error=f"internal error: {exc}")
+            return
+        await build_log.append(f"==> built {name}\n".encode())
+        await self._finish(self._records[record.id], BuildStatus.READY, image_digest=digest, image_ref=name)
+
+    async def _build(self, record: BuildRecord, paths: BuildPaths, build_log: BuildLog) -> Path:
+        _, oci_layout, rootfs, _ = _parts()
+        if self.builder_layout is None:
+            raise BuildFailed("this server has no builder image (run scripts/setup.sh)")
+        await build_log.append(b"==> preparing the builder image\n")
+        builder_image = await oci_layout.ensure_system_image(
+            self.images, self.builder_layout, rootfs.BUILDER.name)
+        await self._update(record.id, builder_version=rootfs.builder_version(self.builder_layout))
+        await build_log.append(b"==> exporting base images\n")
+        bases = await oci_layout.export_layout(self.images, record.base_images, paths.staging / "bases")
+        if bases:
+            await self._update(record.id, base_image_digest=bases[0].digest)
+        await asyncio.to_thread(self._copy_secrets, record, paths)
+        if record.spec.builder_id is not None:
+            await self.builders.used(record.spec.builder_id)
+            cache = self.builders.cache_disk(record.spec.builder_id).cache_disk
+        else:
+            cache = paths.scratch_disk
+            await asyncio.to_thread(_fresh_disk, cache, SCRATCH_DISK_GB * GIB)
+
+        async def on_vm(instance_id: str) -> None:
+            await self._update(record.id, builder_instance_id=instance_id)
+
+        job = BuildJob(record=record, paths=paths, cache_disk=cache, builder_image=builder_image,
+                       bases=[base.reference for base in bases])
+        return await self.runner.build(job, build_log.append, on_vm)
+
+    def _copy_secrets(self, record: BuildRecord, paths: BuildPaths) -> None:
+        if not record.spec.secrets or self.settings.secrets_dir is None:
+            return
+        target = paths.staging / "secrets"
+        target.mkdir(parents=True, exist_ok=True)
+        for secret in record.spec.secrets:
+            shutil.copyfile(self.settings.secrets_dir / secret.id, target / secret.id)
+
+    async def _publish(self, record: BuildRecord, output: Path) -> tuple[str, str]:
+        _, oci_layout, _, _ = _parts()
+        repository, tag = record.image_repository or f"builds/{record.id}", record.image_tag
+        digest = await oci_layout.import_layout(self.images, output, repository, tag)
+        name = str(pushed_image_reference(repository, tag))
+        image = await self.images.wait(name)
+        if image.status != "ready":
+            raise BuildFailed(f"the built image could not be converted: {image.error}")
+        return digest, name
+
+    # ---- cancel -----------------------------------------------------------------------------
+
+    async def cancel(self, build_id: str) -> None:
+        record = self._record(build_id)
+        if record.status.finished:
+            raise Conflict(f"build {build_id} has already ended ({record.status.value})",
+                           code="build_finished")
+        if build_id in self._queue:
+            self._queue.remove(build_id)
+            await self._finish(record, BuildStatus.CANCELLED, error="cancelled")
+            await self._cleanup(self.layout.build(build_id))
+            self._dispatch()
+            return
+        task = self._running.get(build_id)
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    # ---- records ----------------------------------------------------------------------------
+
+    async def _update(self, build_id: str, **changes: object) -> BuildRecord:
+        record = self._records[build_id].model_copy(update=changes)
+        await asyncio.to_thread(write_model_atomic, self.layout.build(build_id).record, record)
+        before = self._records[build_id].status
+        self._records[build_id] = record
+        if record.status is not before:
+            self._log(build_id).status(record.status)
+        return record
+
+    async def _finish(self, record: BuildRecord, status: BuildStatus, **changes: object) -> None:
+        await self._update(record.id, status=status, completed_at=datetime.now(UTC), **changes)
+
+    def _log(self, build_id: str) -> BuildLog:
+        found = self._logs.get(build_id)
+        if found is None:
+            found = self._logs[build_id] = BuildLog(self.layout.build(build_id).log)
+        return found
+
+    async def _cleanup(self, paths: BuildPaths) -> None:
+        """A build keeps its record, source and log; its working files go."""
+        def remove() -> None:
+            shutil.rmtree(paths.staging, ignore_errors=True)
+            shutil.rmtree(paths.output, ignore_errors=True)
+            paths.source_disk.unlink(missing_ok=True)
+            paths.scratch_disk.unlink(missing_ok=True)
+        await asyncio.to_thread(remove)
 
 
-class BuilderService:
-    async def create(self, request: CreateBuilderRequest) -> Builder:
-        raise NotImplementedError
+def split_image_name(name: str) -> tuple[str, str]:
+    """``team/app:v1`` -> (``team/app``, ``v1``); no tag -> ``latest``."""
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        return name[:colon], name[colon + 1:]
+    return name, "latest"
 
-    async def list_builders(self, tags: dict[str, str] | None = None) -> list[Builder]:
-        raise NotImplementedError
 
-    async def get(self, builder_id: str) -> Builder:
-        raise NotImplementedError
+def _lane(spec: BuildSpec) -> str | None:
+    if spec.builder_id is not None:
+        return _builder_lane(spec.builder_id)
+    return None
 
-    async def delete(self, builder_id: str) -> None:
-        """409 ``in_use`` while a build runs or waits on it."""
-        raise NotImplementedError
 
-    async def prune(self, builder_id: str) -> Builder:
-        """Empty the cache disk (status ``pruning``, then ``ready``); 409 while a build runs."""
-        raise NotImplementedError
+def _builder_lane(builder_id: str) -> str:
+    return f"builder:{builder_id}"
+
+
+def _fresh_disk(disk: Path, size: int) -> None:
+    disk.unlink(missing_ok=True)
+    make_disk(disk, size)
+
+
+LOCKFILES = ("package-lock.json", "yarn.lock", "pnpm-lock.yaml", "poetry.lock", "uv.lock", "Pipfile.lock",
+             "requirements.txt", "go.sum", "Cargo.lock", "Gemfile.lock", "composer.lock")
+
+
+def _lockfile_hashes(context: Path) -> dict[str, str]:
+    """The provenance's ``lockfile_hashes``: sha256 of the well-known lockfiles at the root."""
+    found: dict[str, str] = {}
+    for name in LOCKFILES:
+        path = context / name
+        if path.is_file() and not path.is_symlink():
+            found[name] = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    return found

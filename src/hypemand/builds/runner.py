@@ -1,0 +1,235 @@
+"""One build, start to end: the builder VM, buildah inside it, the result into the image store.
+
+The steps, each bounded by the build's timeout (the caller's ``asyncio.timeout``) and undone by
+:meth:`BuildRunner.run`'s ``finally`` whatever ends them (failure, timeout, cancel):
+
+1. the base images are exported from the server's store into ``staging/bases/`` (one OCI layout,
+   entries ``base0``, ``base1``...), and ``staging/`` (context, Dockerfile, bases, secrets)
+   becomes the read-only source disk;
+2. the builder VM is created from the builder image, with the source disk at ``/src`` and the
+   cache disk (the builder's, or a scratch one) at ``/var/lib/containers``, without network;
+3. :data:`BUILD_SCRIPT` runs through the guest agent: buildah loads the bases, builds with
+   ``--isolation chroot --layers`` and writes the result as an OCI layout; every output line
+   goes to the build's log;
+4. the layout is copied out (only ``oci-layout``, ``index.json`` and ``blobs/sha256/<hex>``:
+   the VM ran the Dockerfile's code and is not trusted), then imported through the same path as
+   a ``/v2`` push; the build is ready when the image is.
+
+The VM is deleted when the build ends, in every case.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+import shutil
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from hypemand.builds import disks
+from hypemand.builds.models import BuildRecord
+from hypemand.errors import DomainError
+from hypemand.guest.client import AgentClient
+from hypemand.guest.transfer import GetEntry, GetEntryError
+from hypemand.images.disk import build_ext4
+from hypemand.instances.models import CreateInstanceRequest, NetworkRequest, VolumeMountRequest
+from hypemand.layout import BuildPaths
+
+log = logging.getLogger(__name__)
+
+SOURCE_MOUNT = "/src"
+CACHE_MOUNT = "/var/lib/containers"
+OUTPUT_DIR = "/tmp/hypeman-build-output"
+BUILT_IMAGE = "localhost/hypeman-build-result:latest"
+AGENT_WAIT_SECONDS = 300.0
+# The builder VM's writable root holds buildah's run directory and the output layout.
+BUILDER_OVERLAY = "20GB"
+ERROR_TAIL_LINES = 20
+_BLOB_PATH = re.compile(r"^blobs/sha256/[0-9a-f]{64}$")
+_LAYOUT_FILES = frozenset({"oci-layout", "index.json"})
+
+# Runs in the builder VM: "$@" are the base references, in the order of the bases' layout.
+BUILD_SCRIPT = r"""
+set -eu
+B="buildah --storage-driver overlay --root /var/lib/containers/storage --runroot /run/containers/storage"
+i=0
+for ref in "$@"; do
+    echo "==> loading base image $ref"
+    id=$($B pull --quiet "oci:/src/bases:base$i")
+    $B tag "$id" "$ref"
+    i=$((i + 1))
+done
+secrets=""
+if [ -d /src/secrets ]; then
+    for s in /src/secrets/*; do
+        [ -f "$s" ] && secrets="$secrets --secret id=$(basename "$s"),src=$s"
+    done
+fi
+echo "==> building"
+cd /src/context
+# shellcheck disable=SC2086
+$B bud --isolation chroot --pull-never --layers $secrets -f /src/Dockerfile -t "$RESULT" .
+echo "==> exporting the image"
+rm -rf "$OUTPUT"
+$B push --quiet "$RESULT" "oci:$OUTPUT:latest"
+"""
+
+
+class BuildFailed(DomainError):
+    """The build ended without an image; ``str`` is what the client reads in ``error``."""
+
+    status = 422
+    code = "build_failed"
+
+
+@dataclass
+class BuildJob:
+    """What one run needs besides the record: where its files are, and its disks."""
+
+    record: BuildRecord
+    paths: BuildPaths
+    cache_disk: Path  # the builder's, or the build's scratch disk (made by the caller)
+    builder_image: str  # the ready builder image's name
+    bases: list[str]  # references in the order of staging/bases' entries
+
+
+class RunnerHost:
+    """What a run uses of the server (the instance manager; a seam for the unit tests)."""
+
+    async def create_vm(self, request: CreateInstanceRequest) -> str:
+        raise NotImplementedError
+
+    async def agent(self, instance_id: str, wait: float) -> AgentClient:
+        raise NotImplementedError
+
+    async def delete_vm(self, instance_id: str) -> None:
+        raise NotImplementedError
+
+
+LogSink = Callable[[bytes], Awaitable[None]]
+Stage = Callable[[str], Awaitable[None]]
+
+
+class BuildRunner:
+    def __init__(self, host: RunnerHost, volumes: disks.BuildVolumes) -> None:
+        self.host = host
+        self.volumes = volumes
+
+    async def build(self, job: BuildJob, write_log: LogSink, on_vm: Callable[[str], Awaitable[None]]) -> Path:
+        """Steps 1 to 3 and the copy out; returns the output layout. Raises BuildFailed."""
+        record = job.record
+        await asyncio.to_thread(build_ext4, job.paths.staging, job.paths.source_disk, "build-source")
+        source, cache = disks.source_ref(record.id), disks.cache_ref(record.id)
+        self.volumes.grant(source, job.paths.source_disk)
+        self.volumes.grant(cache, job.cache_disk)
+        instance_id: str | None = None
+        try:
+            request = CreateInstanceRequest(
+                name=f"build-{record.id}",
+                image=job.builder_image,
+                vcpus=record.spec.cpus,
+                size=f"{record.spec.memory_mb}MB",
+                overlay_size=BUILDER_OVERLAY,
+                network=NetworkRequest(enabled=False),
+                volumes=[
+                    VolumeMountRequest(volume_id=source, mount_path=SOURCE_MOUNT, readonly=True),
+                    VolumeMountRequest(volume_id=cache, mount_path=CACHE_MOUNT),
+                ],
+                tags={"hypeman.build": record.id},
+                skip_kernel_headers=True,
+            )
+            await write_log(b"==> starting the builder VM\n")
+            instance_id = await self.host.create_vm(request)
+            await on_vm(instance_id)
+            agent = await self.host.agent(instance_id, AGENT_WAIT_SECONDS)
+            await self._run_script(agent, job, write_log)
+            await asyncio.to_thread(shutil.rmtree, job.paths.output, True)
+            await self._copy_out(agent, job.paths.output)
+            return job.paths.output
+        finally:
+            self.volumes.revoke(source)
+            self.volumes.revoke(cache)
+            if instance_id is not None:
+                await asyncio.shield(self._delete_vm(instance_id))
+
+    async def _delete_vm(self, instance_id: str) -> None:
+        try:
+            await self.host.delete_vm(instance_id)
+        except Exception:
+            log.exception("could not delete builder VM %s", instance_id)
+
+    async def _run_script(self, agent: AgentClient, job: BuildJob, write_log: LogSink) -> None:
+        env = {
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": "/root",
+            "RESULT": BUILT_IMAGE,
+            "OUTPUT": OUTPUT_DIR,
+        }
+        argv = ["/bin/sh", "-c", BUILD_SCRIPT, "build", *job.bases]
+        proc = await agent.exec(argv, env=env, merge_stderr=True)
+        tail = LineTail(ERROR_TAIL_LINES)
+        try:
+            async for chunk in proc:
+                tail.feed(chunk.data)
+                await write_log(chunk.data)
+            result = await proc.wait()
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await proc.kill()
+            raise
+        if result.exit_code != 0:
+            raise BuildFailed(f"the build failed (exit code {result.exit_code}):\n{tail.text()}")
+
+    async def _copy_out(self, agent: AgentClient, dest: Path) -> None:
+        """The output layout, file by file; anything but a layout's own files is refused."""
+        base = Path(OUTPUT_DIR).name
+        await asyncio.to_thread(lambda: (dest / "blobs" / "sha256").mkdir(parents=True, exist_ok=True))
+        async for item in agent.get(OUTPUT_DIR):
+            if isinstance(item, GetEntryError):
+                raise BuildFailed(f"reading the built image failed: {item.path}: {item.message}")
+            relative = _relative(item.header.path, base)
+            if item.header.is_dir and relative in ("", "blobs", "blobs/sha256"):
+                continue
+            if not (relative in _LAYOUT_FILES or _BLOB_PATH.fullmatch(relative)) or item.header.is_dir:
+                raise BuildFailed(f"the builder produced an unexpected file {relative!r}")
+            await _save(item, dest / relative)
+
+
+def _relative(path: str, base: str) -> str:
+    if path == base:
+        return ""
+    if path.startswith(base + "/"):
+        return path[len(base) + 1:]
+    raise BuildFailed(f"the builder produced an unexpected file {path!r}")
+
+
+async def _save(item: GetEntry, target: Path) -> None:
+    handle = await asyncio.to_thread(open, target, "wb")
+    try:
+        async for chunk in item:
+            await asyncio.to_thread(handle.write, chunk)
+    finally:
+        await asyncio.to_thread(handle.close)
+    if item.error is not None:
+        raise BuildFailed(f"reading the built image failed: {item.header.path}: {item.error}")
+
+
+class LineTail:
+    """The last ``size`` lines of a byte stream (for the error of a failed build)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.lines: list[str] = []
+        self.partial = b""
+
+    def feed(self, data: bytes) -> None:
+        *complete, self.partial = (self.partial + data).split(b"\n")
+        self.lines.extend(line.decode(errors="replace") for line in complete)
+        del self.lines[: -self.size]
+
+    def text(self) -> str:
+        last = [*self.lines, self.partial.decode(errors="replace")] if self.partial else self.lines
+        return "\n".join(last[-self.size:])

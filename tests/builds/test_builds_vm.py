@@ -1,0 +1,196 @@
+"""Builds on real builder VMs, through the official SDK in strict mode.
+
+One server for the module, with the busybox demo image and one builder. What a user sees: a
+Dockerfile with FROM/WORKDIR/ENV/COPY/RUN/ENTRYPOINT becomes an image an instance runs with
+that workdir, env and file; the events stream carries the log and each status; a second build
+on the same builder reuses its layers; Harbor's sequence with the async SDK; a failing RUN, a
+cancel and a timeout each end the build and the VM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from hypeman import AsyncHypeman, Hypeman, NotFoundError
+from tests.builds.support import BUSYBOX, SMALL_BUILDER, source_tarball, wait_finished, wait_status
+from tests.support.harness import Harness, ServerProcess, strict_client
+
+from hypemand.images import demo
+
+pytestmark = [pytest.mark.vm]
+
+APP_DOCKERFILE = """\
+FROM docker.io/demo/busybox:latest
+WORKDIR /app
+ENV GREETING=hello-from-env
+COPY note.txt /app/note.txt
+RUN echo "built by RUN" > /app/built.txt && cat /app/note.txt
+ENTRYPOINT ["/bin/sh", "-c", "echo cwd=$(pwd) env=$GREETING; cat note.txt built.txt; sleep 3600"]
+"""
+
+
+@pytest.fixture(scope="module")
+def server(module_harness: Harness) -> ServerProcess:
+    server = module_harness.start()
+    demo.install(server.base_url, server.token, wait_seconds=300)
+    return server
+
+
+@pytest.fixture
+def sdk(server: ServerProcess) -> Iterator[Hypeman]:
+    with strict_client(server) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def builder_id(server: ServerProcess) -> str:
+    with strict_client(server) as client:
+        return client.builders.create(name="tests", disk_size_gb=4, tags={"suite": "builds"}).id
+
+
+def app_source(note: str = "note from the context") -> bytes:
+    return source_tarball({"Dockerfile": APP_DOCKERFILE, "note.txt": note + "\n"})
+
+
+def wait_for_log(sdk: Hypeman, instance_id: str, needle: str) -> str:
+    deadline = time.monotonic() + 300
+    while True:
+        text = "\n".join(sdk.instances.logs(instance_id, tail=50))
+        if needle in text:
+            return text
+        assert time.monotonic() < deadline, f"{needle!r} never appeared in the logs:\n{text}"
+        time.sleep(0.5)
+
+
+def test_a_dockerfile_becomes_an_image_an_instance_runs(sdk: Hypeman, builder_id: str) -> None:
+    source = app_source()
+    build = sdk.builds.create(source=("app.tar.gz", source), builder_id=builder_id, **SMALL_BUILDER)
+    assert build.status == "queued" and build.builder_id == builder_id
+
+    seen: list[tuple[str, str | None]] = []
+
+    def follow() -> None:
+        with strict_client_for(sdk) as client:
+            for event in client.builds.events(build.id, follow=True):
+                seen.append((event.type, event.status if event.type == "status" else event.content))
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    done = wait_finished(sdk, build.id)
+    follower.join(timeout=120)
+    assert not follower.is_alive()
+    assert done.status == "ready", done.error
+    assert done.image_ref and done.image_digest and done.builder_instance_id
+    assert done.provenance is not None
+    assert done.provenance.source_hash == "sha256:" + hashlib.sha256(source).hexdigest()
+    assert done.provenance.base_image_digest == sdk.images.get(BUSYBOX).digest
+    assert done.duration_ms is not None and done.duration_ms > 0
+    # The stream: the log's lines, and each status up to ready, in order.
+    statuses = [value for kind, value in seen if kind == "status"]
+    assert statuses[-2:] == ["pushing", "ready"] and "building" in statuses
+    logged = "\n".join(value or "" for kind, value in seen if kind == "log")
+    assert "note from the context" in logged and "STEP" in logged
+    # The builder VM is gone; the image is in the store, ready.
+    with pytest.raises(NotFoundError):
+        sdk.instances.get(done.builder_instance_id)
+    assert sdk.images.get(done.image_ref).status == "ready"
+    # Replayed afterwards (no follow): the same log, then the final status.
+    replay = list(sdk.builds.events(build.id, follow=False))
+    assert replay[-1].type == "status" and replay[-1].status == "ready"
+    assert any("note from the context" in (e.content or "") for e in replay if e.type == "log")
+
+    instance = sdk.instances.create(name="built-app", image=done.image_ref, size="256MB", overlay_size="64MB",
+                                    vcpus=1, network={"enabled": False})
+    text = wait_for_log(sdk, instance.id, "built by RUN")
+    assert "cwd=/app env=hello-from-env" in text
+    assert "note from the context" in text
+    sdk.instances.delete(instance.id)
+
+
+def strict_client_for(sdk: Hypeman) -> Hypeman:
+    return Hypeman(base_url=str(sdk.base_url), api_key=sdk.api_key, max_retries=0,
+                   _strict_response_validation=True, timeout=300)
+
+
+def test_harbor_sequence_with_the_async_sdk_reuses_the_builders_layers(
+        server: ServerProcess, builder_id: str) -> None:
+    """Harbor: create with a tarball and ``tags`` JSON, poll get until ready, find the build by
+    its tags, run the image. The second build of the same Dockerfile on the same builder takes
+    every step from the cache (the bench measures how much faster that is)."""
+
+    async def harbor() -> None:
+        async with AsyncHypeman(base_url=server.base_url, api_key=server.token, max_retries=0,
+                                _strict_response_validation=True, timeout=300) as client:
+            tags = {"harbor-task": "t1", "digest": "abc"}
+            build = await client.builds.create(source=("context.tar.gz", app_source()), builder_id=builder_id,
+                                               tags=json.dumps(tags), **SMALL_BUILDER)
+            deadline = time.monotonic() + 600
+            while build.status not in ("ready", "failed", "cancelled"):
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.5)
+                build = await client.builds.get(build.id)
+            assert build.status == "ready", build.error
+            assert build.tags == tags
+            found = await client.builds.list(tags={"harbor-task": "t1"})
+            assert [b.id for b in found] == [build.id]
+            assert await client.builds.list(tags={"harbor-task": "other"}) == []
+            log = [e.content or "" async for e in await client.builds.events(build.id, follow=False)
+                   if e.type == "log"]
+            cached = [line for line in log if "Using cache" in line]
+            assert len(cached) >= 3, "\n".join(log)  # WORKDIR, ENV, COPY, RUN: all from the cache
+            instance = await client.instances.create(name="harbor-run", image=build.image_ref or "",
+                                                     size="256MB", overlay_size="64MB", vcpus=1,
+                                                     network={"enabled": False})
+            await client.instances.delete(instance.id)
+
+    # The first test's build filled the cache; run it here if this test runs alone.
+    with strict_client(server) as sdk:
+        if not sdk.builds.list():
+            assert wait_finished(sdk, sdk.builds.create(source=("a.tgz", app_source()), builder_id=builder_id,
+                                                        **SMALL_BUILDER).id).status == "ready"
+    asyncio.run(harbor())
+
+
+def test_a_failing_run_fails_the_build_with_its_last_lines(sdk: Hypeman) -> None:
+    dockerfile = 'FROM docker.io/demo/busybox:latest\nRUN echo "about to fail"; exit 3\n'
+    build = sdk.builds.create(source=("x.tgz", source_tarball({"Dockerfile": dockerfile})), **SMALL_BUILDER)
+    done = wait_finished(sdk, build.id)
+    assert done.status == "failed"
+    assert done.error is not None and "about to fail" in done.error and "exit" in done.error
+    assert done.image_ref is None
+    assert done.builder_instance_id is not None
+    with pytest.raises(NotFoundError):
+        sdk.instances.get(done.builder_instance_id)
+
+
+def test_cancel_while_building_ends_the_vm(sdk: Hypeman) -> None:
+    dockerfile = 'FROM docker.io/demo/busybox:latest\nRUN echo started-sleeping; sleep 600\n'
+    build = sdk.builds.create(source=("x.tgz", source_tarball({"Dockerfile": dockerfile})), **SMALL_BUILDER)
+    running = wait_status(sdk, build.id, "building", with_vm=True)
+    sdk.builds.cancel(build.id)
+    done = sdk.builds.get(build.id)
+    assert done.status == "cancelled"
+    with pytest.raises(NotFoundError):
+        sdk.instances.get(running.builder_instance_id or "")
+    with pytest.raises(Exception) as refused:
+        sdk.builds.cancel(build.id)
+    assert getattr(refused.value, "status_code", None) == 409
+
+
+def test_a_build_past_its_timeout_fails_and_its_vm_goes(sdk: Hypeman) -> None:
+    dockerfile = 'FROM docker.io/demo/busybox:latest\nRUN sleep 600\n'
+    build = sdk.builds.create(source=("x.tgz", source_tarball({"Dockerfile": dockerfile})), timeout_seconds=45,
+                              **SMALL_BUILDER)
+    wait_status(sdk, build.id, "building", with_vm=True)
+    done = wait_finished(sdk, build.id)
+    assert done.status == "failed"
+    assert done.error is not None and "timeout" in done.error
+    assert done.builder_instance_id is not None
+    with pytest.raises(NotFoundError):
+        sdk.instances.get(done.builder_instance_id)
