@@ -11,19 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
+import os
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
 
 import pytest
-from hypeman import AsyncHypeman, Hypeman, NotFoundError
+from hypeman import APIStatusError, AsyncHypeman, BadRequestError, ConflictError, Hypeman, NotFoundError
+
+from hypemand.images import demo
 from tests.builds.support import BUSYBOX, SMALL_BUILDER, source_tarball, wait_finished, wait_status
 from tests.support.harness import Harness, ServerProcess, strict_client
 
-from hypemand.images import demo
-
 pytestmark = [pytest.mark.vm]
+
+SOURCE_LIMIT = 2 << 20  # this module's server takes sources up to 2 MiB
 
 APP_DOCKERFILE = """\
 FROM docker.io/demo/busybox:latest
@@ -37,7 +42,7 @@ ENTRYPOINT ["/bin/sh", "-c", "echo cwd=$(pwd) env=$GREETING; cat note.txt built.
 
 @pytest.fixture(scope="module")
 def server(module_harness: Harness) -> ServerProcess:
-    server = module_harness.start()
+    server = module_harness.start(env={"HYPEMAND_MAX_BUILD_SOURCE_BYTES": str(SOURCE_LIMIT)})
     demo.install(server.base_url, server.token, wait_seconds=300)
     return server
 
@@ -169,24 +174,10 @@ def test_a_failing_run_fails_the_build_with_its_last_lines(sdk: Hypeman) -> None
         sdk.instances.get(done.builder_instance_id)
 
 
-def test_cancel_while_building_ends_the_vm(sdk: Hypeman) -> None:
-    dockerfile = 'FROM docker.io/demo/busybox:latest\nRUN echo started-sleeping; sleep 600\n'
-    build = sdk.builds.create(source=("x.tgz", source_tarball({"Dockerfile": dockerfile})), **SMALL_BUILDER)
-    running = wait_status(sdk, build.id, "building", with_vm=True)
-    sdk.builds.cancel(build.id)
-    done = sdk.builds.get(build.id)
-    assert done.status == "cancelled"
-    with pytest.raises(NotFoundError):
-        sdk.instances.get(running.builder_instance_id or "")
-    with pytest.raises(Exception) as refused:
-        sdk.builds.cancel(build.id)
-    assert getattr(refused.value, "status_code", None) == 409
-
-
 def test_a_build_past_its_timeout_fails_and_its_vm_goes(sdk: Hypeman) -> None:
     dockerfile = 'FROM docker.io/demo/busybox:latest\nRUN sleep 600\n'
-    build = sdk.builds.create(source=("x.tgz", source_tarball({"Dockerfile": dockerfile})), timeout_seconds=45,
-                              **SMALL_BUILDER)
+    source = source_tarball({"Dockerfile": dockerfile})
+    build = sdk.builds.create(source=("x.tgz", source), timeout_seconds=45, **SMALL_BUILDER)
     wait_status(sdk, build.id, "building", with_vm=True)
     done = wait_finished(sdk, build.id)
     assert done.status == "failed"
@@ -194,3 +185,57 @@ def test_a_build_past_its_timeout_fails_and_its_vm_goes(sdk: Hypeman) -> None:
     assert done.builder_instance_id is not None
     with pytest.raises(NotFoundError):
         sdk.instances.get(done.builder_instance_id)
+
+
+def test_a_builder_runs_one_build_at_a_time_and_refuses_prune_and_delete_meanwhile(sdk: Hypeman) -> None:
+    builder = sdk.builders.create(name="busy", disk_size_gb=2)
+    assert builder.status == "ready" and builder.max_concurrency == 1 and builder.queued_builds == []
+    sleeper = source_tarball({"Dockerfile": "FROM docker.io/demo/busybox:latest\nRUN sleep 600\n"})
+    first = sdk.builds.create(source=("a.tgz", sleeper), builder_id=builder.id, **SMALL_BUILDER)
+    second = sdk.builds.create(source=("b.tgz", sleeper), builder_id=builder.id, **SMALL_BUILDER)
+    running = wait_status(sdk, first.id, "building", with_vm=True)
+    waiting = sdk.builds.get(second.id)
+    assert waiting.status == "queued" and waiting.queue_position == 1
+    busy = sdk.builders.get(builder.id)
+    assert busy.active_build_id == first.id and busy.queued_builds == [second.id]
+    for refused in (lambda: sdk.builders.delete(builder.id), lambda: sdk.builders.prune(builder.id)):
+        with pytest.raises(ConflictError):
+            refused()
+    # A queued build cancelled never starts; the running one's VM is gone when cancel answers.
+    sdk.builds.cancel(second.id)
+    assert sdk.builds.get(second.id).status == "cancelled"
+    assert sdk.builds.get(second.id).builder_instance_id is None
+    sdk.builds.cancel(first.id)
+    assert sdk.builds.get(first.id).status == "cancelled"
+    with pytest.raises(NotFoundError):
+        sdk.instances.get(running.builder_instance_id or "")
+    with pytest.raises(ConflictError):
+        sdk.builds.cancel(first.id)
+    assert sdk.builders.prune(builder.id).status == "ready"
+    assert sdk.builders.get(builder.id).active_build_id is None
+    sdk.builders.delete(builder.id)
+    with pytest.raises(NotFoundError):
+        sdk.builders.get(builder.id)
+
+
+def test_bad_sources_are_refused_and_nothing_is_kept(sdk: Hypeman) -> None:
+    before = [b.id for b in sdk.builds.list()]
+    traversal = io.BytesIO()
+    with tarfile.open(fileobj=traversal, mode="w:gz") as tar:
+        info = tarfile.TarInfo("../escape.txt")
+        info.size = 1
+        tar.addfile(info, io.BytesIO(b"x"))
+    with pytest.raises(BadRequestError) as refused:
+        sdk.builds.create(source=("x.tgz", traversal.getvalue()))
+    assert "escape.txt" in str(refused.value)
+    with pytest.raises(BadRequestError) as refused:
+        sdk.builds.create(source=("x.tgz", source_tarball({"app.py": "print(1)\n"})))
+    assert "Dockerfile" in str(refused.value)
+    with pytest.raises(NotFoundError):
+        sdk.builds.create(source=("x.tgz", app_source()), builder_id="no-such-builder")
+    with pytest.raises(APIStatusError) as too_large:
+        sdk.builds.create(source=("big.tgz", os.urandom(SOURCE_LIMIT + (64 << 10))))
+    assert too_large.value.status_code == 413
+    assert [b.id for b in sdk.builds.list()] == before
+    with pytest.raises(NotFoundError):
+        sdk.builds.get("no-such-build")

@@ -50,6 +50,10 @@ class BuildLog:
                                          content=line.decode(errors="replace")))
 
     def status(self, status: BuildStatus) -> None:
+        if status.finished and self._partial:  # the last line, though no newline ended it
+            self._publish(BuildEvent(timestamp=now(), type=BuildEventType.LOG,
+                                     content=self._partial.decode(errors="replace")))
+            self._partial = b""
         self._publish(BuildEvent(timestamp=now(), type=BuildEventType.STATUS, status=status))
 
     def _publish(self, event: BuildEvent) -> None:
@@ -61,7 +65,8 @@ class BuildLog:
         queue: asyncio.Queue[BuildEvent] = asyncio.Queue()
         self._followers.add(queue)
         try:
-            yield queue, self.committed
+            # A line still being written is not replayed: the follower gets it whole when it ends.
+            yield queue, self.committed - len(self._partial)
         finally:
             self._followers.discard(queue)
 
