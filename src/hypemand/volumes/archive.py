@@ -163,23 +163,27 @@ def symlink_stays_inside(parent: list[str], target: str) -> bool:
 
 
 class Unpacker:
-    """Unpacks one archive stream into ``root`` (an empty directory)."""
+    """Unpacks one archive stream into ``root`` (an empty directory). ``holder`` names what the
+    tree becomes, in refusals: a volume here, a build's context in ``hypemand.builds.source``."""
 
-    def __init__(self, root: Path, max_file_bytes: int, max_entries: int) -> None:
+    def __init__(self, root: Path, max_file_bytes: int, max_entries: int, holder: str = "volume") -> None:
         self.root = root
         self.max_file_bytes = max_file_bytes
         self.max_entries = max_entries
+        self.holder = holder
         self.result = Unpacked()
         self._as_root = os.geteuid() == 0
 
-    def unpack(self, stream: BodyReader) -> Unpacked:
+    def unpack(self, stream: BodyReader, compressed: bool = True) -> Unpacked:
+        """Unpack a tar.gz stream, or a plain tar one when not ``compressed``."""
+        kind, source = ("tar.gz", GunzipReader(stream)) if compressed else ("tar", stream)
         try:
-            with tarfile.open(fileobj=GunzipReader(stream), mode="r|",  # type: ignore[call-overload]
+            with tarfile.open(fileobj=source, mode="r|",  # type: ignore[call-overload]
                               tarinfo=_BoundedTarInfo, bufsize=STREAM_BUFFER) as archive:
                 for member in archive:
                     self._member(archive, member)
         except (tarfile.TarError, EOFError, zlib.error) as exc:
-            raise UnsafeArchive(f"the body is not a readable tar.gz archive: {exc}") from exc
+            raise UnsafeArchive(f"the body is not a readable {kind} archive: {exc}") from exc
         for path, member in reversed(self.result._directories):  # children first: mtimes stay
             self._metadata(path, member)
         return self.result
@@ -194,10 +198,10 @@ class Unpacker:
         result = self.result
         result.entries += 1
         if result.entries > self.max_entries:
-            raise ArchiveTooLarge(f"the archive has more than the {self.max_entries} entries a volume "
-                                  "of this size has inodes for")
+            raise ArchiveTooLarge(f"the archive has more than the {self.max_entries} entries a "
+                                  f"{self.holder} of this size has inodes for")
         if member.ischr() or member.isblk() or member.isfifo():
-            raise UnsafeArchive(f"archive entry {member.name!r} is a device node or FIFO; a volume "
+            raise UnsafeArchive(f"archive entry {member.name!r} is a device node or FIFO; a {self.holder} "
                                 "holds files, directories and links only")
         if not (member.isreg() or member.isdir() or member.issym() or member.islnk()):
             raise UnsafeArchive(f"archive entry {member.name!r} has an unsupported type {member.type!r}")
@@ -217,14 +221,14 @@ class Unpacker:
         elif member.isreg():
             result.file_bytes += member.size
             if result.file_bytes > self.max_file_bytes:
-                raise ArchiveTooLarge(f"the archive's files are larger than the volume "
+                raise ArchiveTooLarge(f"the archive's files are larger than the {self.holder} "
                                       f"({self.max_file_bytes} bytes); reached at {member.name!r}")
             self._write(archive, member, path)
             self._metadata(path, member)
         elif member.issym():
             if not symlink_stays_inside(parts[:-1], member.linkname):
                 raise UnsafeArchive(f"symbolic link {member.name!r} -> {member.linkname!r} points outside "
-                                    "the volume")
+                                    f"the {self.holder}")
             os.symlink(member.linkname, path)
             self._metadata(path, member)
         else:
@@ -253,7 +257,7 @@ class Unpacker:
                 out.write(chunk)
 
     def _hard_link(self, member: tarfile.TarInfo, path: Path) -> None:
-        target_parts = split_name(member.linkname, "hard link target")
+        target_parts = split_name(member.linkname, f"hard link {member.name!r} to")
         if not target_parts:
             raise UnsafeArchive(f"hard link {member.name!r} has no target")
         target = self._directory_existing(target_parts[:-1], member.name) / target_parts[-1]
