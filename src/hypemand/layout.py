@@ -225,6 +225,26 @@ class BuildPaths:
         return self.directory / "staging"
 
     @property
+    def context(self) -> Path:
+        """The source tree, unpacked from the tarball."""
+        return self.staging / "context"
+
+    @property
+    def dockerfile(self) -> Path:
+        """The Dockerfile buildah reads (the form's, or the one of the tree)."""
+        return self.staging / "Dockerfile"
+
+    @property
+    def bases(self) -> Path:
+        """The base images, one OCI layout (entries base0, base1, ...)."""
+        return self.staging / "bases"
+
+    @property
+    def secrets(self) -> Path:
+        """The build's secrets, one file per id (copied from the server's secret directory)."""
+        return self.staging / "secrets"
+
+    @property
     def source_disk(self) -> Path:
         """The read-only ext4 disk the builder VM mounts at /src."""
         return self.directory / "source.ext4"
@@ -238,6 +258,10 @@ class BuildPaths:
     def output(self) -> Path:
         """The built image as an OCI layout, copied out of the VM before it is imported."""
         return self.directory / "output"
+
+    @property
+    def output_blobs(self) -> Path:
+        return self.output / "blobs" / "sha256"
 
 
 class BuilderPaths:
@@ -253,6 +277,11 @@ class BuilderPaths:
     @property
     def cache_disk(self) -> Path:
         return self.directory / "cache.ext4"
+
+    @property
+    def new_cache_disk(self) -> Path:
+        """A prune's empty disk, renamed over the cache disk once made."""
+        return self.directory / "cache.ext4.new"
 
 
 # ---- images/ -------------------------------------------------------------------------------------
@@ -392,6 +421,7 @@ class ImageStorePaths:
 KERNEL_INFO = "kernel.json"
 INITRD_ARCHIVE = "initrd"
 INITRD_INFO = "initrd.json"
+ROOTFS_INFO = "rootfs.json"
 GUEST_BINARY = "hypeman-init"
 
 
@@ -438,6 +468,71 @@ class InitrdPaths:
         return self.directory / INITRD_INFO
 
 
+class OciLayoutPaths:
+    """An OCI image layout directory (image-spec ``image-layout.md``), wherever it lies: a Debian
+    root in the system dir, a build's base images or its output."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def marker(self) -> Path:
+        """``oci-layout``: ``{"imageLayoutVersion": "1.0.0"}``."""
+        return self.directory / "oci-layout"
+
+    @property
+    def index(self) -> Path:
+        return self.directory / "index.json"
+
+    @property
+    def blobs(self) -> Path:
+        return self.directory / "blobs" / "sha256"
+
+    def blob(self, digest: str) -> Path:
+        """The blob of ``sha256:<hex>`` (the caller has checked the digest's form)."""
+        return self.blobs / digest.removeprefix("sha256:")
+
+    def partial_blob(self, token: str) -> Path:
+        """A blob being written, before its digest is known (renamed to :meth:`blob`)."""
+        return self.blobs / f".{token}.partial"
+
+
+class RootfsPaths:
+    """``system/rootfs/<name>-<spec hash>/`` (or its staging copy while it is being made): a Debian
+    root filesystem made by ``hypemand.builds.rootfs``, as an OCI layout plus what it holds."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    @property
+    def layout(self) -> Path:
+        """The OCI image layout (``oci-layout``, ``index.json``, ``blobs/sha256/``)."""
+        return self.directory / "layout"
+
+    @property
+    def info(self) -> Path:
+        """Written last (before the rename): the spec, the manifest digest, package versions."""
+        return self.directory / ROOTFS_INFO
+
+    @property
+    def dpkg_status(self) -> Path:
+        """The root's ``/var/lib/dpkg/status``, copied out while it is made (staging only)."""
+        return self.directory / "dpkg-status"
+
+    @property
+    def tarball(self) -> Path:
+        """mmdebstrap's output before it becomes the layer (staging only)."""
+        return self.directory / "rootfs.tar"
+
+    @property
+    def extra_files(self) -> Path:
+        """Files the spec adds to the root, written here first for mmdebstrap's hooks (staging only)."""
+        return self.directory / "files"
+
+    def extra_file(self, index: int) -> Path:
+        return self.extra_files / str(index)
+
+
 class SystemPaths:
     """The system files: content-versioned, so several data directories may share one set."""
 
@@ -469,6 +564,24 @@ class SystemPaths:
 
     def guest_binary(self, version: str) -> Path:
         return self.guest_binaries / version / GUEST_BINARY
+
+    @property
+    def rootfs_root(self) -> Path:
+        """``rootfs/<name>-<spec hash>/``: Debian roots as OCI layouts (``hypemand.builds.rootfs``)."""
+        return self.root / "rootfs"
+
+    @property
+    def rootfs_lock(self) -> Path:
+        """Held while a root is made (tens of seconds), apart from :attr:`lock` so that a server
+        starting meanwhile need not wait for it."""
+        return self.rootfs_root / ".lock"
+
+    def rootfs(self, key: str) -> RootfsPaths:
+        return RootfsPaths(self.rootfs_root / key)
+
+    def rootfs_staging(self, key: str, token: str) -> RootfsPaths:
+        """Where a root is made before it is renamed to :meth:`rootfs` (same filesystem)."""
+        return RootfsPaths(self.rootfs_root / f".staging-{key}-{token}")
 
 
 # ---- ingresses/ and caddy/ ---------------------------------------------------------------------
@@ -598,6 +711,12 @@ class DataLayout:
 
     def build(self, build_id: str) -> BuildPaths:
         return BuildPaths(self.builds / build_id)
+
+    @property
+    def build_uploads(self) -> Path:
+        """Where ``POST /builds`` spools a source sent before the form's fields: unnamed
+        temporary files only (``api/builds.py``), nothing that outlives a request."""
+        return self.root / "build-uploads"
 
     @property
     def builders(self) -> Path:

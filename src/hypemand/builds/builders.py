@@ -185,7 +185,7 @@ def _make_cache(paths: BuilderPaths, record: BuilderRecord) -> None:
 
 
 def _remake_cache(paths: BuilderPaths, record: BuilderRecord) -> None:
-    fresh = paths.cache_disk.with_name(paths.cache_disk.name + ".new")
+    fresh = paths.new_cache_disk
     fresh.unlink(missing_ok=True)
     make_disk(fresh, record.disk_size_gb * GIB)
     fresh.replace(paths.cache_disk)

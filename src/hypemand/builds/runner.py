@@ -147,7 +147,7 @@ class BuildRunner:
             agent = await self.host.agent(instance_id, AGENT_WAIT_SECONDS)
             await self._run_script(agent, job, write_log)
             await asyncio.to_thread(shutil.rmtree, job.paths.output, True)
-            await self._copy_out(agent, job.paths.output)
+            await self._copy_out(agent, job.paths)
             return job.paths.output
         finally:
             self.volumes.revoke(source)
@@ -183,10 +183,11 @@ class BuildRunner:
         if result.exit_code != 0:
             raise BuildFailed(f"the build failed (exit code {result.exit_code}):\n{tail.text()}")
 
-    async def _copy_out(self, agent: AgentClient, dest: Path) -> None:
+    async def _copy_out(self, agent: AgentClient, paths: BuildPaths) -> None:
         """The output layout, file by file; anything but a layout's own files is refused."""
         base = Path(OUTPUT_DIR).name
-        await asyncio.to_thread(lambda: (dest / "blobs" / "sha256").mkdir(parents=True, exist_ok=True))
+        dest = paths.output
+        await asyncio.to_thread(paths.output_blobs.mkdir, parents=True, exist_ok=True)
         async for item in agent.get(OUTPUT_DIR):
             if isinstance(item, GetEntryError):
                 raise BuildFailed(f"reading the built image failed: {item.path}: {item.message}")

@@ -243,11 +243,11 @@ class BuildService:
         dockerfile, _, _, source = _parts()
         await asyncio.to_thread(paths.log.parent.mkdir, parents=True)
         source_hash = await source.receive_source(body, paths.source, self.settings.max_source_bytes)
-        context = paths.staging / "context"
+        context = paths.context
         await asyncio.to_thread(source.unpack_source, paths.source, context, self.settings.max_context_bytes)
         text = await asyncio.to_thread(source.read_dockerfile, context, spec.dockerfile)
         bases = dockerfile.base_images(text)
-        await asyncio.to_thread((paths.staging / "Dockerfile").write_text, text)
+        await asyncio.to_thread(paths.dockerfile.write_text, text)
         lockfiles = await asyncio.to_thread(_lockfile_hashes, context)
         repository, tag = split_image_name(spec.image_name or f"builds/{build_id}")
         record = BuildRecord(
@@ -336,7 +336,7 @@ class BuildService:
             self.images, self.builder_layout, rootfs.BUILDER.name)
         await self._update(record.id, builder_version=rootfs.builder_version(self.builder_layout))
         await build_log.append(b"==> exporting base images\n")
-        bases = await oci_layout.export_layout(self.images, record.base_images, paths.staging / "bases")
+        bases = await oci_layout.export_layout(self.images, record.base_images, paths.bases)
         if bases:
             await self._update(record.id, base_image_digest=bases[0].digest)
         await asyncio.to_thread(self._copy_secrets, record, paths)
@@ -357,7 +357,7 @@ class BuildService:
     def _copy_secrets(self, record: BuildRecord, paths: BuildPaths) -> None:
         if not record.spec.secrets or self.settings.secrets_dir is None:
             return
-        target = paths.staging / "secrets"
+        target = paths.secrets
         target.mkdir(parents=True, exist_ok=True)
         for secret in record.spec.secrets:
             shutil.copyfile(self.settings.secrets_dir / secret.id, target / secret.id)
