@@ -8,7 +8,6 @@ import time
 
 from hypeman import Hypeman
 from hypeman.types import Build
-from tests.support.harness import strict_client
 
 BUSYBOX = "docker.io/demo/busybox:latest"
 # A hang guard, not a measure: a build here takes well under a minute.
@@ -16,8 +15,6 @@ BUILD_DEADLINE = 600.0
 # The builder VMs of the tests: small, one vCPU (TCG on 2 shared cores).
 SMALL_BUILDER = {"memory_mb": 768, "cpus": 1}
 
-__all__ = ["BUILD_DEADLINE", "BUSYBOX", "SMALL_BUILDER", "source_tarball", "strict_client", "wait_finished",
-           "wait_status"]
 
 
 def source_tarball(files: dict[str, str | bytes], mode: int = 0o644) -> bytes:
