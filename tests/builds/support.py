@@ -16,7 +16,6 @@ BUILD_DEADLINE = 600.0
 SMALL_BUILDER = {"memory_mb": 768, "cpus": 1}
 
 
-
 def source_tarball(files: dict[str, str | bytes], mode: int = 0o644) -> bytes:
     """A tar.gz of ``files`` (name -> content), as a client would send its build context."""
     buffer = io.BytesIO()
