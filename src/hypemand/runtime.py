@@ -12,6 +12,9 @@ import logging
 import os
 
 from hypemand.auth import load_secret
+from hypemand.builds.builders import BuilderService
+from hypemand.builds.disks import BuildVolumes
+from hypemand.builds.service import BuildService, BuildSettings
 from hypemand.config import Settings
 from hypemand.hypervisor.base import Accel
 from hypemand.hypervisor.qemu import QemuHypervisor
@@ -138,8 +141,18 @@ class Runtime:
         # QEMU runs in the server's namespace and gets each VM's TAP as an open descriptor.
         self.hypervisor.tap_opener = self.instances.network.open_tap
         # Attachments live in instance records: the volumes ask the instance manager for them.
-        self.instances.use_volumes(self.volumes)
+        # Builder VMs mount their build's disks through the same catalog (builds/disks.py).
+        self.build_volumes = BuildVolumes(self.volumes)
+        self.instances.use_volumes(self.build_volumes)
         self.volumes.attachments = self.instances
+        self.builders = BuilderService(self.layout)
+        self.builds = BuildService(
+            self.layout, self.images, self.instances, self.build_volumes, self.builders,
+            BuildSettings(max_concurrent=settings.max_concurrent_builds,
+                          max_source_bytes=settings.max_build_source_bytes,
+                          secrets_dir=settings.build_secrets_dir),
+            system_dir=settings.system_dir,
+        )
         self.snapshots = SnapshotService(self.layout, self.instances, self.compression)
         self.schedules = SnapshotScheduler(
             self.layout, self.instances, self.snapshots, minimum_interval=settings.schedule_min_interval
@@ -209,10 +222,13 @@ class Runtime:
         await self.snapshots.start()
         await self.schedules.start()  # after the instances and the snapshots it goes by
         await self.images.start()
+        await self.builders.start()
+        await self.builds.start()  # after the images and instances its builds use
 
     async def stop(self) -> None:
         """Stop the server's own work. VMs are never stopped here: they outlive the server."""
         await self.auto_standby.close()
+        await self.builds.stop()  # a build in flight is run again by the next start
         await self.schedules.stop()  # first: a run in flight still has every service it uses
         await self.ingresses.stop()  # Caddy too only with CADDY_STOP_ON_SHUTDOWN
         await self.restarts.stop()

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from hypemand.builds import dockerfile, oci_layout, rootfs, source
 from hypemand.builds.builders import BuilderService
 from hypemand.builds.disks import BuildVolumes
 from hypemand.builds.events import BuildLog, stream
@@ -45,7 +46,7 @@ from hypemand.builds.runner import BuildFailed, BuildJob, BuildRunner, RunnerHos
 from hypemand.errors import BadRequest, Conflict, DomainError, NotFound
 from hypemand.fsutil import write_model_atomic
 from hypemand.guest.client import AgentClient
-from hypemand.images.reference import pushed_image_reference, validate_repository_path
+from hypemand.images.reference import parse_reference, pushed_image_reference, validate_repository_path
 from hypemand.images.service import ImageService
 from hypemand.instances.manager import InstanceManager
 from hypemand.instances.models import CreateInstanceRequest
@@ -53,11 +54,6 @@ from hypemand.layout import BuildPaths, DataLayout
 from hypemand.volumes.disk import make_disk
 
 log = logging.getLogger(__name__)
-
-
-def _parts():  # type: ignore[no-untyped-def]  # TEMPORARY while the helpers' modules land
-    from hypemand.builds import dockerfile, oci_layout, rootfs, source
-    return dockerfile, oci_layout, rootfs, source
 
 GIB = 1 << 30
 SCRATCH_DISK_GB = 20  # sparse: costs what the build writes
@@ -91,13 +87,13 @@ class _InstancesHost(RunnerHost):
 class BuildService:
     def __init__(self, layout: DataLayout, images: ImageService, instances: InstanceManager,
                  volumes: BuildVolumes, builders: BuilderService, settings: BuildSettings,
-                 builder_layout: Path | None) -> None:
+                 system_dir: Path) -> None:
         self.layout = layout
         self.images = images
         self.instances = instances
         self.builders = builders
         self.settings = settings
-        self.builder_layout = builder_layout
+        self.system_dir = system_dir  # where the setup step made the builder's root
         self.runner = BuildRunner(_InstancesHost(instances), volumes)
         builders.usage = self
         self._records: dict[str, BuildRecord] = {}
@@ -189,7 +185,8 @@ class BuildService:
         position = self._queue.index(record.id) + 1 if record.id in self._queue else None
         return Build(
             id=record.id, created_at=record.created_at, status=record.status,
-            builder_id=record.spec.builder_id, builder_instance_id=record.builder_instance_id, completed_at=record.completed_at,
+            builder_id=record.spec.builder_id, builder_instance_id=record.builder_instance_id,
+            completed_at=record.completed_at,
             duration_ms=duration, error=record.error, image_digest=record.image_digest,
             image_ref=record.image_ref, queue_position=position, started_at=record.started_at,
             tags=record.spec.tags,
@@ -240,7 +237,6 @@ class BuildService:
 
     async def _intake(self, build_id: str, paths: BuildPaths, spec: BuildSpec,
                       body: AsyncIterator[bytes]) -> BuildRecord:
-        dockerfile, _, _, source = _parts()
         await asyncio.to_thread(paths.log.parent.mkdir, parents=True)
         source_hash = await source.receive_source(body, paths.source, self.settings.max_source_bytes)
         context = paths.context
@@ -328,15 +324,17 @@ class BuildService:
         await self._finish(self._records[record.id], BuildStatus.READY, image_digest=digest, image_ref=name)
 
     async def _build(self, record: BuildRecord, paths: BuildPaths, build_log: BuildLog) -> Path:
-        _, oci_layout, rootfs, _ = _parts()
-        if self.builder_layout is None:
-            raise BuildFailed("this server has no builder image (run scripts/setup.sh)")
         await build_log.append(b"==> preparing the builder image\n")
-        builder_image = await oci_layout.ensure_system_image(
-            self.images, self.builder_layout, rootfs.BUILDER.name)
-        await self._update(record.id, builder_version=rootfs.builder_version(self.builder_layout))
+        prepared = await asyncio.to_thread(rootfs.ensure_rootfs, rootfs.BUILDER, self.system_dir)
+        builder_image = await oci_layout.ensure_system_image(self.images, prepared.layout,
+                                                             rootfs.BUILDER.name)
+        buildah = prepared.info.packages.get("buildah", "unknown")
+        await self._update(record.id, builder_version=f"buildah {buildah}")
         await build_log.append(b"==> exporting base images\n")
-        bases = await oci_layout.export_layout(self.images, record.base_images, paths.bases)
+        wanted = list(record.base_images)
+        if wanted and record.spec.base_image_digest:  # the first stage's base, pinned
+            wanted[0] = f"{parse_reference(wanted[0]).repository}@{record.spec.base_image_digest}"
+        bases = await oci_layout.export_layout(self.images, wanted, paths.bases)
         if bases:
             await self._update(record.id, base_image_digest=bases[0].digest)
         await asyncio.to_thread(self._copy_secrets, record, paths)
@@ -350,8 +348,8 @@ class BuildService:
         async def on_vm(instance_id: str) -> None:
             await self._update(record.id, builder_instance_id=instance_id)
 
-        job = BuildJob(record=record, paths=paths, cache_disk=cache, builder_image=builder_image,
-                       bases=[base.reference for base in bases])
+        job = BuildJob(record=record, paths=paths, cache_disk=cache, builder_image=builder_image.name,
+                       bases=record.base_images)
         return await self.runner.build(job, build_log.append, on_vm)
 
     def _copy_secrets(self, record: BuildRecord, paths: BuildPaths) -> None:
@@ -363,7 +361,6 @@ class BuildService:
             shutil.copyfile(self.settings.secrets_dir / secret.id, target / secret.id)
 
     async def _publish(self, record: BuildRecord, output: Path) -> tuple[str, str]:
-        _, oci_layout, _, _ = _parts()
         repository, tag = record.image_repository or f"builds/{record.id}", record.image_tag
         digest = await oci_layout.import_layout(self.images, output, repository, tag)
         name = str(pushed_image_reference(repository, tag))
