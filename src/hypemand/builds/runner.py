@@ -41,7 +41,7 @@ from hypemand.layout import BuildPaths
 log = logging.getLogger(__name__)
 
 SOURCE_MOUNT = "/src"
-CACHE_MOUNT = "/var/lib/containers"
+CACHE_MOUNT = "/mnt/cache"  # /var is the image's own: a volume may not cover it
 OUTPUT_DIR = "/tmp/hypeman-build-output"
 BUILT_IMAGE = "localhost/hypeman-build-result:latest"
 AGENT_WAIT_SECONDS = 300.0
@@ -54,7 +54,7 @@ _LAYOUT_FILES = frozenset({"oci-layout", "index.json"})
 # Runs in the builder VM: "$@" are the base references, in the order of the bases' layout.
 BUILD_SCRIPT = r"""
 set -eu
-B="buildah --storage-driver overlay --root /var/lib/containers/storage --runroot /run/containers/storage"
+B="buildah --storage-driver overlay --root /mnt/cache/storage --runroot /run/containers/storage"
 i=0
 for ref in "$@"; do
     echo "==> loading base image $ref"
