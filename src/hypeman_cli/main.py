@@ -16,6 +16,8 @@ import typer
 from hypeman_cli import (
     __version__,
     autostandby,
+    builders,
+    builds,
     images,
     ingress,
     instances,
@@ -141,6 +143,8 @@ app.command("fork")(instances.fork)
 app.command("rm")(instances.rm)
 app.command("pull")(images.pull)
 app.command("push")(push)
+app.add_typer(builds.build_app, name="build")
+app.add_typer(builders.builder_app, name="builder")
 app.add_typer(images.image_app, name="image")
 app.add_typer(snapshots.snapshot_app, name="snapshot")
 app.add_typer(ingress.ingress_app, name="ingress")

@@ -23,7 +23,7 @@ from tests.support.harness import REPO, Harness, ServerProcess
 from tests.support.net import free_port
 
 CLI_PACKAGE = REPO / "src" / "hypeman_cli"
-ALLOWED_IMPORTS = {"hypeman", "hypeman_cli", "typer", "rich", "yaml", "httpx"}
+ALLOWED_IMPORTS = {"hypeman", "hypeman_cli", "typer", "rich", "yaml", "httpx", "pathspec"}
 
 
 @pytest.fixture(scope="module")
