@@ -186,12 +186,16 @@ class BuildWatch:
         self.live = interactive() and not quiet
         self._spinner: Any = None
         self._announced = ""
+        self._lock = threading.Lock()  # the queue poller's thread sets the position
+
+    def _state(self) -> str:
+        position = (f" (queue position {self.queue_position})"
+                    if self.status == "queued" and self.queue_position else "")
+        return f"{self.status}{position}"
 
     def summary(self) -> str:
         elapsed = int(time.monotonic() - self.started)
-        position = (f" (queue position {self.queue_position})"
-                    if self.status == "queued" and self.queue_position else "")
-        return f"build {short_id(self.build_id)}: {self.status}{position} {elapsed // 60}:{elapsed % 60:02d}"
+        return f"build {short_id(self.build_id)}: {self._state()} {elapsed // 60}:{elapsed % 60:02d}"
 
     def __enter__(self) -> BuildWatch:
         if self.live:
@@ -209,9 +213,7 @@ class BuildWatch:
     def _announce(self) -> None:
         if self.live or self.quiet:
             return
-        position = f" (queue position {self.queue_position})" if self.status == "queued" and \
-            self.queue_position else ""
-        line = f"build {self.build_id}: {self.status}{position}"
+        line = f"build {self.build_id}: {self._state()}"
         if line != self._announced:
             self._announced = line
             note(line)
@@ -224,14 +226,20 @@ class BuildWatch:
         else:
             note(line)
 
-    def set_status(self, status: str, queue_position: int | None = None) -> None:
-        """A status event (no position: the last one known stays) or a polled position."""
-        self.status = status
-        if status != "queued":
-            self.queue_position = None
-        elif queue_position is not None:
-            self.queue_position = queue_position
-        self._announce()
+    def set_status(self, status: str) -> None:
+        """A status event: while still queued, the last position known stays."""
+        with self._lock:
+            self.status = status
+            if status != "queued":
+                self.queue_position = None
+            self._announce()
+
+    def set_position(self, queue_position: int | None) -> None:
+        """A polled queue position: shown only while the build is still queued."""
+        with self._lock:
+            if self.status == "queued" and queue_position is not None:
+                self.queue_position = queue_position
+                self._announce()
 
 
 def _poll_queue(poll: Callable[[], Build], watch: BuildWatch, stop: threading.Event) -> None:
@@ -241,8 +249,8 @@ def _poll_queue(poll: Callable[[], Build], watch: BuildWatch, stop: threading.Ev
             found = poll()
         except Exception:
             return  # only a display: the events stream reports what matters
-        if watch.status == "queued" and found.status == "queued":
-            watch.set_status("queued", found.queue_position)
+        if found.status == "queued":
+            watch.set_position(found.queue_position)
 
 
 def follow_build(client: Hypeman, build: Build, watch: BuildWatch, poll_client: Hypeman) -> Build:
