@@ -48,6 +48,7 @@ AGENT_WAIT_SECONDS = 300.0
 # The builder VM's writable root holds buildah's run directory and the output layout.
 BUILDER_OVERLAY = "20GB"
 ERROR_TAIL_LINES = 20
+SYNC_SECONDS = 60.0
 _BLOB_PATH = re.compile(r"^blobs/sha256/[0-9a-f]{64}$")
 _LAYOUT_FILES = frozenset({"oci-layout", "index.json"})
 
@@ -110,7 +111,6 @@ class RunnerHost:
 
 
 LogSink = Callable[[bytes], Awaitable[None]]
-Stage = Callable[[str], Awaitable[None]]
 
 
 class BuildRunner:
@@ -126,6 +126,7 @@ class BuildRunner:
         self.volumes.grant(source, job.paths.source_disk)
         self.volumes.grant(cache, job.cache_disk)
         instance_id: str | None = None
+        agent: AgentClient | None = None
         try:
             request = CreateInstanceRequest(
                 name=f"build-{record.id}",
@@ -150,6 +151,8 @@ class BuildRunner:
             await self._copy_out(agent, job.paths)
             return job.paths.output
         finally:
+            if agent is not None:
+                await asyncio.shield(_flush(agent))
             self.volumes.revoke(source)
             self.volumes.revoke(cache)
             if instance_id is not None:
@@ -197,6 +200,16 @@ class BuildRunner:
             if not (relative in _LAYOUT_FILES or _BLOB_PATH.fullmatch(relative)) or item.header.is_dir:
                 raise BuildFailed(f"the builder produced an unexpected file {relative!r}")
             await _save(item, dest / relative)
+
+
+async def _flush(agent: AgentClient) -> None:
+    """Write the cache disk's dirty pages before the VM is ended: a layer store left half in the
+    guest's page cache reads back corrupt in the next build (seen: "file integrity checksum
+    failed"). Best effort: a VM that does not answer is ended anyway."""
+    try:
+        await asyncio.wait_for(agent.run(["/bin/sync"], timeout=SYNC_SECONDS), SYNC_SECONDS + 5)
+    except Exception as exc:
+        log.warning("could not flush the builder VM's disks: %s", exc)
 
 
 def _relative(path: str, base: str) -> str:
