@@ -11,8 +11,9 @@ want_tests=0
 
 RUNTIME_PACKAGES=(qemu-system-x86 qemu-utils e2fsprogs erofs-utils busybox-static kmod cpio zstd lz4
                   musl-tools gcc libc6-dev binutils make skopeo umoci ca-certificates curl
-                  iproute2 nftables conntrack caddy)
-TEST_PACKAGES=(docker-registry nodejs npm tmux xfsprogs)
+                  iproute2 nftables conntrack caddy mmdebstrap)
+# buildah on the host only for the bench (builds in a VM vs directly); the server never runs it.
+TEST_PACKAGES=(docker-registry nodejs npm tmux xfsprogs buildah)
 
 say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 die() { printf '\033[31merror:\033[0m %s\n' "$*" >&2; exit 1; }
@@ -54,3 +55,10 @@ fi
 # Guest kernel, guest binary and initrd, into the shared system directory.
 say "checking system files (guest kernel, guest binary, initrd)"
 .venv/bin/python -m hypemand.system
+
+# The builder VMs' image (Debian + buildah, made with mmdebstrap from Debian's archive), and with
+# --test the small Debian image (bash, python3) the tests use; made once, again when their spec changes.
+rootfs_args=()
+[ "$want_tests" = 1 ] && rootfs_args=(--test)
+say "checking the Debian root filesystems (mmdebstrap)"
+.venv/bin/python -m hypemand.builds.rootfs "${rootfs_args[@]}"
