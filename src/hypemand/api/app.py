@@ -73,14 +73,25 @@ def create_app(settings: Settings, runtime: Runtime | None = None) -> FastAPI:
         app.include_router(stream_router)
     app.add_middleware(EncodedSlashRouting)
     # Outermost: a body over its limit is refused before any other layer reads it.
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, max_build_source_bytes=settings.max_build_source_bytes)
     return app
 
 
 def _domain_routers() -> list[tuple[APIRouter, str | None]]:
     """Routers that need a bearer token, with the scope resource each one's routes require
     (``image`` -> ``image:read`` for GET, ``image:delete`` for DELETE, ``image:write`` else)."""
-    from hypemand.api import autostandby, images, ingresses, instances, schedules, snapshots, system, volumes
+    from hypemand.api import (
+        autostandby,
+        builders,
+        builds,
+        images,
+        ingresses,
+        instances,
+        schedules,
+        snapshots,
+        system,
+        volumes,
+    )
 
     return [
         (images.router, "image"),
@@ -90,6 +101,8 @@ def _domain_routers() -> list[tuple[APIRouter, str | None]]:
         (schedules.router, "snapshot"),  # set: write, get: read, delete: delete
         (ingresses.router, "ingress"),
         (volumes.router, "volume"),
+        (builds.router, "build"),  # an admin build also needs build:admin (api/builds.py)
+        (builders.router, "build"),
         (system.router, "resource"),
         (system.unbuilt_router, None),  # 501 for any valid token
     ]

@@ -9,6 +9,9 @@ route's protocol: ``{code, message}`` for the API, ``{"errors": [...]}`` under `
 
 Registry blob uploads and volume archives have no limit here: they are streamed to disk in
 bounded pieces (a volume's archive is bounded by the volume's size, in ``hypemand.volumes``).
+``POST /builds`` (a build's source and its form fields, streamed too) is bounded by the server's
+build source limit plus the form's fields (``limits.MAX_BUILD_FORM_BYTES``); the source itself
+is held to its limit by ``api/builds.py``.
 WebSocket messages are bounded by the server's ``ws_max_size`` (see ``limits.py``).
 """
 
@@ -21,7 +24,12 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hypemand.api.errors import error_response
-from hypemand.api.limits import MAX_JSON_BODY_BYTES, MAX_MANIFEST_BODY_BYTES, MAX_REGISTRY_OTHER_BODY_BYTES
+from hypemand.api.limits import (
+    MAX_BUILD_FORM_BYTES,
+    MAX_JSON_BODY_BYTES,
+    MAX_MANIFEST_BODY_BYTES,
+    MAX_REGISTRY_OTHER_BODY_BYTES,
+)
 from hypemand.api.registry import oci_error
 from hypemand.units import format_size
 
@@ -30,6 +38,7 @@ _REGISTRY = re.compile(r"^/v2(/|$)")
 _BLOB_UPLOAD = re.compile(r"^/v2/.+/blobs/uploads(/[^/]*)?$")
 _MANIFEST = re.compile(r"^/v2/.+/manifests/[^/]+$")
 _VOLUME_ARCHIVE = "/volumes/from-archive"
+_BUILDS = "/builds"
 
 
 @dataclass(frozen=True)
@@ -44,11 +53,13 @@ class Limit:
         return error_response(413, "too_large", message)
 
 
-def limit_for(path: str) -> Limit | None:
+def limit_for(path: str, max_build_source_bytes: int = 0) -> Limit | None:
     """The body limit of a path; None for registry blob uploads and volume archives (streamed to
     disk, bounded by their handlers)."""
     if path == _VOLUME_ARCHIVE:
         return None
+    if path == _BUILDS:
+        return Limit(max_build_source_bytes + MAX_BUILD_FORM_BYTES, registry=False)
     if not _REGISTRY.match(path):
         return Limit(MAX_JSON_BODY_BYTES, registry=False)
     if _BLOB_UPLOAD.match(path):
@@ -68,11 +79,12 @@ def declared_length(scope: Scope) -> int | None:
 class BodyLimit:
     """ASGI middleware enforcing :func:`limit_for` on every HTTP request."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, max_build_source_bytes: int = 0) -> None:
         self.app = app
+        self.max_build_source_bytes = max_build_source_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limit = limit_for(scope["path"]) if scope["type"] == "http" else None
+        limit = limit_for(scope["path"], self.max_build_source_bytes) if scope["type"] == "http" else None
         if limit is None:
             await self.app(scope, receive, send)
             return

@@ -37,6 +37,14 @@ MAX_MANIFEST_BODY_BYTES = MAX_MANIFEST_BYTES
 # a body sent anyway is refused above this.
 MAX_REGISTRY_OTHER_BODY_BYTES = 64 * KiB
 
+# POST /builds is a multipart form (api/builds.py): the source tarball, bounded by the server's
+# HYPEMAND_MAX_BUILD_SOURCE_BYTES (config.py), and text fields. A field is at most 1 MiB (the
+# largest, a Dockerfile, is a few KiB in practice); there are 12, each once, and python-multipart
+# bounds each part's headers (8 of at most 4 KiB). The whole body is at most the source's limit
+# plus this.
+MAX_BUILD_FORM_FIELD_BYTES = 1 * MiB
+MAX_BUILD_FORM_BYTES = 16 * MiB
+
 # ---- WebSockets (exec, cp) ----------------------------------------------------------------------
 
 # One WebSocket message is held whole before the handler sees it: the server's ``ws_max_size``.

@@ -47,16 +47,6 @@ async def reclaim_memory(body: MemoryReclaimRequest, request: Request) -> Memory
 
 # (method, path) of the official API (hypeman SDK 0.28.0) that nothing here serves yet.
 UNBUILT_ROUTES: list[tuple[str, str]] = [
-    ("GET", "/builders"),
-    ("POST", "/builders"),
-    ("GET", "/builders/{id}"),
-    ("DELETE", "/builders/{id}"),
-    ("POST", "/builders/{id}/prune"),
-    ("GET", "/builds"),
-    ("POST", "/builds"),
-    ("GET", "/builds/{id}"),
-    ("DELETE", "/builds/{id}"),
-    ("GET", "/builds/{id}/events"),
     ("GET", "/devices"),
     ("POST", "/devices"),
     ("GET", "/devices/available"),
