@@ -31,6 +31,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from hypeman_cli import resolve, state
 from hypeman_cli.buildcontext import DOCKERFILE, IgnoreRules, PackedContext, pack_context
+from hypeman_cli.builders import resolve_builder
 from hypeman_cli.errors import CLIError
 from hypeman_cli.output import Column, Format, emit, emit_listing, emit_names
 from hypeman_cli.progress import Transfer, interactive, note, stderr
@@ -49,7 +50,7 @@ BUILD_COLUMNS = [
     Column("IMAGE", lambda b: b.get("image_ref")),
     Column("DURATION", lambda b: f"{b['duration_ms'] / 1000:.1f}s" if b.get("duration_ms") is not None
            else None),
-    Column("BUILDER", lambda b: b.get("builder_id")),
+    Column("BUILDER", lambda b: short_id(b["builder_id"]) if b.get("builder_id") else None),
     Column("CREATED", lambda b: age(b.get("created_at"))),
 ]
 
@@ -290,8 +291,20 @@ def cancel_on_interrupt(client: Hypeman, build_id: str) -> None:
     note(f"build {build_id} cancelled")
 
 
-def report_end(build: Build, fmt: Format) -> None:
-    """``ready``: the image reference is the last line on stdout; otherwise an error."""
+def failure_line(build: Build) -> str:
+    """A failed build's error in one line: its first line (the summary) and, when it holds the
+    failing step's log too, that log's last line (the step's own error)."""
+    lines = [line.strip() for line in (build.error or "").splitlines() if line.strip()]
+    if not lines:
+        return f"build {build.id} failed (no reason given)"
+    summary = lines[0].rstrip(":")
+    detail = f": {lines[-1]}" if len(lines) > 1 else ""
+    return f"build {build.id} failed: {summary}{detail}"
+
+
+def report_end(build: Build, fmt: Format, log_shown: bool) -> None:
+    """``ready``: the image reference is the last line on stdout; otherwise an error (the whole
+    error first when the log was not shown: it holds the failing step's last lines)."""
     if fmt != "table":
         emit(build, fmt)
     if build.status == "ready":
@@ -300,12 +313,10 @@ def report_end(build: Build, fmt: Format) -> None:
         return
     if build.status == "cancelled":
         raise CLIError(f"build {build.id} was cancelled")
-    lines = [line for line in (build.error or "").strip().splitlines() if line.strip()]
-    if len(lines) <= 1:
-        raise CLIError(f"build {build.id} failed: {lines[0] if lines else 'no reason given'}")
-    for line in lines:
-        note(line)
-    raise CLIError(f"build {build.id} failed (the error above)")
+    if not log_shown and build.error and len(build.error.strip().splitlines()) > 1:
+        for line in build.error.strip().splitlines():
+            note(line)
+    raise CLIError(failure_line(build))
 
 
 @build_app.command(DEFAULT_COMMAND, hidden=True, cls=DefaultBuildCommand, epilog=SUBCOMMANDS_HELP)
@@ -326,7 +337,7 @@ def build(
     memory: Annotated[str | None, typer.Option(
         help="memory of the builder VM: MB (2048) or a size (2GB) (default: 2048 MB)")] = None,
     builder: Annotated[str | None, typer.Option(
-        help="builder id: its persistent cache backs the build")] = None,
+        help="builder (id, name or unique id prefix) whose persistent cache backs the build")] = None,
     base_image_digest: Annotated[str | None, typer.Option(help="pin the base image to this digest")] = None,
     cache_scope: Annotated[str | None, typer.Option(help="tenant cache key prefix")] = None,
     global_cache_key: Annotated[str | None, typer.Option(help="global cache to import from")] = None,
@@ -350,7 +361,7 @@ def build(
     rules = IgnoreRules.of(context)
     dockerfile, dockerfile_name = dockerfile_choice(context, file, rules)
     fields: dict[str, Any] = {
-        "dockerfile": dockerfile, "image_name": image_name, "builder_id": builder,
+        "dockerfile": dockerfile, "image_name": image_name,
         "timeout_seconds": timeout_seconds(timeout), "cpus": cpus, "memory_mb": memory_mb(memory),
         "base_image_digest": base_image_digest, "cache_scope": cache_scope,
         "global_cache_key": global_cache_key, "is_admin_build": "true" if is_admin_build else None,
@@ -358,6 +369,8 @@ def build(
         "tags": json.dumps(key_values(tag or [], "--tag")) if tag else None,
     }
     client = st.client()
+    if builder is not None:
+        fields["builder_id"] = resolve_builder(client, builder).id
     packed = pack_context(context, rules)
     try:
         label = f"{context}" + (f" with {dockerfile_name}" if file is not None else "")
@@ -381,7 +394,7 @@ def build(
     if ended.status == "ready" and not quiet and interactive():
         seconds = (ended.duration_ms or 0) / 1000
         stderr.print(f"[green]✓[/green] built {escape(ended.image_ref or '')} in {seconds:.1f} s")
-    report_end(ended, st.fmt)
+    report_end(ended, st.fmt, log_shown=not quiet)
 
 
 def _upload(client: Hypeman, packed: PackedContext, fields: dict[str, Any], label: str, quiet: bool) -> Build:

@@ -16,13 +16,22 @@ import subprocess
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO
 
 import pytest
+from hypeman.types import Build
 
 from hypeman_cli.buildcontext import IgnoreRules, dockerignore_patterns, pack_context
-from hypeman_cli.builds import dockerfile_choice, memory_mb, secrets_json, timeout_seconds
+from hypeman_cli.builds import (
+    dockerfile_choice,
+    failure_line,
+    memory_mb,
+    report_end,
+    secrets_json,
+    timeout_seconds,
+)
 from hypeman_cli.errors import CLIError
 from hypemand.images import demo
 from tests.cli.conftest import HYPEMAN, SMALL, Cli, Result, assert_ok, assert_one_line_error, cli_for
@@ -30,6 +39,7 @@ from tests.support.harness import REPO, Harness, ServerProcess
 from tests.support.net import free_port
 
 BASE = "docker.io/demo/busybox:latest"
+SMALL_BUILDER = ["--memory", "768", "--cpus", "1"]  # as tests/builds: TCG on 2 shared cores
 EXAMPLE_APP = REPO / "examples" / "app"  # the README's example
 
 # ---- .dockerignore ---------------------------------------------------------------------------
@@ -172,6 +182,31 @@ def test_the_flags_become_the_apis_fields() -> None:
         timeout_seconds("0")
 
 
+def _build(status: str, **fields: object) -> Build:
+    return Build(id="b1", created_at=datetime(2026, 1, 1, tzinfo=UTC), status=status, **fields)
+
+
+def test_the_end_of_a_build_is_the_image_name_or_one_error_line(capsys: pytest.CaptureFixture[str]) -> None:
+    report_end(_build("ready", image_ref="docker.io/library/myapp:latest"), "table", log_shown=True)
+    assert capsys.readouterr().out == "docker.io/library/myapp:latest\n"
+    report_end(_build("ready", image_ref="docker.io/library/myapp:latest"), "json", log_shown=True)
+    assert json.loads(capsys.readouterr().out)["image_ref"] == "docker.io/library/myapp:latest"
+    with pytest.raises(CLIError, match="build b1 was cancelled"):
+        report_end(_build("cancelled"), "table", log_shown=True)
+    error = "the build failed (exit code 3):\nSTEP 2/2: RUN exit 3\nError: building at STEP: exit status 3\n"
+    assert failure_line(_build("failed", error=error)) == (
+        "build b1 failed: the build failed (exit code 3): Error: building at STEP: exit status 3")
+    assert failure_line(_build("failed", error="out of disk")) == "build b1 failed: out of disk"
+    assert failure_line(_build("failed")) == "build b1 failed (no reason given)"
+    # The log was streamed: the error's lines are not printed again. With -q they are.
+    with pytest.raises(CLIError):
+        report_end(_build("failed", error=error), "table", log_shown=True)
+    assert capsys.readouterr().err == ""
+    with pytest.raises(CLIError):
+        report_end(_build("failed", error=error), "table", log_shown=False)
+    assert capsys.readouterr().err.splitlines()[1] == "STEP 2/2: RUN exit 3"
+
+
 # ---- the executable, no server needed ----------------------------------------------------------
 
 
@@ -266,8 +301,8 @@ def with_demo(build_env: BuildEnv) -> BuildEnv:
 @pytest.mark.vm
 def test_the_readme_example_builds_ends_with_the_image_name_and_runs(with_demo: BuildEnv) -> None:
     cli = with_demo.cli
-    built = cli.run("build", "-t", "myapp", "--tag", "team=cli", "--format", "table", str(EXAMPLE_APP),
-                    timeout=600)
+    built = cli.run("build", "-t", "myapp", "--tag", "team=cli", *SMALL_BUILDER, "--format", "table",
+                    str(EXAMPLE_APP), timeout=600)
     _skip_while_not_implemented(built)
     assert_ok(built)
     image_ref = built.stdout.splitlines()[-1]
@@ -296,7 +331,7 @@ def test_the_readme_example_builds_ends_with_the_image_name_and_runs(with_demo: 
 def test_ctrl_c_cancels_the_build_and_exits_130(with_demo: BuildEnv, tmp_path: Path) -> None:
     cli = with_demo.cli
     app = _tree(tmp_path / "app", {"Dockerfile": f"FROM {BASE}\nRUN sleep 600\n"})
-    process = subprocess.Popen([str(HYPEMAN), "build", "--tag", "case=cancel", str(app)],
+    process = subprocess.Popen([str(HYPEMAN), "build", "--tag", "case=cancel", *SMALL_BUILDER, str(app)],
                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env=cli.environment())
     try:
