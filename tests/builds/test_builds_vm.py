@@ -24,6 +24,7 @@ from hypeman import APIStatusError, AsyncHypeman, BadRequestError, ConflictError
 
 from hypemand.images import demo
 from tests.builds.support import BUSYBOX, SMALL_BUILDER, source_tarball, wait_finished, wait_status
+from tests.support.debian import DEBIAN_IMAGE, install_debian
 from tests.support.harness import Harness, ServerProcess, strict_client
 
 pytestmark = [pytest.mark.vm]
@@ -239,3 +240,34 @@ def test_bad_sources_are_refused_and_nothing_is_kept(sdk: Hypeman) -> None:
     assert [b.id for b in sdk.builds.list()] == before
     with pytest.raises(NotFoundError):
         sdk.builds.get("no-such-build")
+
+
+def test_a_multi_stage_build_from_the_debian_image(server: ServerProcess, sdk: Hypeman) -> None:
+    """A first stage on Debian runs python3 to make a file; the final stage, on busybox, copies
+    only that file: the result has it, and none of the first stage's weight."""
+    install_debian(server)
+    dockerfile = f"""\
+FROM {DEBIAN_IMAGE} AS make
+WORKDIR /work
+COPY gen.py .
+RUN python3 gen.py > /work/made.txt && bash -c 'echo "bash says ${{BASH_VERSION%%.*}}"'
+
+FROM docker.io/demo/busybox:latest
+COPY --from=make /work/made.txt /made.txt
+CMD ["/bin/sh", "-c", "cat /made.txt; ls /usr/bin/python3 || echo no-python-here; sleep 3600"]
+"""
+    gen = "import sys\nprint('made by python', sys.version_info.major)\n"
+    build = sdk.builds.create(source=("ms.tgz", source_tarball({"Dockerfile": dockerfile, "gen.py": gen})),
+                              **SMALL_BUILDER)
+    done = wait_finished(sdk, build.id)
+    assert done.status == "ready", done.error
+    log = [e.content or "" for e in sdk.builds.events(build.id) if e.type == "log"]
+    assert any(line.startswith("bash says 5") for line in log), "\n".join(log)
+    # The first stage's base is the provenance's base image.
+    assert done.provenance is not None
+    assert done.provenance.base_image_digest == sdk.images.get(DEBIAN_IMAGE).digest
+    instance = sdk.instances.create(name="multi-stage", image=done.image_ref or "", size="256MB",
+                                    overlay_size="64MB", vcpus=1, network={"enabled": False})
+    text = wait_for_log(sdk, instance.id, "no-python-here")
+    assert "made by python 3" in text
+    sdk.instances.delete(instance.id)
