@@ -30,6 +30,7 @@ from tests.support.harness import Harness, ServerProcess, strict_client
 pytestmark = [pytest.mark.vm]
 
 SOURCE_LIMIT = 2 << 20  # this module's server takes sources up to 2 MiB
+SECRET = "s3cret-token-value"
 
 APP_DOCKERFILE = """\
 FROM docker.io/demo/busybox:latest
@@ -42,8 +43,11 @@ ENTRYPOINT ["/bin/sh", "-c", "echo cwd=$(pwd) env=$GREETING; cat note.txt built.
 
 
 @pytest.fixture(scope="module")
-def server(module_harness: Harness) -> ServerProcess:
-    server = module_harness.start(env={"HYPEMAND_MAX_BUILD_SOURCE_BYTES": str(SOURCE_LIMIT)})
+def server(module_harness: Harness, tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
+    secrets = tmp_path_factory.mktemp("build-secrets")
+    (secrets / "npm_token").write_text(SECRET)
+    server = module_harness.start(env={"HYPEMAND_MAX_BUILD_SOURCE_BYTES": str(SOURCE_LIMIT),
+                                       "HYPEMAND_BUILD_SECRETS_DIR": str(secrets)})
     demo.install(server.base_url, server.token, wait_seconds=300)
     return server
 
@@ -243,24 +247,31 @@ def test_bad_sources_are_refused_and_nothing_is_kept(sdk: Hypeman) -> None:
 
 
 def test_a_multi_stage_build_from_the_debian_image(server: ServerProcess, sdk: Hypeman) -> None:
-    """A first stage on Debian runs python3 to make a file; the final stage, on busybox, copies
-    only that file: the result has it, and none of the first stage's weight."""
+    """A first stage on Debian runs python3 to make a file, with a secret of the server mounted;
+    the final stage, on busybox, copies only that file: the result has it, and none of the first
+    stage's weight nor the secret. Named by ``image_name``."""
     install_debian(server)
     dockerfile = f"""\
 FROM {DEBIAN_IMAGE} AS make
 WORKDIR /work
 COPY gen.py .
 RUN python3 gen.py > /work/made.txt && bash -c 'echo "bash says ${{BASH_VERSION%%.*}}"'
+RUN --mount=type=secret,id=npm_token echo "secret-length=$(wc -c < /run/secrets/npm_token)" > /work/secret.txt
 
 FROM docker.io/demo/busybox:latest
-COPY --from=make /work/made.txt /made.txt
-CMD ["/bin/sh", "-c", "cat /made.txt; ls /usr/bin/python3 || echo no-python-here; sleep 3600"]
+COPY --from=make /work/made.txt /work/secret.txt /
+CMD ["/bin/sh", "-c", "cat /made.txt /secret.txt; ls /usr/bin/python3 || echo no-python-here; sleep 3600"]
 """
     gen = "import sys\nprint('made by python', sys.version_info.major)\n"
-    build = sdk.builds.create(source=("ms.tgz", source_tarball({"Dockerfile": dockerfile, "gen.py": gen})),
-                              **SMALL_BUILDER)
+    source = source_tarball({"Dockerfile": dockerfile, "gen.py": gen})
+    with pytest.raises(BadRequestError) as unknown:
+        sdk.builds.create(source=("ms.tgz", source), secrets=json.dumps([{"id": "not_configured"}]))
+    assert "not_configured" in str(unknown.value)
+    build = sdk.builds.create(source=("ms.tgz", source), secrets=json.dumps([{"id": "npm_token"}]),
+                              image_name="team/multi:v2", **SMALL_BUILDER)
     done = wait_finished(sdk, build.id)
     assert done.status == "ready", done.error
+    assert done.image_ref == "docker.io/team/multi:v2"
     log = [e.content or "" for e in sdk.builds.events(build.id) if e.type == "log"]
     assert any(line.startswith("bash says 5") for line in log), "\n".join(log)
     # The first stage's base is the provenance's base image.
@@ -270,4 +281,6 @@ CMD ["/bin/sh", "-c", "cat /made.txt; ls /usr/bin/python3 || echo no-python-here
                                     overlay_size="64MB", vcpus=1, network={"enabled": False})
     text = wait_for_log(sdk, instance.id, "no-python-here")
     assert "made by python 3" in text
+    assert f"secret-length={len(SECRET)}" in text
+    assert SECRET not in "\n".join(log)
     sdk.instances.delete(instance.id)
