@@ -8,7 +8,9 @@ bench.network (TAP vs user-mode throughput, requests/s through the ingress's Cad
 VM, restore and fork with a network vs without; needs root: it makes network namespaces), and
 bench.wake (time to first byte through the ingress to a Standby VM vs Running vs an explicit
 restore + request; needs root), and bench.balloon (host memory a memory reclaim returns per GiB
-ballooned vs QMP balloon by hand; boot and restore with the balloon device vs without).
+ballooned vs QMP balloon by hand; boot and restore with the balloon device vs without), and
+bench.build (a 3-layer Dockerfile built in a builder VM through the API vs buildah on the host on
+the same inputs, cold and with a warm layer cache; needs root).
 """
 
 from __future__ import annotations
