@@ -313,7 +313,7 @@ def report(samples: Samples, rounds: int, cache_hits: dict[str, list[int]]) -> l
         f"{samples.med('vm_cold') - samples.med('host_cold'):8.2f} / "
         f"{samples.paired('vm_cold', 'host_cold', False):.2f}")
     # The rest is buildah itself running slower in the guest (TCG here), the bud ratios above.
-    row("  its fixed part, all but buildah pull + bud, s: VM cold / warm",
+    row("  its fixed part, all but buildah pull + bud, s: cold / warm",
         f"{samples.med('vm_cold.outside'):8.2f} / {samples.med('vm_warm.outside'):.2f}")
     row("warm-over-cold speedup in the VM (cold / warm)", ratio("vm_cold", "vm_warm"))
     row("warm-over-cold speedup on the host (cold / warm)", ratio("host_cold", "host_warm"))
