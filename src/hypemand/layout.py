@@ -236,8 +236,29 @@ class BuildPaths:
 
     @property
     def bases(self) -> Path:
-        """The base images, one OCI layout (entries base0, base1, ...)."""
+        """The base images exported from the store, one OCI layout (entries base0, base1, ...)."""
+        return self.directory / "bases"
+
+    @property
+    def pulled_bases(self) -> Path:
+        """The bases' layout on the source disk, for a build that pulls them into its builder's
+        store (``/src/bases``)."""
         return self.staging / "bases"
+
+    @property
+    def base_store(self) -> Path:
+        """The bases unpacked as a containers-storage image store (buildah's additional store)."""
+        return self.staging / "store"
+
+    @property
+    def base_store_run(self) -> Path:
+        """skopeo's run directory while it fills the base store (not part of the disk)."""
+        return self.directory / "store-run"
+
+    @property
+    def storage_conf(self) -> Path:
+        """buildah's storage configuration in the VM (``/src/storage.conf``)."""
+        return self.staging / "storage.conf"
 
     @property
     def secrets(self) -> Path:

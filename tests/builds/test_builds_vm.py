@@ -18,7 +18,9 @@ import tarfile
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
+import httpx
 import pytest
 from hypeman import APIStatusError, AsyncHypeman, BadRequestError, ConflictError, Hypeman, NotFoundError
 
@@ -78,7 +80,17 @@ def wait_for_log(sdk: Hypeman, instance_id: str, needle: str) -> str:
         time.sleep(0.5)
 
 
-def test_a_dockerfile_becomes_an_image_an_instance_runs(sdk: Hypeman, builder_id: str) -> None:
+def manifest(server: ServerProcess, repository: str, tag: str) -> dict[str, Any]:
+    accept = "application/vnd.oci.image.manifest.v1+json"
+    answer = httpx.get(f"{server.base_url}/v2/{repository}/manifests/{tag}", timeout=30,
+                       headers={"Authorization": f"Bearer {server.token}", "Accept": accept})
+    answer.raise_for_status()
+    document: dict[str, Any] = answer.json()
+    return document
+
+
+def test_a_dockerfile_becomes_an_image_an_instance_runs(server: ServerProcess, sdk: Hypeman,
+                                                        builder_id: str) -> None:
     source = app_source()
     build = sdk.builds.create(source=("app.tar.gz", source), builder_id=builder_id, **SMALL_BUILDER)
     assert build.status == "queued" and build.builder_id == builder_id
@@ -110,6 +122,9 @@ def test_a_dockerfile_becomes_an_image_an_instance_runs(sdk: Hypeman, builder_id
     with pytest.raises(NotFoundError):
         sdk.instances.get(done.builder_instance_id)
     assert sdk.images.get(done.image_ref).status == "ready"
+    # The base's layer was not compressed again in the VM: the result has the store's own blob.
+    built, base = manifest(server, f"builds/{build.id}", "latest"), manifest(server, "demo/busybox", "latest")
+    assert built["layers"][0] == base["layers"][0] and len(built["layers"]) == 3  # COPY and RUN
     # Replayed afterwards (no follow): the same log, then the final status.
     replay = list(sdk.builds.events(build.id, follow=False))
     assert replay[-1].type == "status" and replay[-1].status == "ready"

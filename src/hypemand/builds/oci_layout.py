@@ -193,9 +193,9 @@ async def import_layout(images: ImageService, layout: Path, repository: str, tag
 
 def _commit_blobs(images: ImageService, paths: OciLayoutPaths, blobs: Iterable[Descriptor]) -> None:
     for descriptor in blobs:
-        source = _blob_file(paths, descriptor)
-        if images.blobs.has(descriptor.digest):
+        if images.blobs.has(descriptor.digest):  # a build's base layers are not in its output
             continue
+        source = _blob_file(paths, descriptor)
         tmp = images.blobs.temp_path()
         _link_or_copy(source, tmp)
         try:

@@ -52,15 +52,15 @@ SYNC_SECONDS = 60.0
 _BLOB_PATH = re.compile(r"^blobs/sha256/[0-9a-f]{64}$")
 _LAYOUT_FILES = frozenset({"oci-layout", "index.json"})
 
-# Runs in the builder VM: "$@" are the base references, in the order of the bases' layout.
+# Runs in the builder VM: "$@" are the hex digests of the bases' layers (uncompressed).
 BUILD_SCRIPT = r"""
 set -eu
-B="buildah --storage-driver overlay --root /mnt/cache/storage --runroot /run/containers/storage"
+export CONTAINERS_STORAGE_CONF=/src/storage.conf
 i=0
-for ref in "$@"; do
+for ref in $PULL; do  # a builder's build keeps its bases in the builder's store
     echo "==> loading base image $ref"
-    id=$($B pull --quiet "oci:/src/bases:base$i")
-    $B tag "$id" "$ref"
+    id=$(buildah pull --quiet "oci:/src/bases:base$i")
+    buildah tag "$id" "$ref"
     i=$((i + 1))
 done
 secrets=""
@@ -72,10 +72,14 @@ fi
 echo "==> building"
 cd /src/context
 # shellcheck disable=SC2086
-$B bud --isolation chroot --pull-never --layers $secrets -f /src/Dockerfile -t "$RESULT" .
+buildah bud --isolation chroot --pull-never --layers $secrets -f /src/Dockerfile -t "$RESULT" .
 echo "==> exporting the image"
 rm -rf "$OUTPUT"
-$B push --quiet "$RESULT" "oci:$OUTPUT:latest"
+mkdir -p "$OUTPUT/blobs/sha256"
+for layer in "$@"; do  # the bases' layers: the host has them (see builds/base_store.py)
+    : > "$OUTPUT/blobs/sha256/$layer"
+done
+buildah push --quiet "$RESULT" "oci:$OUTPUT:latest"
 """
 
 
@@ -94,7 +98,8 @@ class BuildJob:
     paths: BuildPaths
     cache_disk: Path  # the builder's, or the build's scratch disk (made by the caller)
     builder_image: str  # the ready builder image's name
-    bases: list[str]  # references in the order of staging/bases' entries
+    base_layers: set[str]  # hex uncompressed digests of the bases' layers: placeholders out
+    pull: list[str]  # bases the VM pulls from /src/bases (base0, base1...) under these names
 
 
 class RunnerHost:
@@ -148,7 +153,7 @@ class BuildRunner:
             agent = await self.host.agent(instance_id, AGENT_WAIT_SECONDS)
             await self._run_script(agent, job, write_log)
             await asyncio.to_thread(shutil.rmtree, job.paths.output, True)
-            await self._copy_out(agent, job.paths)
+            await self._copy_out(agent, job.paths, job.base_layers)
             return job.paths.output
         finally:
             if agent is not None:
@@ -170,8 +175,9 @@ class BuildRunner:
             "HOME": "/root",
             "RESULT": BUILT_IMAGE,
             "OUTPUT": OUTPUT_DIR,
+            "PULL": " ".join(job.pull),
         }
-        argv = ["/bin/sh", "-c", BUILD_SCRIPT, "build", *job.bases]
+        argv = ["/bin/sh", "-c", BUILD_SCRIPT, "build", *sorted(job.base_layers)]
         proc = await agent.exec(argv, env=env, merge_stderr=True)
         tail = LineTail(ERROR_TAIL_LINES)
         try:
@@ -186,7 +192,7 @@ class BuildRunner:
         if result.exit_code != 0:
             raise BuildFailed(f"the build failed (exit code {result.exit_code}):\n{tail.text()}")
 
-    async def _copy_out(self, agent: AgentClient, paths: BuildPaths) -> None:
+    async def _copy_out(self, agent: AgentClient, paths: BuildPaths, placeholders: set[str]) -> None:
         """The output layout, file by file; anything but a layout's own files is refused."""
         base = Path(OUTPUT_DIR).name
         dest = paths.output
@@ -199,6 +205,8 @@ class BuildRunner:
                 continue
             if not (relative in _LAYOUT_FILES or _BLOB_PATH.fullmatch(relative)) or item.header.is_dir:
                 raise BuildFailed(f"the builder produced an unexpected file {relative!r}")
+            if relative.rsplit("/", 1)[-1] in placeholders and item.header.size == 0:
+                continue  # a base layer: the host has it
             await _save(item, dest / relative)
 
 

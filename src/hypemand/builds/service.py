@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from hypemand.builds import dockerfile, oci_layout, rootfs, source
+from hypemand.builds import base_store, dockerfile, oci_layout, rootfs, source
 from hypemand.builds.builders import BuilderService
 from hypemand.builds.disks import BuildVolumes
 from hypemand.builds.events import BuildLog, stream
@@ -291,7 +291,7 @@ class BuildService:
                 await asyncio.shield(self._finish(self._records[build_id], BuildStatus.CANCELLED,
                                                   error="cancelled"))
         finally:
-            await asyncio.shield(self._cleanup(self.layout.build(build_id)))
+            await asyncio.shield(self._cleanup(self.layout.build(build_id), finished=not self._stopping))
             self._running.pop(build_id, None)
             if lane is not None:
                 self._lanes.pop(lane, None)
@@ -300,6 +300,7 @@ class BuildService:
     async def _run_build(self, record: BuildRecord) -> None:
         build_log = self._log(record.id)
         paths = self.layout.build(record.id)
+        await self._cleanup(paths, finished=False)  # what an interrupted earlier run left
         record = await self._update(record.id, status=BuildStatus.BUILDING, started_at=datetime.now(UTC))
         try:
             async with asyncio.timeout(record.spec.timeout_seconds):
@@ -337,6 +338,10 @@ class BuildService:
         bases = await oci_layout.export_layout(self.images, wanted, paths.bases)
         if bases:
             await self._update(record.id, base_image_digest=bases[0].digest)
+        builder = record.spec.builder_id is not None
+        if not builder:
+            await build_log.append(b"==> unpacking base images\n")
+        layers = await asyncio.to_thread(base_store.stage_bases, paths, bases, record.base_images, builder)
         await asyncio.to_thread(self._copy_secrets, record, paths)
         if record.spec.builder_id is not None:
             await self.builders.used(record.spec.builder_id)
@@ -348,9 +353,12 @@ class BuildService:
         async def on_vm(instance_id: str) -> None:
             await self._update(record.id, builder_instance_id=instance_id)
 
+        placeholders = {diff_id.removeprefix("sha256:") for diff_id in layers}
         job = BuildJob(record=record, paths=paths, cache_disk=cache, builder_image=builder_image.name,
-                       bases=record.base_images)
-        return await self.runner.build(job, build_log.append, on_vm)
+                       base_layers=placeholders, pull=record.base_images if builder else [])
+        output = await self.runner.build(job, build_log.append, on_vm)
+        await asyncio.to_thread(base_store.substitute_base_layers, output, layers)
+        return output
 
     def _copy_secrets(self, record: BuildRecord, paths: BuildPaths) -> None:
         if not record.spec.secrets or self.settings.secrets_dir is None:
@@ -379,7 +387,7 @@ class BuildService:
         if build_id in self._queue:
             self._queue.remove(build_id)
             await self._finish(record, BuildStatus.CANCELLED, error="cancelled")
-            await self._cleanup(self.layout.build(build_id))
+            await self._cleanup(self.layout.build(build_id), finished=True)
             self._dispatch()
             return
         task = self._running.get(build_id)
@@ -407,13 +415,18 @@ class BuildService:
             found = self._logs[build_id] = BuildLog(self.layout.build(build_id).log)
         return found
 
-    async def _cleanup(self, paths: BuildPaths) -> None:
-        """A build keeps its record, source and log; its working files go."""
+    async def _cleanup(self, paths: BuildPaths, *, finished: bool) -> None:
+        """The working files of a run go; the record, the source and the log stay. The unpacked
+        context and the Dockerfile stay too until the build has ended: a build the server's stop
+        interrupted runs again at the next start."""
         def remove() -> None:
-            shutil.rmtree(paths.staging, ignore_errors=True)
-            shutil.rmtree(paths.output, ignore_errors=True)
-            paths.source_disk.unlink(missing_ok=True)
-            paths.scratch_disk.unlink(missing_ok=True)
+            for tree in (paths.bases, paths.base_store_run, paths.output, paths.pulled_bases,
+                         paths.base_store, paths.secrets):
+                shutil.rmtree(tree, ignore_errors=True)
+            for file in (paths.source_disk, paths.scratch_disk, paths.storage_conf):
+                file.unlink(missing_ok=True)
+            if finished:
+                shutil.rmtree(paths.staging, ignore_errors=True)
         await asyncio.to_thread(remove)
 
 
