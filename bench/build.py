@@ -160,12 +160,13 @@ def vm_build(client: Hypeman, inputs: Inputs, spec: dict[str, Any], builder_id: 
     if samples is not None:
         samples.add(arm, ended - started)
         stamps["queue"], stamps["prepare"] = started, done.started_at.timestamp()
-        order = [phase for phase, _ in VM_PHASES] + ["end"]
+        # A build without a builder loads no base in the VM (they come unpacked): no "load".
+        order = [phase for phase, _ in VM_PHASES if phase in stamps] + ["end"]
         for phase, following in itertools.pairwise(order):
             took = stamps.get(following, math.nan) - stamps.get(phase, math.nan)
             if not math.isnan(took):  # a phase whose start was replayed, not seen live, is left out
                 samples.add(f"{arm}.{phase}", took)
-        in_buildah = stamps.get("push", math.nan) - stamps.get("load", math.nan)
+        in_buildah = stamps.get("push", math.nan) - stamps.get("load", stamps.get("bud", math.nan))
         if not math.isnan(in_buildah):
             samples.add(f"{arm}.outside", ended - started - in_buildah)
     return cached
