@@ -11,10 +11,11 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -90,6 +91,24 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
 
 def write_model_atomic(path: Path, model: BaseModel, mode: int = 0o644) -> None:
     write_atomic(path, model.model_dump_json(indent=2).encode() + b"\n", mode)
+
+
+RecordT = TypeVar("RecordT", bound=BaseModel)
+
+
+def load_record_dirs(root: Path, record_name: str, model: type[RecordT]) -> list[RecordT]:
+    """The records of ``root/<id>/<record_name>``; a directory without its record is the rest of
+    a create that did not finish (the record is written last) and is removed. Blocking."""
+    found: list[RecordT] = []
+    if not root.is_dir():
+        return found
+    for directory in root.iterdir():
+        record = directory / record_name
+        if not record.exists():
+            shutil.rmtree(directory, ignore_errors=True)
+            continue
+        found.append(model.model_validate_json(record.read_bytes()))
+    return found
 
 
 def read_json(path: Path) -> Any:

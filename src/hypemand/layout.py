@@ -199,6 +199,10 @@ class VolumePaths:
 # ---- builds/ and builders/ -----------------------------------------------------------------------
 
 
+BUILD_RECORD = "build.json"
+BUILDER_RECORD = "builder.json"
+
+
 class BuildPaths:
     """One build (see ``hypemand/builds/README.md``): what is kept after it ends is the record, the
     source it was given and its log; the disks and trees are its working files while it runs."""
@@ -208,7 +212,7 @@ class BuildPaths:
 
     @property
     def record(self) -> Path:
-        return self.directory / "build.json"
+        return self.directory / BUILD_RECORD
 
     @property
     def source(self) -> Path:
@@ -293,7 +297,7 @@ class BuilderPaths:
 
     @property
     def record(self) -> Path:
-        return self.directory / "builder.json"
+        return self.directory / BUILDER_RECORD
 
     @property
     def cache_disk(self) -> Path:

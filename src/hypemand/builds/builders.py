@@ -26,8 +26,8 @@ from hypemand.builds.models import (
     new_id,
 )
 from hypemand.errors import Conflict, NotFound
-from hypemand.fsutil import write_model_atomic
-from hypemand.layout import BuilderPaths, DataLayout
+from hypemand.fsutil import load_record_dirs, write_model_atomic
+from hypemand.layout import BUILDER_RECORD, BuilderPaths, DataLayout
 from hypemand.volumes.disk import make_disk
 
 log = logging.getLogger(__name__)
@@ -61,17 +61,8 @@ class BuilderService:
                 await self._prune(record)
 
     def _load(self) -> dict[str, BuilderRecord]:
-        found: dict[str, BuilderRecord] = {}
-        if not self.layout.builders.is_dir():
-            return found
-        for directory in self.layout.builders.iterdir():
-            paths = BuilderPaths(directory)
-            if not paths.record.exists():  # a create that did not finish
-                shutil.rmtree(directory, ignore_errors=True)
-                continue
-            record = BuilderRecord.model_validate_json(paths.record.read_bytes())
-            found[record.id] = record
-        return found
+        records = load_record_dirs(self.layout.builders, BUILDER_RECORD, BuilderRecord)
+        return {record.id: record for record in records}
 
     # ---- reads ------------------------------------------------------------------------------
 

@@ -44,13 +44,13 @@ from hypemand.builds.models import (
 )
 from hypemand.builds.runner import BuildFailed, BuildJob, BuildRunner, RunnerHost
 from hypemand.errors import BadRequest, Conflict, DomainError, NotFound
-from hypemand.fsutil import write_model_atomic
+from hypemand.fsutil import load_record_dirs, write_model_atomic
 from hypemand.guest.client import AgentClient
 from hypemand.images.reference import parse_reference, pushed_image_reference, validate_repository_path
 from hypemand.images.service import ImageService
 from hypemand.instances.manager import InstanceManager
 from hypemand.instances.models import CreateInstanceRequest
-from hypemand.layout import BuildPaths, DataLayout
+from hypemand.layout import BUILD_RECORD, BuildPaths, DataLayout
 from hypemand.volumes.disk import make_disk
 
 log = logging.getLogger(__name__)
@@ -146,17 +146,8 @@ class BuildService:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def _load(self) -> dict[str, BuildRecord]:
-        found: dict[str, BuildRecord] = {}
-        if not self.layout.builds.is_dir():
-            return found
-        for directory in self.layout.builds.iterdir():
-            paths = BuildPaths(directory)
-            if not paths.record.exists():  # an intake that did not finish
-                shutil.rmtree(directory, ignore_errors=True)
-                continue
-            record = BuildRecord.model_validate_json(paths.record.read_bytes())
-            found[record.id] = record
-        return found
+        records = load_record_dirs(self.layout.builds, BUILD_RECORD, BuildRecord)
+        return {record.id: record for record in records}
 
     # ---- reads ------------------------------------------------------------------------------
 
