@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from hypemand.builds import base_store, dockerfile, oci_layout, rootfs, source
+from hypemand.builds import dockerfile, source
 from hypemand.builds.builders import BuilderService
 from hypemand.builds.disks import BuildVolumes
 from hypemand.builds.events import BuildLog, stream
@@ -42,21 +42,19 @@ from hypemand.builds.models import (
     BuildStatus,
     new_id,
 )
-from hypemand.builds.runner import BuildFailed, BuildJob, BuildRunner, RunnerHost
+from hypemand.builds.pipeline import BuildPipeline, Noter
+from hypemand.builds.runner import BuildRunner, RunnerHost
 from hypemand.errors import BadRequest, Conflict, DomainError, NotFound
 from hypemand.fsutil import load_record_dirs, write_model_atomic
 from hypemand.guest.client import AgentClient
-from hypemand.images.reference import parse_reference, pushed_image_reference, validate_repository_path
+from hypemand.images.reference import validate_repository_path
 from hypemand.images.service import ImageService
 from hypemand.instances.manager import InstanceManager
 from hypemand.instances.models import CreateInstanceRequest
 from hypemand.layout import BUILD_RECORD, BuildPaths, DataLayout
-from hypemand.volumes.disk import make_disk
 
 log = logging.getLogger(__name__)
 
-GIB = 1 << 30
-SCRATCH_DISK_GB = 20  # sparse: costs what the build writes
 MAX_RECOVERIES = 1
 BUILD_TAG = "hypeman.build"
 
@@ -93,8 +91,8 @@ class BuildService:
         self.instances = instances
         self.builders = builders
         self.settings = settings
-        self.system_dir = system_dir  # where the setup step made the builder's root
-        self.runner = BuildRunner(_InstancesHost(instances), volumes)
+        self.pipeline = BuildPipeline(images, builders, BuildRunner(_InstancesHost(instances), volumes),
+                                      system_dir, settings.secrets_dir)
         builders.usage = self
         self._records: dict[str, BuildRecord] = {}
         self._logs: dict[str, BuildLog] = {}
@@ -295,10 +293,10 @@ class BuildService:
         record = await self._update(record.id, status=BuildStatus.BUILDING, started_at=datetime.now(UTC))
         try:
             async with asyncio.timeout(record.spec.timeout_seconds):
-                output = await self._build(record, paths, build_log)
+                output = await self.pipeline.build(record, paths, build_log, self._noter(record.id))
                 record = await self._update(record.id, status=BuildStatus.PUSHING)
                 await build_log.append(b"==> importing the image\n")
-                digest, name = await self._publish(record, output)
+                digest, name = await self.pipeline.publish(record, output)
         except TimeoutError:
             limit = record.spec.timeout_seconds
             await self._finish(self._records[record.id], BuildStatus.FAILED,
@@ -315,58 +313,10 @@ class BuildService:
         await build_log.append(f"==> built {name}\n".encode())
         await self._finish(self._records[record.id], BuildStatus.READY, image_digest=digest, image_ref=name)
 
-    async def _build(self, record: BuildRecord, paths: BuildPaths, build_log: BuildLog) -> Path:
-        await build_log.append(b"==> preparing the builder image\n")
-        prepared = await asyncio.to_thread(rootfs.ensure_rootfs, rootfs.BUILDER, self.system_dir)
-        builder_image = await oci_layout.ensure_system_image(self.images, prepared.layout,
-                                                             rootfs.BUILDER.name)
-        buildah = prepared.info.packages.get("buildah", "unknown")
-        await self._update(record.id, builder_version=f"buildah {buildah}")
-        await build_log.append(b"==> exporting base images\n")
-        wanted = list(record.base_images)
-        if wanted and record.spec.base_image_digest:  # the first stage's base, pinned
-            wanted[0] = f"{parse_reference(wanted[0]).repository}@{record.spec.base_image_digest}"
-        bases = await oci_layout.export_layout(self.images, wanted, paths.bases)
-        if bases:
-            await self._update(record.id, base_image_digest=bases[0].digest)
-        builder = record.spec.builder_id is not None
-        if not builder:
-            await build_log.append(b"==> unpacking base images\n")
-        layers = await asyncio.to_thread(base_store.stage_bases, paths, bases, record.base_images, builder)
-        await asyncio.to_thread(self._copy_secrets, record, paths)
-        if record.spec.builder_id is not None:
-            await self.builders.used(record.spec.builder_id)
-            cache = self.builders.cache_disk(record.spec.builder_id).cache_disk
-        else:
-            cache = paths.scratch_disk
-            await asyncio.to_thread(_fresh_disk, cache, SCRATCH_DISK_GB * GIB)
-
-        async def on_vm(instance_id: str) -> None:
-            await self._update(record.id, builder_instance_id=instance_id)
-
-        placeholders = {diff_id.removeprefix("sha256:") for diff_id in layers}
-        job = BuildJob(record=record, paths=paths, cache_disk=cache, builder_image=builder_image.name,
-                       base_layers=placeholders, pull=record.base_images if builder else [])
-        output = await self.runner.build(job, build_log.append, on_vm)
-        await asyncio.to_thread(base_store.substitute_base_layers, output, layers)
-        return output
-
-    def _copy_secrets(self, record: BuildRecord, paths: BuildPaths) -> None:
-        if not record.spec.secrets or self.settings.secrets_dir is None:
-            return
-        target = paths.secrets
-        target.mkdir(parents=True, exist_ok=True)
-        for secret in record.spec.secrets:
-            shutil.copyfile(self.settings.secrets_dir / secret.id, target / secret.id)
-
-    async def _publish(self, record: BuildRecord, output: Path) -> tuple[str, str]:
-        repository, tag = record.image_repository or f"builds/{record.id}", record.image_tag
-        digest = await oci_layout.import_layout(self.images, output, repository, tag)
-        name = str(pushed_image_reference(repository, tag))
-        image = await self.images.wait(name)
-        if image.status != "ready":
-            raise BuildFailed(f"the built image could not be converted: {image.error}")
-        return digest, name
+    def _noter(self, build_id: str) -> Noter:
+        async def note(**changes: object) -> None:
+            await self._update(build_id, **changes)
+        return note
 
     # ---- cancel -----------------------------------------------------------------------------
 
@@ -438,11 +388,6 @@ def _lane(spec: BuildSpec) -> str | None:
 
 def _builder_lane(builder_id: str) -> str:
     return f"builder:{builder_id}"
-
-
-def _fresh_disk(disk: Path, size: int) -> None:
-    disk.unlink(missing_ok=True)
-    make_disk(disk, size)
 
 
 LOCKFILES = ("package-lock.json", "yarn.lock", "pnpm-lock.yaml", "poetry.lock", "uv.lock", "Pipfile.lock",
