@@ -3,10 +3,11 @@
 ``tests/ts/builds-smoke.mjs`` creates a builder, lists and gets it; builds a context with COPY
 and RUN on it (the source a ``toFile`` File, tags as JSON) and polls until ready, finds the build
 by its tags, replays its events; builds a ``RUN sleep 600`` context (the source a file stream)
-and cancels it once building; prunes and deletes the builder. It prints every response and what
-the SDK put on the wire. This test checks the statuses, runs the built image as an instance
-(Python SDK), and checks each Build, Builder and BuildEvent against the types the SDK declares
-in its ``.d.ts`` (the parser of ``test_ts_sdk``, with the files' type aliases resolved).
+and cancels it once its followed events show the RUN running; prunes and deletes the builder.
+It prints every response and what the SDK put on the wire. This test checks the statuses, runs
+the built image as an instance (Python SDK), and checks each Build, Builder and BuildEvent
+against the types the SDK declares in its ``.d.ts`` (the parser of ``test_ts_sdk``, with the
+files' type aliases resolved).
 """
 
 from __future__ import annotations
@@ -160,6 +161,8 @@ def test_typescript_sdk_cancels_a_running_build(run: BuildsRun) -> None:
     building, cancelled = out["sleeperBuilding"], out["sleeperCancelled"]
     assert out["sleeperCreated"]["status"] == "queued"
     assert building["status"] == "building" and building["builder_instance_id"]
+    followed = out["sleeperFollowed"]
+    assert "sleep 600" in followed[-1]["content"], followed  # the RUN had started
     assert out["cancelResult"] is None
     assert cancelled["status"] == "cancelled" and cancelled.get("image_ref") is None
     assert out["sleeperVmAfterCancel"]["status"] == 404
@@ -210,7 +213,7 @@ def _shape_problems(out: dict[str, Any]) -> list[str]:
         "Build": ("appCreated", "appReady", "sleeperCreated", "sleeperBuilding", "sleeperCancelled")}
     lists: dict[str, tuple[str, ...]] = {
         "Builder": ("buildersListed",), "Build": ("appListedByTags", "appListed"),
-        "BuildEvent": ("appEvents", "sleeperEvents")}
+        "BuildEvent": ("appEvents", "sleeperFollowed", "sleeperEvents")}
     for type_name, keys in singles.items():
         for key in keys:
             problems += shape_problems(out[key], type_name, interfaces, key)

@@ -4,12 +4,12 @@
 //
 // The builder is created, listed and got; the app context (a Dockerfile with COPY and RUN) is
 // built on it with tags and polled until it ends, found again by its tags, and its events are
-// replayed; the sleeper context (RUN sleep 600) is built on it and cancelled once building; the
-// builder is pruned and deleted. Prints one JSON object on stdout: every response as the SDK
-// returned it (the SDK validates nothing at runtime, so these are the server's JSON bodies), and
-// what the SDK put on the wire for each POST /builds (part order and headers of the multipart
-// body) and each list query, for tests/api/test_ts_builds.py to check. What the script made is
-// deleted also when a step fails.
+// replayed; the sleeper context (RUN sleep 600) is built on it and cancelled once its followed
+// events show the RUN; the builder is pruned and deleted. Prints one JSON object on stdout:
+// every response as the SDK returned it (the SDK validates nothing at runtime, so these are the
+// server's JSON bodies), and what the SDK put on the wire for each POST /builds (part order and
+// headers of the multipart body) and each GET's query, for tests/api/test_ts_builds.py to
+// check. What the script made is deleted also when a step fails.
 import { createReadStream, readFileSync } from 'node:fs';
 import Hypeman, { toFile } from '@onkernel/hypeman';
 
@@ -77,6 +77,22 @@ async function poll(id, done, seen) {
   }
 }
 
+// Events of a followed stream until `done(event)`; aborted at the deadline.
+async function followUntil(id, done) {
+  const abort = new AbortController();
+  const timer = setTimeout(() => abort.abort(), DEADLINE_MS);
+  const events = [];
+  try {
+    for await (const event of await client.builds.events(id, { follow: true }, { signal: abort.signal })) {
+      events.push(event);
+      if (done(event)) break;
+    }
+  } finally {
+    clearTimeout(timer);
+  }
+  return events;
+}
+
 async function errorOf(promise) {
   try {
     await promise;
@@ -121,6 +137,9 @@ try {
   out.sleeperBuilding = await poll(sleeper.id, (b) => b.status === 'building' && b.builder_instance_id,
     out.sleeperPolled);
   out.builderBusy = await client.builders.get(builderId);
+  // `building` comes as the VM starts: follow the events until buildah runs the RUN, so the
+  // cancel stops a running step.
+  out.sleeperFollowed = await followUntil(sleeper.id, (e) => e.type === 'log' && e.content?.includes('sleep 600'));
   out.cancelResult = (await client.builds.cancel(sleeper.id)) ?? null;
   out.sleeperCancelled = await client.builds.get(sleeper.id);
   out.sleeperVmAfterCancel = await errorOf(client.instances.get(out.sleeperBuilding.builder_instance_id));
