@@ -25,10 +25,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from hypemand.builds.oci_layout import ExportedBase
+from hypemand.builds.oci_layout import ExportedBase, read_layout
 from hypemand.errors import DependencyMissing, DomainError
 from hypemand.fsutil import write_atomic
-from hypemand.images.media_types import OCI_MANIFEST
 from hypemand.layout import BuildPaths, OciLayoutPaths
 
 
@@ -99,25 +98,25 @@ def base_layers(layout: Path, bases: list[ExportedBase]) -> dict[str, dict[str, 
 
 def substitute_base_layers(output: Path, layers: dict[str, dict[str, Any]]) -> int:
     """Rewrite the output layout's manifest: each layer that is a base's placeholder becomes that
-    base's stored blob. Returns how many were swapped. Blocking; the layout is re-read and
-    verified by the import that follows."""
-    paths = OciLayoutPaths(output)
-    index = json.loads(paths.index.read_bytes())
-    entries = index.get("manifests") or []
-    if len(entries) != 1 or entries[0].get("mediaType") != OCI_MANIFEST:
-        return 0  # not what buildah writes: the import refuses it with the reason
-    manifest = json.loads(paths.blob(entries[0]["digest"]).read_bytes())
+    base's stored blob. Returns how many were swapped. Blocking.
+
+    The layout came from the VM: it is read through ``read_layout`` first (sizes, digests,
+    regular files, one image manifest), and only descriptors whose digest is one of this build's
+    base layers are replaced, by descriptors from the server's own store."""
+    image = read_layout(output)
+    manifest = json.loads(image.body)
     swapped = 0
-    for number, descriptor in enumerate(manifest.get("layers") or []):
+    for number, descriptor in enumerate(manifest["layers"]):
         stored = layers.get(descriptor.get("digest"))
         if stored is not None and descriptor != stored:
             manifest["layers"][number] = stored
             swapped += 1
     if not swapped:
         return 0
+    paths = OciLayoutPaths(output)
     body = json.dumps(manifest, separators=(",", ":")).encode()
     digest = "sha256:" + hashlib.sha256(body).hexdigest()
     write_atomic(paths.blob(digest), body)
-    entries[0].update(digest=digest, size=len(body))
-    write_atomic(paths.index, json.dumps(index).encode())
+    entry = {"mediaType": image.media_type, "digest": digest, "size": len(body)}
+    write_atomic(paths.index, json.dumps({"schemaVersion": 2, "manifests": [entry]}).encode())
     return swapped

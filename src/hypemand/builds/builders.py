@@ -133,7 +133,10 @@ class BuilderService:
             record = self.record(builder_id)
             self._refuse_in_use(record, "prune")
             record = await self._write(record.model_copy(update={"status": BuilderStatus.PRUNING}))
-            return self._wire(await self._prune(record))
+            pruned = await self._prune(record)
+        if self.usage is not None:  # builds that came while it ran may start now, lock released
+            self.usage.builder_changed()
+        return self._wire(pruned)
 
     async def _prune(self, record: BuilderRecord) -> BuilderRecord:
         paths = self.layout.builder(record.id)

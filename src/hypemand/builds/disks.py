@@ -5,8 +5,8 @@ through the volume catalog. :class:`BuildVolumes` wraps the server's ``VolumeSer
 two kinds of disk that are not volumes of the API (they never appear in ``/volumes``):
 
 * ``build:source:<build id>``: the build's read-only source disk (context, Dockerfile, bases);
-* ``build:cache:<build id>``: the layer store the build writes: its builder's persistent cache
-  disk, or a scratch disk of its own.
+* ``build:cache:builder:<builder id>`` / ``build:cache:<build id>``: the layer store the build
+  writes: its builder's persistent cache disk, or a scratch disk of its own.
 
 The ``:`` keeps these names apart from every volume id and name (neither may hold one). A build
 disk resolves only while the build service has *granted* it, that is while its build's VM is
@@ -29,8 +29,11 @@ def source_ref(build_id: str) -> str:
     return f"{PREFIX}source:{build_id}"
 
 
-def cache_ref(build_id: str) -> str:
-    return f"{PREFIX}cache:{build_id}"
+def cache_ref(build_id: str, builder_id: str | None) -> str:
+    """Named by the disk: a builder's cache has one name whichever build mounts it, so a VM of an
+    earlier build still holding it makes the next one's attach a conflict, never a second
+    writer."""
+    return f"{PREFIX}cache:builder:{builder_id}" if builder_id else f"{PREFIX}cache:{build_id}"
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,8 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import Protocol
 
-from hypemand.builds import base_store, oci_layout, rootfs
+from hypemand.aiotools import run_to_completion
+from hypemand.builds import base_store, disks, oci_layout, rootfs
 from hypemand.builds.builders import BuilderService
 from hypemand.builds.events import BuildLog
 from hypemand.builds.models import BuildRecord
@@ -56,26 +57,31 @@ class BuildPipeline:
         wanted = list(record.base_images)
         if wanted and record.spec.base_image_digest:  # the first stage's base, pinned
             wanted[0] = f"{parse_reference(wanted[0]).repository}@{record.spec.base_image_digest}"
-        bases = await oci_layout.export_layout(self.images, wanted, paths.bases)
+        bases = await run_to_completion(oci_layout.export_layout(self.images, wanted, paths.bases))
         if bases:
             await note(base_image_digest=bases[0].digest)
         builder = record.spec.builder_id is not None
         if not builder:
             await build_log.append(b"==> unpacking base images\n")
-        layers = await asyncio.to_thread(base_store.stage_bases, paths, bases, record.base_images, builder)
-        await asyncio.to_thread(self._copy_secrets, record, paths)
+        # Threads whose files the run's cleanup removes next are waited for, even on a cancel.
+        layers = await run_to_completion(asyncio.to_thread(
+            base_store.stage_bases, paths, bases, record.base_images, builder))
+        await run_to_completion(asyncio.to_thread(self._copy_secrets, record, paths))
         if record.spec.builder_id is not None:
             await self.builders.used(record.spec.builder_id)
             cache = self.builders.cache_disk(record.spec.builder_id).cache_disk
         else:
             cache = paths.scratch_disk
-            await asyncio.to_thread(_fresh_disk, cache, SCRATCH_DISK_GB * GIB)
+            await run_to_completion(asyncio.to_thread(_fresh_disk, cache, SCRATCH_DISK_GB * GIB))
 
         async def on_vm(instance_id: str) -> None:
             await note(builder_instance_id=instance_id)
 
         placeholders = {diff_id.removeprefix("sha256:") for diff_id in layers}
-        job = BuildJob(record=record, paths=paths, cache_disk=cache, builder_image=builder_image.name,
+        # Booted by digest: a push to its name meanwhile cannot change what runs the build.
+        pinned = f"{parse_reference(builder_image.name).repository}@{builder_image.digest}"
+        job = BuildJob(record=record, paths=paths, cache_disk=cache, builder_image=pinned,
+                       cache_ref=disks.cache_ref(record.id, record.spec.builder_id), persistent_cache=builder,
                        base_layers=placeholders, pull=record.base_images if builder else [])
         output = await self.runner.build(job, build_log.append, on_vm)
         await asyncio.to_thread(base_store.substitute_base_layers, output, layers)
@@ -99,7 +105,6 @@ class BuildPipeline:
         if image.status != "ready":
             raise BuildFailed(f"the built image could not be converted: {image.error}")
         return digest, name
-
 
 
 def _fresh_disk(disk: Path, size: int) -> None:

@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from hypemand.aiotools import run_to_completion
 from hypemand.builds import disks
 from hypemand.builds.models import BuildRecord
 from hypemand.errors import DomainError
@@ -48,7 +49,9 @@ AGENT_WAIT_SECONDS = 300.0
 # The builder VM's writable root holds buildah's run directory and the output layout.
 BUILDER_OVERLAY = "20GB"
 ERROR_TAIL_LINES = 20
+BUILD_TAG = "hypeman.build"  # on a builder VM: the build it runs
 SYNC_SECONDS = 60.0
+MAX_OUTPUT_BYTES = 20 << 30  # the builder VM's writable root (BUILDER_OVERLAY) cannot hold more
 _BLOB_PATH = re.compile(r"^blobs/sha256/[0-9a-f]{64}$")
 _LAYOUT_FILES = frozenset({"oci-layout", "index.json"})
 
@@ -98,8 +101,25 @@ class BuildJob:
     paths: BuildPaths
     cache_disk: Path  # the builder's, or the build's scratch disk (made by the caller)
     builder_image: str  # the ready builder image's name
+    cache_ref: str  # the cache disk's volume name (one per disk: two VMs never share it)
+    persistent_cache: bool  # a builder's disk: flushed before the VM ends (a scratch one is not)
     base_layers: set[str]  # hex uncompressed digests of the bases' layers: placeholders out
     pull: list[str]  # bases the VM pulls from /src/bases (base0, base1...) under these names
+
+
+def builder_vm_name(build_id: str) -> str:
+    return f"build-{build_id}"
+
+
+class _VM:
+    """The builder VM of one run, as far as it got."""
+
+    def __init__(self) -> None:
+        self.instance_id: str | None = None
+        self.agent: AgentClient | None = None
+
+    async def create(self, host: RunnerHost, request: CreateInstanceRequest) -> None:
+        self.instance_id = await host.create_vm(request)
 
 
 class RunnerHost:
@@ -124,17 +144,20 @@ class BuildRunner:
         self.volumes = volumes
 
     async def build(self, job: BuildJob, write_log: LogSink, on_vm: Callable[[str], Awaitable[None]]) -> Path:
-        """Steps 1 to 3 and the copy out; returns the output layout. Raises BuildFailed."""
+        """Steps 1 to 3 and the copy out; returns the output layout. Raises BuildFailed.
+
+        Whatever ends it (failure, timeout, cancel, once or again), the VM is ended before this
+        returns or raises: its end runs to completion (``run_to_completion``)."""
         record = job.record
-        await asyncio.to_thread(build_ext4, job.paths.staging, job.paths.source_disk, "build-source")
-        source, cache = disks.source_ref(record.id), disks.cache_ref(record.id)
+        await run_to_completion(asyncio.to_thread(build_ext4, job.paths.staging, job.paths.source_disk,
+                                                  "build-source"))
+        source = disks.source_ref(record.id)
         self.volumes.grant(source, job.paths.source_disk)
-        self.volumes.grant(cache, job.cache_disk)
-        instance_id: str | None = None
-        agent: AgentClient | None = None
+        self.volumes.grant(job.cache_ref, job.cache_disk)
+        vm = _VM()
         try:
             request = CreateInstanceRequest(
-                name=f"build-{record.id}",
+                name=builder_vm_name(record.id),
                 image=job.builder_image,
                 vcpus=record.spec.cpus,
                 size=f"{record.spec.memory_mb}MB",
@@ -142,26 +165,30 @@ class BuildRunner:
                 network=NetworkRequest(enabled=False),
                 volumes=[
                     VolumeMountRequest(volume_id=source, mount_path=SOURCE_MOUNT, readonly=True),
-                    VolumeMountRequest(volume_id=cache, mount_path=CACHE_MOUNT),
+                    VolumeMountRequest(volume_id=job.cache_ref, mount_path=CACHE_MOUNT),
                 ],
-                tags={"hypeman.build": record.id},
+                tags={BUILD_TAG: record.id},
                 skip_kernel_headers=True,
             )
             await write_log(b"==> starting the builder VM\n")
-            instance_id = await self.host.create_vm(request)
-            await on_vm(instance_id)
-            agent = await self.host.agent(instance_id, AGENT_WAIT_SECONDS)
-            await self._run_script(agent, job, write_log)
+            await run_to_completion(vm.create(self.host, request))  # a VM made is a VM known
+            assert vm.instance_id is not None
+            await on_vm(vm.instance_id)
+            vm.agent = await self.host.agent(vm.instance_id, AGENT_WAIT_SECONDS)
+            await self._run_script(vm.agent, job, write_log)
             await asyncio.to_thread(shutil.rmtree, job.paths.output, True)
-            await self._copy_out(agent, job.paths, job.base_layers)
+            await self._copy_out(vm.agent, job.paths, job.base_layers)
             return job.paths.output
         finally:
-            if agent is not None:
-                await asyncio.shield(_flush(agent))
-            self.volumes.revoke(source)
-            self.volumes.revoke(cache)
-            if instance_id is not None:
-                await asyncio.shield(self._delete_vm(instance_id))
+            await run_to_completion(self._end(vm, [source, job.cache_ref], flush=job.persistent_cache))
+
+    async def _end(self, vm: _VM, refs: list[str], *, flush: bool) -> None:
+        if flush and vm.agent is not None:
+            await _flush(vm.agent)
+        for ref in refs:
+            self.volumes.revoke(ref)
+        if vm.instance_id is not None:
+            await self._delete_vm(vm.instance_id)
 
     async def _delete_vm(self, instance_id: str) -> None:
         try:
@@ -197,6 +224,7 @@ class BuildRunner:
         base = Path(OUTPUT_DIR).name
         dest = paths.output
         await asyncio.to_thread(paths.output_blobs.mkdir, parents=True, exist_ok=True)
+        budget = [MAX_OUTPUT_BYTES]  # what the VM may still hand back, in all
         async for item in agent.get(OUTPUT_DIR):
             if isinstance(item, GetEntryError):
                 raise BuildFailed(f"reading the built image failed: {item.path}: {item.message}")
@@ -207,7 +235,7 @@ class BuildRunner:
                 raise BuildFailed(f"the builder produced an unexpected file {relative!r}")
             if relative.rsplit("/", 1)[-1] in placeholders and item.header.size == 0:
                 continue  # a base layer: the host has it
-            await _save(item, dest / relative)
+            await _save(item, dest / relative, budget)
 
 
 async def _flush(agent: AgentClient) -> None:
@@ -228,29 +256,47 @@ def _relative(path: str, base: str) -> str:
     raise BuildFailed(f"the builder produced an unexpected file {path!r}")
 
 
-async def _save(item: GetEntry, target: Path) -> None:
+async def _save(item: GetEntry, target: Path, budget: list[int]) -> None:
+    """One file of the output, no larger than its header said nor than what is left of the
+    budget (the guest is not trusted to stop)."""
+    size = item.header.size
+    if size > budget[0]:
+        raise BuildFailed(f"the built image is larger than {MAX_OUTPUT_BYTES >> 30} GiB")
+    budget[0] -= size
+    written = 0
     handle = await asyncio.to_thread(open, target, "wb")
     try:
         async for chunk in item:
+            written += len(chunk)
+            if written > size:
+                raise BuildFailed(f"the builder sent more than {size} bytes for {item.header.path}")
             await asyncio.to_thread(handle.write, chunk)
     finally:
         await asyncio.to_thread(handle.close)
-    if item.error is not None:
-        raise BuildFailed(f"reading the built image failed: {item.header.path}: {item.error}")
+    if item.error is not None or written != size:
+        raise BuildFailed(f"reading the built image failed: {item.header.path}: {item.error or 'short'}")
 
 
 class LineTail:
-    """The last ``size`` lines of a byte stream (for the error of a failed build)."""
+    """The last ``size`` lines of a byte stream (for the error of a failed build), each cut to
+    ``width`` bytes: a build that prints one endless line costs no more than a short one."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, width: int = 4096) -> None:
         self.size = size
+        self.width = width
         self.lines: list[str] = []
         self.partial = b""
 
     def feed(self, data: bytes) -> None:
-        *complete, self.partial = (self.partial + data).split(b"\n")
-        self.lines.extend(line.decode(errors="replace") for line in complete)
-        del self.lines[: -self.size]
+        *complete, last = data.split(b"\n")
+        if complete:
+            complete[0] = self.partial + complete[0]
+            self.partial = b""
+            for line in complete[-self.size:]:
+                self.lines.append(line[: self.width].decode(errors="replace"))
+            del self.lines[: -self.size]
+        if len(self.partial) < self.width:
+            self.partial += last[: self.width - len(self.partial)]
 
     def text(self) -> str:
         last = [*self.lines, self.partial.decode(errors="replace")] if self.partial else self.lines

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import shutil
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from hypemand.aiotools import run_to_completion
 from hypemand.builds import dockerfile, source
 from hypemand.builds.builders import BuilderService
 from hypemand.builds.disks import BuildVolumes
@@ -43,7 +45,7 @@ from hypemand.builds.models import (
     new_id,
 )
 from hypemand.builds.pipeline import BuildPipeline, Noter
-from hypemand.builds.runner import BuildRunner, RunnerHost
+from hypemand.builds.runner import BUILD_TAG, BuildFailed, BuildRunner, RunnerHost, builder_vm_name
 from hypemand.errors import BadRequest, Conflict, DomainError, NotFound
 from hypemand.fsutil import load_record_dirs, write_model_atomic
 from hypemand.guest.client import AgentClient
@@ -56,7 +58,6 @@ from hypemand.layout import BUILD_RECORD, BuildPaths, DataLayout
 log = logging.getLogger(__name__)
 
 MAX_RECOVERIES = 1
-BUILD_TAG = "hypeman.build"
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,7 @@ class BuildService:
         self._queue: list[str] = []
         self._running: dict[str, asyncio.Task[None]] = {}
         self._lanes: dict[str, str] = {}  # lane -> the build running in it
+        self._record_locks: dict[str, asyncio.Lock] = {}
         self._stopping = False
 
     # ---- start and stop ---------------------------------------------------------------------
@@ -117,7 +119,7 @@ class BuildService:
         log_ = self._log(record.id)
         if record.recoveries >= MAX_RECOVERIES:
             await log_.append(b"==> the server stopped during the build again; giving up\n")
-            await self._finish(record, BuildStatus.FAILED,
+            await self._finish(record.id, BuildStatus.FAILED,
                                error="the server stopped twice while this build ran; submit it again")
             return
         await log_.append(b"==> the server stopped during the build; it starts again\n")
@@ -126,10 +128,12 @@ class BuildService:
         self._queue.append(record.id)
 
     async def _delete_stray_vms(self) -> None:
-        """Builder VMs whose build is not running (a killed server left them)."""
+        """Builder VMs whose build is not running (a killed server left them): named and tagged
+        for a build this server has (a client's own instance is never taken for one)."""
         for instance in await self.instances.list_instances():
             build_id = (instance.tags or {}).get(BUILD_TAG)
-            if build_id is not None and build_id not in self._running:
+            if (build_id is not None and build_id in self._records and build_id not in self._running
+                    and instance.name == builder_vm_name(build_id)):
                 log.info("deleting builder VM %s of build %s", instance.id, build_id)
                 with contextlib.suppress(NotFound):
                     await self.instances.delete(instance.id)
@@ -204,6 +208,7 @@ class BuildService:
         paths = self.layout.build(build_id)
         try:
             record = await self._intake(build_id, paths, spec, body)
+            self._check_builder(spec)  # it may have gone while the source arrived
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, paths.directory, True)
             raise
@@ -214,8 +219,7 @@ class BuildService:
         return self._wire(record)
 
     def _check_spec(self, spec: BuildSpec) -> None:
-        if spec.builder_id is not None:
-            self.builders.record(spec.builder_id)  # 404
+        self._check_builder(spec)
         if spec.image_name is not None:
             repository, _ = split_image_name(spec.image_name)
             validate_repository_path(repository)
@@ -223,6 +227,14 @@ class BuildService:
             if self.settings.secrets_dir is None or not (self.settings.secrets_dir / secret.id).is_file():
                 raise BadRequest(f"secrets: no secret {secret.id!r} is configured on this server",
                                  code="secret_not_found")
+
+    def _check_builder(self, spec: BuildSpec) -> None:
+        if spec.builder_id is None:
+            return
+        builder = self.builders.record(spec.builder_id)  # 404
+        if builder.status is not BuilderStatus.READY and builder.status is not BuilderStatus.PRUNING:
+            raise Conflict(f"builder {builder.id} is {builder.status.value}: prune it or use another",
+                           code="builder_not_ready")
 
     async def _intake(self, build_id: str, paths: BuildPaths, spec: BuildSpec,
                       body: AsyncIterator[bytes]) -> BuildRecord:
@@ -260,8 +272,17 @@ class BuildService:
             self._queue.remove(build_id)
             if lane is not None:
                 self._lanes[lane] = build_id
-            self._running[build_id] = asyncio.get_running_loop().create_task(
-                self._run(build_id, lane), name=f"build {build_id}")
+            task = asyncio.get_running_loop().create_task(self._run(build_id), name=f"build {build_id}")
+            self._running[build_id] = task
+            task.add_done_callback(functools.partial(self._run_ended, build_id, lane))
+
+    def _run_ended(self, build_id: str, lane: str | None, _task: asyncio.Task[None]) -> None:
+        """The run's task is done, however (even cancelled before its first step): its slot and
+        lane are free. Synchronous, so nothing can cut it short."""
+        self._running.pop(build_id, None)
+        if lane is not None:
+            self._lanes.pop(lane, None)
+        self._dispatch()
 
     def _builder_available(self, builder_id: str) -> bool:
         """Ready, and not being pruned or deleted right now."""
@@ -271,47 +292,59 @@ class BuildService:
             return False
         return builder.status is BuilderStatus.READY and not self.builders.lock(builder_id).locked()
 
-    async def _run(self, build_id: str, lane: str | None) -> None:
-        record = self._records[build_id]
+    async def _run(self, build_id: str) -> None:
+        failure = "cancelled"
         try:
-            await self._run_build(record)
+            await self._run_build(self._records[build_id])
         except asyncio.CancelledError:
-            if not self._stopping:
-                await asyncio.shield(self._finish(self._records[build_id], BuildStatus.CANCELLED,
-                                                  error="cancelled"))
+            pass
+        except Exception as exc:  # a record that could not be written (a full disk), a bug
+            log.exception("build %s failed", build_id)
+            failure = f"internal error: {exc}"
         finally:
-            await asyncio.shield(self._cleanup(self.layout.build(build_id), finished=not self._stopping))
-            self._running.pop(build_id, None)
-            if lane is not None:
-                self._lanes.pop(lane, None)
-            self._dispatch()
+            await run_to_completion(self._settle(build_id, failure))
+
+    async def _settle(self, build_id: str, failure: str) -> None:
+        """The end of a run on every path: a build not finished yet ends ``failed`` (an error)
+        or ``cancelled``, unless the server is stopping (the next start runs it again); its
+        working files go. Idempotent: ``cancel`` calls it too."""
+        if not self._stopping and not self._records[build_id].status.finished:
+            status = BuildStatus.CANCELLED if failure == "cancelled" else BuildStatus.FAILED
+            error = None if status is BuildStatus.CANCELLED else failure  # error: failed builds only
+            try:
+                await self._finish(build_id, status, error=error)
+            except Exception:  # the disk refuses even that: the state is told, not stored
+                log.exception("could not record the end of build %s", build_id)
+                self._records[build_id] = self._records[build_id].model_copy(
+                    update={"status": status, "error": error, "completed_at": datetime.now(UTC)})
+                self._log(build_id).status(status)
+        await self._cleanup(self.layout.build(build_id), finished=not self._stopping)
 
     async def _run_build(self, record: BuildRecord) -> None:
         build_log = self._log(record.id)
         paths = self.layout.build(record.id)
         await self._cleanup(paths, finished=False)  # what an interrupted earlier run left
         record = await self._update(record.id, status=BuildStatus.BUILDING, started_at=datetime.now(UTC))
+        deadline = asyncio.timeout(record.spec.timeout_seconds)
         try:
-            async with asyncio.timeout(record.spec.timeout_seconds):
+            async with deadline:
                 output = await self.pipeline.build(record, paths, build_log, self._noter(record.id))
                 record = await self._update(record.id, status=BuildStatus.PUSHING)
                 await build_log.append(b"==> importing the image\n")
                 digest, name = await self.pipeline.publish(record, output)
-        except TimeoutError:
+        except TimeoutError as exc:
+            if not deadline.expired():
+                raise BuildFailed(f"a step timed out: {exc}") from exc
             limit = record.spec.timeout_seconds
-            await self._finish(self._records[record.id], BuildStatus.FAILED,
+            await self._finish(record.id, BuildStatus.FAILED,
                                error=f"the build did not finish within its timeout of {limit} s")
             return
         except DomainError as exc:
             await build_log.append(f"==> failed: {exc}\n".encode())
-            await self._finish(self._records[record.id], BuildStatus.FAILED, error=str(exc))
-            return
-        except Exception as exc:
-            log.exception("build %s failed", record.id)
-            await self._finish(self._records[record.id], BuildStatus.FAILED, error=f"internal error: {exc}")
+            await self._finish(record.id, BuildStatus.FAILED, error=str(exc))
             return
         await build_log.append(f"==> built {name}\n".encode())
-        await self._finish(self._records[record.id], BuildStatus.READY, image_digest=digest, image_ref=name)
+        await self._finish(record.id, BuildStatus.READY, image_digest=digest, image_ref=name)
 
     def _noter(self, build_id: str) -> Noter:
         async def note(**changes: object) -> None:
@@ -327,28 +360,33 @@ class BuildService:
                            code="build_finished")
         if build_id in self._queue:
             self._queue.remove(build_id)
-            await self._finish(record, BuildStatus.CANCELLED, error="cancelled")
-            await self._cleanup(self.layout.build(build_id), finished=True)
-            self._dispatch()
-            return
         task = self._running.get(build_id)
         if task is not None:
-            task.cancel()
+            task.cancel()  # its end deletes the VM, whatever step it was in
             await asyncio.gather(task, return_exceptions=True)
+        # A queued build, or a run cancelled before its first step (its finally never ran).
+        await run_to_completion(self._settle(build_id, "cancelled"))
+        self._dispatch()
 
     # ---- records ----------------------------------------------------------------------------
 
     async def _update(self, build_id: str, **changes: object) -> BuildRecord:
-        record = self._records[build_id].model_copy(update=changes)
-        await asyncio.to_thread(write_model_atomic, self.layout.build(build_id).record, record)
-        before = self._records[build_id].status
-        self._records[build_id] = record
-        if record.status is not before:
-            self._log(build_id).status(record.status)
-        return record
+        """Change a build's record: the file and the memory together (one writer at a time per
+        build, and a cancel waits for the write so the two never disagree)."""
+        async def commit() -> BuildRecord:
+            before = self._records[build_id]
+            record = before.model_copy(update=changes)
+            await asyncio.to_thread(write_model_atomic, self.layout.build(build_id).record, record)
+            self._records[build_id] = record
+            if record.status is not before.status:
+                self._log(build_id).status(record.status)
+            return record
 
-    async def _finish(self, record: BuildRecord, status: BuildStatus, **changes: object) -> None:
-        await self._update(record.id, status=status, completed_at=datetime.now(UTC), **changes)
+        async with self._record_locks.setdefault(build_id, asyncio.Lock()):
+            return await run_to_completion(commit())
+
+    async def _finish(self, build_id: str, status: BuildStatus, **changes: object) -> None:
+        await self._update(build_id, status=status, completed_at=datetime.now(UTC), **changes)
 
     def _log(self, build_id: str) -> BuildLog:
         found = self._logs.get(build_id)
