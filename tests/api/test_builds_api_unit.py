@@ -329,6 +329,22 @@ async def test_a_bad_field_is_a_400_naming_it(server: Server, fields: dict[str, 
     assert server.builds.created == []
 
 
+@pytest.mark.parametrize("named", ["tags", "secrets"])
+@pytest.mark.parametrize("source_first", [False, True])
+async def test_json_nested_too_deep_is_a_400_naming_the_field(server: Server, named: str,
+                                                               source_first: bool) -> None:
+    """5000 brackets make ``json.loads`` raise RecursionError, not ValueError: still the field's
+    400, answered once the rest of the body (a source of 2 MiB) is read."""
+    for opener in ("[", "{\"a\": "):
+        field_part = (named, (None, (opener * 5000).encode()))
+        source_part = ("source", ("ctx.tar.gz", _source(2 * MiB), "application/gzip"))
+        parts: Parts = [source_part, field_part] if source_first else [field_part, source_part]
+        async with server.http() as http:
+            response = await http.post("/builds", files=parts)
+        _error(response, 400, "invalid_request", f"{named}:")
+    assert server.builds.created == [] and server.spooled_files == []
+
+
 async def test_malformed_forms_are_400(server: Server) -> None:
     source: Parts = [("source", ("ctx.tar.gz", b"tarball", "application/gzip"))]
     form = {"Content-Type": "multipart/form-data; boundary=xx"}

@@ -91,21 +91,24 @@ def _integer(name: str, text: str) -> int:
     return int(text)
 
 
-def _secrets(text: str) -> list[Any]:
+def _json(text: str) -> Any:
+    """The field's JSON value, or None when it is not JSON. Nesting deep enough to exhaust
+    Python's recursion (``[[[[...``) is RecursionError, not ValueError: refused the same way."""
     try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _secrets(text: str) -> list[Any]:
+    value = _json(text)
     if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
         raise form_error('secrets: must be a JSON array of objects like [{"id": "npm_token"}]')
     return value
 
 
 def _tags(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
+    value = _json(text)
     if not isinstance(value, dict) or not all(isinstance(item, str) for item in value.values()):
         raise form_error('tags: must be a JSON object of strings like {"team": "backend"}')
     return value
