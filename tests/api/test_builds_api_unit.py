@@ -317,6 +317,17 @@ BAD_FIELDS = [
     ({"is_admin_build": "yes"}, "is_admin_build"),
     ({"is_admin_build": ""}, "is_admin_build"),
     ({"colour": "blue"}, "colour"),
+    ({"image_name": "app:"}, "image_name"),
+    ({"image_name": "app:bad tag!"}, "image_name"),
+    ({"image_name": "App/web"}, "image_name"),
+    ({"image_name": "localhost:5000/app"}, "image_name"),
+    ({"image_name": "hypeman/builder"}, "image_name"),
+    ({"image_name": "docker.io/hypeman/builder:latest"}, "image_name"),
+    ({"image_name": "a" * 5000}, "image_name"),
+    ({"base_image_digest": "sha256:abc"}, "base_image_digest"),
+    ({"base_image_digest": "sha256:" + "A" * 64}, "base_image_digest"),
+    ({"base_image_digest": "md5:" + "a" * 32}, "base_image_digest"),
+    ({"base_image_digest": "busybox:latest"}, "base_image_digest"),
 ]
 
 

@@ -16,6 +16,16 @@ from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from hypemand.images.errors import InvalidName
+from hypemand.images.reference import (
+    DEFAULT_DOMAIN,
+    DEFAULT_TAG,
+    NAME_TOTAL_LENGTH_MAX,
+    SHA256_DIGEST_RE,
+    TAG_RE,
+    parse_reference,
+    validate_repository_path,
+)
 from hypemand.tags import check_tags
 from hypemand.wire import WireModel
 
@@ -34,6 +44,38 @@ SECRET_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 # A caller-chosen builder id is one path component under builders/ (the volume id rule).
 BUILDER_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 ID_RULE = "must be 1-128 letters, digits, '_', '-' or '.', starting with a letter or digit"
+# The server's own images (the builder, the tests' Debian) are ``hypeman/...``: no build may
+# replace one.
+SYSTEM_NAMESPACE = "hypeman/"
+MAX_IMAGE_NAME = NAME_TOTAL_LENGTH_MAX + 1 + 128  # a repository, ':' and a tag
+
+
+def split_image_name(name: str) -> tuple[str, str]:
+    """``team/app:v1`` -> (``team/app``, ``v1``); no tag -> ``latest``."""
+    slash = name.rfind("/")
+    colon = name.rfind(":")
+    if colon > slash:
+        return name[:colon], name[colon + 1:]
+    return name, DEFAULT_TAG
+
+
+def check_image_name(name: str) -> str:
+    """A build's ``image_name``: a repository as a ``/v2`` push names it, with an optional
+    ``:tag`` of the push's tag grammar, outside :data:`SYSTEM_NAMESPACE`. ValueError otherwise."""
+    if len(name) > MAX_IMAGE_NAME:
+        raise ValueError(f"longer than {MAX_IMAGE_NAME} characters")
+    repository, tag = split_image_name(name)
+    try:
+        validate_repository_path(repository)
+    except InvalidName as exc:
+        raise ValueError(str(exc)) from None
+    if not TAG_RE.fullmatch(tag):
+        raise ValueError(f"{tag!r} is not a tag (1-128 letters, digits, '_', '.' or '-', "
+                         "not starting with '.' or '-')")
+    normalised = parse_reference(repository)  # docker.io/hypeman/x is hypeman/x
+    if normalised.domain == DEFAULT_DOMAIN and normalised.path.startswith(SYSTEM_NAMESPACE):
+        raise ValueError(f"{SYSTEM_NAMESPACE}... names are the server's own images; choose another name")
+    return name
 
 
 def new_id() -> str:
@@ -105,6 +147,18 @@ class BuildSpec(BaseModel):
     @classmethod
     def _tags_ok(cls, value: dict[str, str]) -> dict[str, str]:
         return check_tags(value) or {}
+
+    @field_validator("image_name")
+    @classmethod
+    def _image_name_ok(cls, value: str | None) -> str | None:
+        return None if value is None else check_image_name(value)
+
+    @field_validator("base_image_digest")
+    @classmethod
+    def _digest_ok(cls, value: str | None) -> str | None:
+        if value is not None and not SHA256_DIGEST_RE.fullmatch(value):
+            raise ValueError(f"{value[:100]!r} is not a digest: expected sha256:<64 lowercase hex>")
+        return value
 
 
 class BuildRecord(BaseModel):
