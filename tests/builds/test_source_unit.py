@@ -10,6 +10,7 @@ import gzip
 import hashlib
 import os
 import tarfile
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -250,3 +251,44 @@ def test_a_dockerfile_over_one_mib_or_not_utf8_is_refused(tmp_path: Path) -> Non
     with raises(InvalidDockerfile, 400, "invalid_dockerfile", "UTF-8"):
         read_dockerfile(context, None, "Latin")
 
+
+
+# ---- lockfile hashes ---------------------------------------------------------------------------
+
+
+def _sha256(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def test_lockfile_hashes_are_of_the_regular_lockfiles_at_the_root(tmp_path: Path) -> None:
+    context = tmp_path / "context"
+    (context / "sub").mkdir(parents=True)
+    (context / "package-lock.json").write_bytes(b'{"lockfileVersion": 3}\n')
+    (context / "go.sum").write_bytes(b"")
+    (context / "requirements.txt").write_bytes(b"flask==3.0.0\n")
+    (context / "sub" / "yarn.lock").write_bytes(b"not at the root\n")  # ignored
+    (context / "README.md").write_bytes(b"not a lockfile\n")
+    (tmp_path / "outside").write_bytes(b"secret\n")
+    (context / "poetry.lock").symlink_to(tmp_path / "outside")  # never followed
+    (context / "Cargo.lock").symlink_to("requirements.txt")  # not even within the tree
+    (context / "uv.lock").mkdir()
+    os.mkfifo(context / "Gemfile.lock")  # would block an open without O_NONBLOCK
+    assert source.lockfile_hashes(context) == {
+        "package-lock.json": _sha256(b'{"lockfileVersion": 3}\n'),
+        "go.sum": _sha256(b""),
+        "requirements.txt": _sha256(b"flask==3.0.0\n"),
+    }
+    assert source.lockfile_hashes(tmp_path / "missing") == {}
+
+
+def test_a_large_lockfile_is_hashed_a_buffer_at_a_time(tmp_path: Path) -> None:
+    data = os.urandom(1 << 20) * 32
+    (tmp_path / "yarn.lock").write_bytes(data)
+    tracemalloc.start()
+    try:
+        hashes = source.lockfile_hashes(tmp_path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert hashes == {"yarn.lock": _sha256(data)}
+    assert peak < 4 << 20  # never the file's 32 MiB at once

@@ -1,9 +1,11 @@
-"""A build's source: the upload stored as it came, its tree unpacked safely, its Dockerfile.
+"""A build's source: the upload stored as it came, its tree unpacked safely, its Dockerfile, the
+hashes of its lockfiles.
 
-``receive_source`` runs on the event loop and writes in a worker thread; ``unpack_source`` and
-``read_dockerfile`` are blocking (the caller runs them in a thread). The unpacking is the
-volumes' (:class:`hypemand.volumes.archive.Unpacker`): the same refusals of traversal, absolute
-names, links out of the tree, devices, FIFOs and oversized headers, each naming the entry.
+``receive_source`` runs on the event loop and writes in a worker thread; ``unpack_source``,
+``read_dockerfile`` and ``lockfile_hashes`` are blocking (the caller runs them in a thread). The
+unpacking is the volumes' (:class:`hypemand.volumes.archive.Unpacker`): the same refusals of
+traversal, absolute names, links out of the tree, devices, FIFOs and oversized headers, each
+naming the entry.
 """
 
 from __future__ import annotations
@@ -26,6 +28,10 @@ from hypemand.volumes.archive import STREAM_BUFFER, BodyReader, Unpacker, Unsafe
 from hypemand.volumes.models import ArchiveTooLarge
 
 MAX_DOCKERFILE_BYTES = 1 << 20
+# The provenance's ``lockfile_hashes``: the dependency lockfiles of the usual ecosystems, looked
+# for at the context's root only.
+LOCKFILES = ("package-lock.json", "yarn.lock", "pnpm-lock.yaml", "poetry.lock", "uv.lock", "Pipfile.lock",
+             "requirements.txt", "go.sum", "Cargo.lock", "Gemfile.lock", "composer.lock")
 # Entries (inodes) a context may have: far beyond a real one, bounded so that a hostile archive
 # of empty files cannot fill the source disk's inode table.
 MAX_SOURCE_ENTRIES = 1_000_000
@@ -173,3 +179,23 @@ def read_dockerfile(context_dir: Path, form_dockerfile: str | None, path: str = 
         return data.decode()
     except UnicodeDecodeError as exc:
         raise InvalidDockerfile(f"source: {path!r} is not UTF-8 text: {exc}") from exc
+
+
+def lockfile_hashes(context: Path) -> dict[str, str]:
+    """``{name: "sha256:<hex>"}`` of the :data:`LOCKFILES` at the context's root that are regular
+    files (a symbolic link is not followed: it may lead out of the tree), hashed a buffer at a
+    time. Blocking."""
+    found: dict[str, str] = {}
+    for name in LOCKFILES:
+        try:
+            # O_NONBLOCK: a FIFO of that name would otherwise block the open.
+            fd = os.open(context / name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:  # missing, a symbolic link (ELOOP), unreadable: not a lockfile to report
+            continue
+        try:
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                with open(fd, "rb", closefd=False) as file:
+                    found[name] = "sha256:" + hashlib.file_digest(file, "sha256").hexdigest()
+        finally:
+            os.close(fd)
+    return found
