@@ -10,9 +10,8 @@ import pytest
 
 from hypemand.builds import events
 from hypemand.builds.events import BuildLog, LineCutter, stream
-from hypemand.builds.models import BuildEvent, BuildEventType, BuildStatus
+from hypemand.builds.models import BuildEvent, BuildEventType, BuildStatus, split_image_name
 from hypemand.builds.runner import LineTail
-from hypemand.builds.service import split_image_name
 
 
 def test_a_follower_gets_the_log_so_far_then_every_later_line_once_in_order(tmp_path: Path) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import shutil
 from collections.abc import AsyncIterator
@@ -43,13 +42,13 @@ from hypemand.builds.models import (
     BuildSpec,
     BuildStatus,
     new_id,
+    split_image_name,
 )
 from hypemand.builds.pipeline import BuildPipeline, Noter
 from hypemand.builds.runner import BUILD_TAG, BuildFailed, BuildRunner, RunnerHost, builder_vm_name
 from hypemand.errors import BadRequest, Conflict, DomainError, NotFound
 from hypemand.fsutil import load_record_dirs, write_model_atomic
 from hypemand.guest.client import AgentClient
-from hypemand.images.reference import validate_repository_path
 from hypemand.images.service import ImageService
 from hypemand.instances.manager import InstanceManager
 from hypemand.instances.models import CreateInstanceRequest
@@ -220,9 +219,6 @@ class BuildService:
 
     def _check_spec(self, spec: BuildSpec) -> None:
         self._check_builder(spec)
-        if spec.image_name is not None:
-            repository, _ = split_image_name(spec.image_name)
-            validate_repository_path(repository)
         for secret in spec.secrets:
             if self.settings.secrets_dir is None or not (self.settings.secrets_dir / secret.id).is_file():
                 raise BadRequest(f"secrets: no secret {secret.id!r} is configured on this server",
@@ -245,7 +241,7 @@ class BuildService:
         text = await asyncio.to_thread(source.read_dockerfile, context, spec.dockerfile)
         bases = dockerfile.base_images(text)
         await asyncio.to_thread(paths.dockerfile.write_text, text)
-        lockfiles = await asyncio.to_thread(_lockfile_hashes, context)
+        lockfiles = await asyncio.to_thread(source.lockfile_hashes, context)
         repository, tag = split_image_name(spec.image_name or f"builds/{build_id}")
         record = BuildRecord(
             id=build_id, status=BuildStatus.QUEUED, created_at=datetime.now(UTC), spec=spec,
@@ -409,15 +405,6 @@ class BuildService:
         await asyncio.to_thread(remove)
 
 
-def split_image_name(name: str) -> tuple[str, str]:
-    """``team/app:v1`` -> (``team/app``, ``v1``); no tag -> ``latest``."""
-    slash = name.rfind("/")
-    colon = name.rfind(":")
-    if colon > slash:
-        return name[:colon], name[colon + 1:]
-    return name, "latest"
-
-
 def _lane(spec: BuildSpec) -> str | None:
     if spec.builder_id is not None:
         return _builder_lane(spec.builder_id)
@@ -426,17 +413,3 @@ def _lane(spec: BuildSpec) -> str | None:
 
 def _builder_lane(builder_id: str) -> str:
     return f"builder:{builder_id}"
-
-
-LOCKFILES = ("package-lock.json", "yarn.lock", "pnpm-lock.yaml", "poetry.lock", "uv.lock", "Pipfile.lock",
-             "requirements.txt", "go.sum", "Cargo.lock", "Gemfile.lock", "composer.lock")
-
-
-def _lockfile_hashes(context: Path) -> dict[str, str]:
-    """The provenance's ``lockfile_hashes``: sha256 of the well-known lockfiles at the root."""
-    found: dict[str, str] = {}
-    for name in LOCKFILES:
-        path = context / name
-        if path.is_file() and not path.is_symlink():
-            found[name] = "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
