@@ -5,15 +5,16 @@
   for base images; any refusal is a 400 and leaves nothing behind. Then the record is written
   (``queued``) and the build joins the queue: 202.
 * **The queue** is FIFO. At most ``max_concurrent`` builds run (the reference's
-  ``MAX_CONCURRENT_BUILDS``, default 1), and one per *lane*: a builder's builds, or builds of one
-  ``cache_scope``, share a cache disk and run one at a time; the others wait in order
-  (``queue_position`` is 1 for the next build to start).
-* **A run** (:mod:`hypemand.builds.runner`) is bounded by ``timeout_seconds``; the record says
-  ``building``, then ``pushing`` while the image is imported, then ``ready``/``failed``.
-  A cancel ends the run's task: the builder VM is deleted before ``DELETE`` answers.
+  ``MAX_CONCURRENT_BUILDS``, default 1), and one per *lane*: a builder's builds share its cache
+  disk and run one at a time; the others wait in order (``queue_position`` is 1 for the next
+  build to start).
+* **A run** (its steps: :mod:`hypemand.builds.pipeline`) is bounded by ``timeout_seconds``; the
+  record says ``building``, then ``pushing`` while the image is imported, then ``ready`` or
+  ``failed``. Its end is settled on every path, also a cancel before its first step: the builder
+  VM is deleted before ``DELETE`` answers, the record says how it ended, the queue moves on.
 * **Recovery**: builds the last server left ``building``/``pushing`` are queued again (their
-  source is on disk), once; a second interruption fails them. Builder VMs of any build not
-  running are deleted at start (found by their ``hypeman.build`` tag).
+  source is on disk), once; a second interruption fails them. Builder VMs of builds not running
+  are deleted at start (named ``build-<id>`` and tagged for a build this server has).
 """
 
 from __future__ import annotations
