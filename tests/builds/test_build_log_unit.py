@@ -1,4 +1,4 @@
-"""The pure parts of a build's run: its log and event stream, the error's tail, image names."""
+"""The pure parts of a build's run: its log and event stream, the error's tail."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from hypemand.builds import events
 from hypemand.builds.events import BuildLog, LineCutter, stream
-from hypemand.builds.models import BuildEvent, BuildEventType, BuildStatus, split_image_name
+from hypemand.builds.models import BuildEvent, BuildEventType, BuildStatus
 from hypemand.builds.runner import LineTail
 
 
@@ -46,16 +46,6 @@ def test_the_error_tail_keeps_the_last_lines_across_chunk_boundaries() -> None:
     for chunk in (b"a\nb", b"\nc\nd\n", b"partial"):
         tail.feed(chunk)
     assert tail.text() == "c\nd\npartial"
-
-
-@pytest.mark.parametrize(("name", "expected"), [
-    ("builds/abc", ("builds/abc", "latest")),
-    ("team/app:v1", ("team/app", "v1")),
-    ("localhost:5000/app", ("localhost:5000/app", "latest")),
-    ("localhost:5000/app:2", ("localhost:5000/app", "2")),
-])
-def test_image_names_split_into_repository_and_tag(name: str, expected: tuple[str, str]) -> None:
-    assert split_image_name(name) == expected
 
 
 # ---- bounds: the log file, a line, a follower's backlog ----------------------------------------
