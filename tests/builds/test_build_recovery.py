@@ -16,7 +16,7 @@ pytestmark = [pytest.mark.vm]
 DOCKERFILE = """\
 FROM docker.io/demo/busybox:latest
 RUN echo first-step > /first.txt
-RUN sleep 15; echo second-step > /second.txt
+RUN sleep 5; echo second-step > /second.txt
 """
 
 

@@ -197,7 +197,7 @@ def test_a_failing_run_fails_the_build_with_its_last_lines(sdk: Hypeman) -> None
 def test_a_build_past_its_timeout_fails_and_its_vm_goes(sdk: Hypeman) -> None:
     dockerfile = 'FROM docker.io/demo/busybox:latest\nRUN sleep 600\n'
     source = source_tarball({"Dockerfile": dockerfile})
-    build = sdk.builds.create(source=("x.tgz", source), timeout_seconds=25, **SMALL_BUILDER)
+    build = sdk.builds.create(source=("x.tgz", source), timeout_seconds=15, **SMALL_BUILDER)
     wait_status(sdk, build.id, "building", with_vm=True)
     done = wait_finished(sdk, build.id)
     assert done.status == "failed"
