@@ -42,12 +42,12 @@ import argparse
 import itertools
 import math
 import os
+import secrets
 import shlex
 import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -350,9 +350,15 @@ def main() -> None:
     cache_hits: dict[str, list[int]] = {}
     checks: list[tuple[str, bool, str]] = []
     try:
-        scratch = tempfile.TemporaryDirectory(prefix="hm-bench-build-", dir="/var/tmp")
-        with terminate_as_exit(), scratch as tmp:
-            run(Path(tmp), args, samples, cache_hits)
+        # buildah names an image pulled from an OCI layout by the layout's path, so the path must
+        # be a valid image name: tempfile's random names ("-_x") are not always.
+        scratch = Path("/var/tmp") / f"hm-bench-build-{secrets.token_hex(6)}"
+        scratch.mkdir(mode=0o700)
+        try:
+            with terminate_as_exit():
+                run(scratch, args, samples, cache_hits)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     finally:
         checks = report(samples, args.rounds, cache_hits)
         print(f"\n=== checks === total run time {time.monotonic() - started:.0f} s; at start: {at_start}; "
