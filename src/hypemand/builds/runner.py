@@ -1,21 +1,24 @@
-"""One build, start to end: the builder VM, buildah inside it, the result into the image store.
+"""One build's VM part: the source disk, the builder VM, buildah inside it, the copy out.
 
-The steps, each bounded by the build's timeout (the caller's ``asyncio.timeout``) and undone by
-:meth:`BuildRunner.run`'s ``finally`` whatever ends them (failure, timeout, cancel):
+The steps (the inputs were staged by :mod:`hypemand.builds.pipeline`), bounded by the build's
+timeout (the service's ``asyncio.timeout``):
 
-1. the base images are exported from the server's store into ``staging/bases/`` (one OCI layout,
-   entries ``base0``, ``base1``...), and ``staging/`` (context, Dockerfile, bases, secrets)
-   becomes the read-only source disk;
-2. the builder VM is created from the builder image, with the source disk at ``/src`` and the
-   cache disk (the builder's, or a scratch one) at ``/var/lib/containers``, without network;
-3. :data:`BUILD_SCRIPT` runs through the guest agent: buildah loads the bases, builds with
-   ``--isolation chroot --layers`` and writes the result as an OCI layout; every output line
-   goes to the build's log;
-4. the layout is copied out (only ``oci-layout``, ``index.json`` and ``blobs/sha256/<hex>``:
-   the VM ran the Dockerfile's code and is not trusted), then imported through the same path as
-   a ``/v2`` push; the build is ready when the image is.
+1. ``staging/`` (context, Dockerfile, bases, ``storage.conf``, secrets) becomes the read-only
+   source disk;
+2. the builder VM is created from the builder image (by digest), with the source disk at
+   ``/src`` and the cache disk (the builder's, or a scratch one) at ``/mnt/cache``, without
+   network;
+3. :data:`BUILD_SCRIPT` runs through the guest agent: buildah pulls a builder's bases into its
+   store (the others come unpacked), builds with ``--isolation chroot --layers`` and writes the
+   result as an OCI layout with a placeholder for each base layer; every output line goes to the
+   build's log;
+4. the layout is copied out (only ``oci-layout``, ``index.json`` and ``blobs/sha256/<hex>``, each
+   no larger than announced and all within :data:`MAX_OUTPUT_BYTES`: the VM ran the
+   Dockerfile's code and is not trusted).
 
-The VM is deleted when the build ends, in every case.
+Whatever ends a run (success, failure, timeout, a cancel, once or again), the VM's end runs to
+completion before :meth:`BuildRunner.build` returns or raises: a builder's cache disk is flushed,
+the disks are revoked, the VM is deleted.
 """
 
 from __future__ import annotations
