@@ -227,6 +227,9 @@ class LogAllowance:
 # ---- processes --------------------------------------------------------------------------------
 
 
+KILL_WAIT_SECONDS = 10.0  # a hang guard: a SIGKILLed process ends in milliseconds
+
+
 @dataclass(frozen=True)
 class Proc:
     pid: int
@@ -302,11 +305,17 @@ def still_running(proc: Proc) -> bool:
 
 
 def kill(procs: Iterable[Proc]) -> None:
-    """SIGKILL each of ``procs`` that is still that very process."""
+    """SIGKILL each of ``procs`` that is still that very process, and wait until each has ended
+    (a SIGKILL is delivered, not done, when ``kill`` returns: a check right after saw it alive)."""
+    sent = []
     for proc in procs:
         if still_running(proc):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(proc.pid, signal.SIGKILL)
+                sent.append(proc)
+    deadline = time.monotonic() + KILL_WAIT_SECONDS
+    while any(still_running(proc) for proc in sent) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 # ---- files ------------------------------------------------------------------------------------
