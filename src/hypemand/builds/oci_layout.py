@@ -30,6 +30,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from hypemand.aiotools import run_to_completion
 from hypemand.errors import BadRequest
 from hypemand.fsutil import fsync_dir, write_atomic
 from hypemand.images.errors import DigestInvalid, ImageNotFound, ImagePullFailed, InvalidName
@@ -249,7 +250,9 @@ async def export_layout(images: ImageService, refs: list[str], dest: Path, *,
     store's content is always the host's platform), config and layers.
     """
     ready = [await images.ready_for_boot(ref, timeout) for ref in refs]
-    return await asyncio.to_thread(_write_export, images, refs, ready, OciLayoutPaths(dest))
+    # The pulls above may be cancelled; the copying, once begun, ends before its files are removed.
+    copying = asyncio.to_thread(_write_export, images, refs, ready, OciLayoutPaths(dest))
+    return await run_to_completion(copying)
 
 
 def _write_export(images: ImageService, refs: list[str], ready: list[ReadyImage],

@@ -57,7 +57,8 @@ class BuildPipeline:
         wanted = list(record.base_images)
         if wanted and record.spec.base_image_digest:  # the first stage's base, pinned
             wanted[0] = f"{parse_reference(wanted[0]).repository}@{record.spec.base_image_digest}"
-        bases = await run_to_completion(oci_layout.export_layout(self.images, wanted, paths.bases))
+        # A pull of a missing base may be cancelled; the copying after it is waited for.
+        bases = await oci_layout.export_layout(self.images, wanted, paths.bases)
         if bases:
             await note(base_image_digest=bases[0].digest)
         builder = record.spec.builder_id is not None
